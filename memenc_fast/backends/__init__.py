@@ -1,0 +1,65 @@
+"""Registers the backends this build ships. Each backend's ops live in its own module, imported
+only when the backend is first used."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ..dispatch import Backend, register_backend
+from ..packing import EncoderStructure
+
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_unavailable_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if not triton_interpreted() and not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+    return None
+
+
+def _kernel_structure_reason(structure: EncoderStructure) -> Optional[str]:
+    if not structure.all_activations_exact_gelu:
+        return "the kernels fuse exact GELU only; this module uses another activation"
+    for i, block in enumerate(structure.blocks):
+        if block.dwconv.groups != block.dwconv.in_channels:
+            return f"fuser.layers[{i}] uses a dense (not depthwise) conv"
+    return None
+
+
+register_backend(
+    Backend(
+        name="torch",
+        priority=10,
+        device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        dtypes=_FLOAT_DTYPES,
+        ops_module=".backends.torch_ops",
+        unavailable_reason=lambda: None,
+        differentiable=True,
+    )
+)
+
+register_backend(
+    Backend(
+        name="triton",
+        priority=20,
+        # Under the interpreter the kernels take CPU tensors; auto never picks that (it is slow).
+        device_types=frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"}),
+        auto_device_types=frozenset({"cuda"}),
+        dtypes=_KERNEL_DTYPES,
+        ops_module=".backends.triton_ops",
+        unavailable_reason=_triton_unavailable_reason,
+        structure_reason=_kernel_structure_reason,
+    )
+)

@@ -1,0 +1,87 @@
+"""The ``torch`` backend: the fused pipeline in plain PyTorch, on any device and dtype.
+
+It is the fallback for every op another backend lacks, so its signatures define the op
+vocabulary. Features between ops are channels-last tokens ``(B, H, W, C)``, contiguous.
+
+The CPU twin of the GPU fusion plan: one GEMM over the concatenated K for proj+add, LayerNorm
+affine and gamma pre-folded into the MLP weights, LayerNorm on contiguous channels, and each
+CXBlock MLP run over chunks of tokens so its 4x-wide hidden stays in cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import PackedBlock, PackedEncoder, is_exact_gelu
+
+__all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "MLP_CHUNK_TOKENS"]
+
+MLP_CHUNK_TOKENS = 2048
+"""Tokens per MLP chunk: 2048 x 1024 hidden x 4 B = 8 MB, about what a core's share of L2/L3 holds."""
+
+
+def _activate(activation: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x) if is_exact_gelu(activation) else activation(x)
+
+
+def mask_downsample(
+    masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float = 1.0, bias: float = 0.0
+) -> torch.Tensor:
+    """Mask logits (B, 1, Hm, Wm) -> last stage's features (B, C, h, w), any memory layout.
+
+    Applies ``sigmoid`` when asked, then ``* scale + bias`` (SAM 2's caller transform), the
+    optional resize, then every conv -> LayerNorm2d -> activation stage. The final 1x1 conv is
+    not applied here: it is part of ``proj_add``'s concatenated GEMM.
+    """
+    x = torch.sigmoid(masks) if apply_sigmoid else masks
+    if scale != 1.0:
+        x = x * scale
+    if bias != 0.0:
+        x = x + bias
+    if packed.interpol_size is not None and list(x.shape[-2:]) != packed.interpol_size:
+        x = F.interpolate(x.float(), size=packed.interpol_size, mode="bilinear", align_corners=False,
+                          antialias=True).to(masks.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    for stage in packed.stages:
+        x = F.conv2d(x, stage.weight, stage.bias, stride=stage.stride, padding=stage.padding)
+        tokens = x.permute(0, 2, 3, 1).contiguous()
+        tokens = F.layer_norm(tokens, (tokens.shape[-1],), stage.norm_weight, stage.norm_bias, stage.norm_eps)
+        x = _activate(stage.activation, tokens).permute(0, 3, 1, 2)
+    return x
+
+
+def proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, packed: PackedEncoder) -> torch.Tensor:
+    """``W_m m + W_p p + b`` as one GEMM over the concatenated channels -> tokens (B, H, W, C)."""
+    batch, _, height, width = pix_feat.shape
+    concat = torch.cat([mask_features.permute(0, 2, 3, 1), pix_feat.permute(0, 2, 3, 1)], dim=3)
+    out = torch.addmm(packed.proj_bias, concat.view(-1, concat.shape[-1]), packed.proj_weight.t())
+    return out.view(batch, height, width, -1)
+
+
+def cxblock(x: torch.Tensor, block: PackedBlock) -> torch.Tensor:
+    """One CXBlock on tokens (B, H, W, C): dwconv -> LayerNorm -> MLP (folded) -> + residual."""
+    channels = x.shape[-1]
+    mixed = F.conv2d(x.permute(0, 3, 1, 2), block.dw_weight, block.dw_bias, padding=block.padding,
+                     groups=block.groups)
+    normed = F.layer_norm(mixed.permute(0, 2, 3, 1).contiguous(), (channels,), eps=block.norm_eps)
+    normed = normed.view(-1, channels)
+    out = x + block.b2
+    out_rows = out.view(-1, channels)
+    w1_t, w2_t = block.w1.t(), block.w2.t()
+    for start in range(0, normed.shape[0], MLP_CHUNK_TOKENS):
+        rows = slice(start, start + MLP_CHUNK_TOKENS)
+        hidden = _activate(block.activation, torch.addmm(block.b1, normed[rows], w1_t))
+        out_rows[rows].addmm_(hidden, w2_t)
+    return out
+
+
+def out_proj(x: torch.Tensor, packed: PackedEncoder) -> torch.Tensor:
+    """Tokens (B, H, W, C) -> NCHW output (B, C_out, H, W), contiguous; the 1x1 conv if any."""
+    batch, height, width, channels = x.shape
+    tokens = x.view(batch, height * width, channels)
+    if packed.out_weight is None:
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width).contiguous()
+    # W @ X^T writes channels-first directly: no transpose pass over the output.
+    out = torch.matmul(packed.out_weight, tokens.transpose(1, 2)) + packed.out_bias[:, None]
+    return out.view(batch, -1, height, width)

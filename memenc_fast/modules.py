@@ -1,0 +1,194 @@
+"""The drop-in modules: sam2's constructors, parameter names and outputs, with fused backends.
+
+``MemoryEncoder`` runs the whole fused pipeline of the backend in force (see ``dispatch``); the
+submodule classes keep the reference math and add what the pipeline needs from them (a cached
+position encoding). A MemoryEncoder holding sam2's or sam3's own submodules (a hydra config
+that only swaps the top-level ``_target_``, or ``from_sam2``) runs fused as well.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from . import backends as _backends  # noqa: F401  (registers the shipped backends)
+from .dispatch import Selection, select_backend
+from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
+from .position import cached_position_encoding
+from .validation import check_encoder_inputs, downsampled_size
+
+__all__ = [
+    "LayerNorm2d",
+    "MaskDownSampler",
+    "CXBlock",
+    "Fuser",
+    "PositionEmbeddingSine",
+    "MemoryEncoder",
+]
+
+LayerNorm2d = reference.LayerNorm2d
+MaskDownSampler = reference.MaskDownSampler
+CXBlock = reference.CXBlock
+Fuser = reference.Fuser
+
+
+class PositionEmbeddingSine(reference.PositionEmbeddingSine):
+    """sam2's PositionEmbeddingSine, cached per (H, W, dtype, device) and returned expanded.
+
+    ``warmup_cache`` (sam2) fills the cache for ``image_size // stride`` on the current CUDA
+    device when one exists; ``precompute_resolution`` (sam3) does the same for that resolution.
+    The returned tensor is a read-only view shared across calls: clone it before writing to it.
+    """
+
+    def __init__(
+        self,
+        num_pos_feats: int,
+        temperature: int = 10000,
+        normalize: bool = True,
+        scale: Optional[float] = None,
+        warmup_cache: bool = True,
+        image_size: int = 1024,
+        strides: Tuple[int, ...] = (4, 8, 16, 32),
+        precompute_resolution: Optional[int] = None,
+    ) -> None:
+        super().__init__(num_pos_feats, temperature, normalize, scale, warmup_cache, image_size, strides,
+                         precompute_resolution)
+        resolution = precompute_resolution if precompute_resolution is not None else image_size
+        if (warmup_cache or precompute_resolution is not None) and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            for stride in self.strides:
+                size = resolution // stride
+                cached_position_encoding(self, 1, size, size, torch.float32, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cached_position_encoding(self, x.shape[0], x.shape[-2], x.shape[-1], torch.float32, x.device)
+
+
+class MemoryEncoder(reference.MemoryEncoder):
+    """Drop-in for ``sam2.modeling.memory_encoder.MemoryEncoder`` (and sam3's SimpleMaskEncoder).
+
+    Same constructor, submodules, ``state_dict`` keys and outputs; the forward runs the backend in
+    force (``memenc_fast.use_backend``, ``$MEMENC_FAST_BACKEND``, else automatic choice).
+    ``mask_scale``/``mask_bias`` (default 1, 0) are applied to the mask after the optional sigmoid
+    inside the first fused op; SAM 2's caller transform ``sigmoid(m) * 20 - 10`` can be moved here.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        mask_downsampler: nn.Module,
+        fuser: nn.Module,
+        position_encoding: nn.Module,
+        in_dim: int = 256,
+    ) -> None:
+        super().__init__(out_dim, mask_downsampler, fuser, position_encoding, in_dim)
+        self._init_fused_state()
+
+    def _init_fused_state(self) -> None:
+        self.mask_scale = 1.0
+        self.mask_bias = 0.0
+        self._pack_cache = PackCache()
+        self._structure: Optional[Tuple[Tuple[int, ...], Optional[EncoderStructure], Optional[str]]] = None
+        self.last_backend: Optional[str] = None
+
+    @classmethod
+    def wrap(
+        cls,
+        mask_downsampler: nn.Module,
+        pix_feat_proj: nn.Conv2d,
+        fuser: nn.Module,
+        position_encoding: nn.Module,
+        out_proj: nn.Module,
+    ) -> "MemoryEncoder":
+        """A MemoryEncoder around existing submodules, sharing their parameters (no copy)."""
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        encoder.mask_downsampler = mask_downsampler
+        encoder.pix_feat_proj = pix_feat_proj
+        encoder.fuser = fuser
+        encoder.position_encoding = position_encoding
+        encoder.out_proj = out_proj
+        encoder._init_fused_state()
+        return encoder
+
+    def _read_structure(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
+        # Keyed on the identity of every submodule, so replacing one anywhere re-reads the structure
+        # (the old modules stay referenced by the cached structure, so their ids cannot be reused).
+        key = tuple(id(m) for m in self.modules()) + (self.training,)
+        cached = self._structure
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        try:
+            structure, error = read_structure(self), None
+        except UnsupportedStructure as err:
+            structure, error = None, str(err)
+        self._structure = (key, structure, error)
+        return structure, error
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_structure"] = None
+        return state
+
+    @staticmethod
+    def _feature_size_of(structure: EncoderStructure) -> Callable[[Tuple[int, int]], Tuple[int, int]]:
+        stages = [(c.kernel_size, c.stride, c.padding) for c in structure.stage_convs]
+        return lambda mask_size: downsampled_size(mask_size, structure.interpol_size, stages)
+
+    def forward(
+        self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool = False
+    ) -> Dict[str, object]:
+        structure, structure_error = self._read_structure()
+        param = self.pix_feat_proj.weight
+        if structure is not None and structure.stage_convs:
+            mask_channels: Optional[int] = structure.stage_convs[0].in_channels
+        else:
+            mask_channels = structure.mask_final_conv.in_channels if structure is not None else None
+        check_encoder_inputs(pix_feat, masks, self.pix_feat_proj.in_channels, mask_channels, param,
+                             None if structure is None else self._feature_size_of(structure))
+        device = masks.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = param.dtype
+        needs_grad = torch.is_grad_enabled() and (
+            masks.requires_grad or pix_feat.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        selection = select_backend(device, dtype, structure, structure_error, needs_grad)
+        self.last_backend = selection.name
+        if selection.is_reference:
+            return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
+        return self._fused_forward(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype, needs_grad)
+
+    def _reference_forward(self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool):
+        if self.mask_scale != 1.0 or self.mask_bias != 0.0:
+            masks = (masks if skip_mask_sigmoid else torch.sigmoid(masks)) * self.mask_scale + self.mask_bias
+            skip_mask_sigmoid = True
+        return super().forward(pix_feat, masks, skip_mask_sigmoid)
+
+    def _fused_forward(self, selection: Selection, structure: EncoderStructure, pix_feat: torch.Tensor,
+                       masks: torch.Tensor, skip_mask_sigmoid: bool, dtype: torch.dtype, needs_grad: bool):
+        device = masks.device
+        ops = selection.ops
+        if needs_grad or torch.compiler.is_compiling():
+            packed = pack_weights(structure, dtype, device)
+        else:
+            packed = self._pack_cache.get(structure, dtype, device)
+        with torch.autocast(device.type, enabled=False):
+            masks = masks.to(dtype)
+            pix_feat = pix_feat.to(device=device, dtype=dtype)
+            batch = max(masks.shape[0], pix_feat.shape[0])
+            masks = masks.expand(batch, -1, -1, -1)
+            pix_feat = pix_feat.expand(batch, -1, -1, -1)
+            mask_features = ops["mask_downsample"](masks, packed, not skip_mask_sigmoid, self.mask_scale,
+                                                   self.mask_bias)
+            x = ops["proj_add"](mask_features, pix_feat, packed)
+            for block in packed.blocks:
+                x = ops["cxblock"](x, block)
+            x = ops["out_proj"](x, packed)
+        pos = cached_position_encoding(structure.position_encoding, batch, x.shape[-2], x.shape[-1], x.dtype,
+                                       device)
+        return {"vision_features": x, "vision_pos_enc": [pos]}

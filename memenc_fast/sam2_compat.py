@@ -1,0 +1,51 @@
+"""Swapping memenc-fast into a built sam2 model: ``from_sam2`` and ``patch_sam2``."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .modules import MemoryEncoder
+
+__all__ = ["from_sam2", "patch_sam2"]
+
+
+def _is_sam2_memory_encoder(module: object) -> bool:
+    cls = type(module)
+    return cls.__name__ == "MemoryEncoder" and cls.__module__ == "sam2.modeling.memory_encoder"
+
+
+def from_sam2(sam2_memory_encoder: nn.Module) -> MemoryEncoder:
+    """A memenc_fast MemoryEncoder sharing the submodules (so the very parameters: same values,
+    device and dtype, and optimizers keep working) of a ``sam2.modeling.memory_encoder.MemoryEncoder``.
+
+    The result has the same ``state_dict`` keys and train/eval mode as the original.
+    """
+    if isinstance(sam2_memory_encoder, MemoryEncoder):
+        return sam2_memory_encoder
+    if not _is_sam2_memory_encoder(sam2_memory_encoder):
+        raise TypeError(
+            "from_sam2 expects a sam2.modeling.memory_encoder.MemoryEncoder; "
+            f"got {type(sam2_memory_encoder).__module__}.{type(sam2_memory_encoder).__qualname__}"
+        )
+    source = sam2_memory_encoder
+    encoder = MemoryEncoder.wrap(
+        source.mask_downsampler, source.pix_feat_proj, source.fuser, source.position_encoding, source.out_proj
+    )
+    encoder.train(source.training)
+    return encoder
+
+
+def patch_sam2(model_or_predictor: object) -> MemoryEncoder:
+    """Replaces ``model_or_predictor.memory_encoder`` (a sam2 model or video predictor) in place
+    with the memenc_fast MemoryEncoder built by ``from_sam2``, and returns it. Idempotent."""
+    holder = model_or_predictor
+    if not hasattr(holder, "memory_encoder") and hasattr(holder, "model"):
+        holder = holder.model  # sam2's image predictor keeps the model as .model
+    if not hasattr(holder, "memory_encoder"):
+        raise TypeError(
+            "patch_sam2 expects a sam2 model or predictor with a .memory_encoder attribute; "
+            f"got {type(model_or_predictor).__qualname__}"
+        )
+    encoder = from_sam2(holder.memory_encoder)
+    holder.memory_encoder = encoder
+    return encoder

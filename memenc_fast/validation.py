@@ -1,0 +1,92 @@
+"""Input checks for the drop-in modules: clear errors naming what was expected and what was given,
+raised before any backend runs (where sam2 would fail deep inside a conv, or not at all)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["check_encoder_inputs", "downsampled_size"]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def downsampled_size(
+    mask_size: Tuple[int, int],
+    interpol_size: Optional[Sequence[int]],
+    stages: Sequence[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]],
+) -> Tuple[int, int]:
+    """The spatial size the mask downsampler produces from ``mask_size``.
+
+    ``stages`` lists (kernel_size, stride, padding) of each strided conv.
+    """
+    height, width = tuple(interpol_size) if interpol_size is not None else mask_size
+    for kernel, stride, padding in stages:
+        height = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+        width = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    return height, width
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+
+
+def check_encoder_inputs(
+    pix_feat: object,
+    masks: object,
+    in_dim: int,
+    mask_channels: Optional[int],
+    param: torch.Tensor,
+    feature_size_of: Optional[Callable[[Tuple[int, int]], Tuple[int, int]]],
+) -> None:
+    """Validates a MemoryEncoder forward's inputs against the module.
+
+    ``param`` is any parameter of the module (its device and dtype are the module's);
+    ``feature_size_of`` maps a mask (H, W) to the downsampled (h, w). Checks that need the
+    module's structure (``mask_channels``, ``feature_size_of``) are skipped when those are None.
+    Raises TypeError for wrong types/dtypes and ValueError for wrong shapes/devices.
+    """
+    for name, t in (("pix_feat", pix_feat), ("masks", masks)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"MemoryEncoder: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in _FLOATING:
+            raise TypeError(
+                f"MemoryEncoder: {name} must be a floating tensor (float16, bfloat16, float32 or float64); "
+                f"got {str(t.dtype).replace('torch.', '')}"
+                + (" (convert binary masks with masks.float())" if name == "masks" else "")
+            )
+        if t.dim() != 4:
+            raise ValueError(f"MemoryEncoder: {name} must be 4-D (B, C, H, W); got {_describe(t)}")
+    assert isinstance(pix_feat, torch.Tensor) and isinstance(masks, torch.Tensor)
+    if pix_feat.shape[1] != in_dim:
+        raise ValueError(f"MemoryEncoder: pix_feat must have {in_dim} channels (in_dim); got {_describe(pix_feat)}")
+    if mask_channels is not None and masks.shape[1] != mask_channels:
+        raise ValueError(f"MemoryEncoder: masks must have {mask_channels} channel(s); got {_describe(masks)}")
+    if masks.device != param.device:
+        raise ValueError(
+            f"MemoryEncoder: mismatched devices: masks are on {masks.device} but the module's parameters "
+            f"are on {param.device}; move one to the other (pix_feat may stay elsewhere: it is moved to masks)"
+        )
+    batch_m, batch_p = masks.shape[0], pix_feat.shape[0]
+    if batch_m != batch_p and 1 not in (batch_m, batch_p):
+        raise ValueError(
+            f"MemoryEncoder: pix_feat and masks must have the same batch size (or one of them 1); "
+            f"got pix_feat {_describe(pix_feat)} and masks {_describe(masks)}"
+        )
+    expected = feature_size_of((masks.shape[-2], masks.shape[-1])) if feature_size_of else None
+    if expected is not None and tuple(pix_feat.shape[-2:]) != expected:
+        raise ValueError(
+            f"MemoryEncoder: masks of size {masks.shape[-2]}x{masks.shape[-1]} downsample to "
+            f"{expected[0]}x{expected[1]}, but pix_feat is {pix_feat.shape[-2]}x{pix_feat.shape[-1]}; "
+            f"the mask size must be the feature size times the downsampler's total stride"
+        )
+    autocast = torch.is_autocast_enabled(masks.device.type)
+    if not autocast:
+        for name, t in (("pix_feat", pix_feat), ("masks", masks)):
+            if t.dtype != param.dtype:
+                raise TypeError(
+                    f"MemoryEncoder: {name} dtype {str(t.dtype).replace('torch.', '')} does not match the "
+                    f"module's parameter dtype {str(param.dtype).replace('torch.', '')}; cast the input, "
+                    f"the module, or run under torch.autocast"
+                )

@@ -1,0 +1,65 @@
+"""Test-only helpers shared by several test files (the package's presets hold the rest)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+import memenc_fast as mf
+from memenc_fast.presets import PRESETS, Preset, build_encoder, make_inputs, randomize_parameters  # noqa: F401
+
+requires_sam2 = pytest.mark.skipif(
+    importlib.util.find_spec("sam2") is None, reason="sam2 is not installed (see README: tests)"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# A preset small enough for many CPU runs, with every sam2 structural feature (4 stages, 2 blocks).
+TINY = Preset("tiny", mask_size=64, feature_size=4, in_dim=32, out_dim=16)
+
+
+def reference_outputs(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor,
+                      dtype: torch.dtype, **kwargs) -> Dict[str, object]:
+    """The reference forward of a copy of ``encoder`` in ``dtype`` (float64 for the oracle)."""
+    twin = copy.deepcopy(encoder).to(dtype)
+    with torch.no_grad(), mf.use_backend("reference"):
+        return twin(pix_feat.to(dtype), masks.to(dtype), **kwargs)
+
+
+def sam2_config_files() -> List[Tuple[str, str]]:
+    """(name, path) of every sam2 / sam2.1 model config shipped in the installed sam2 package."""
+    import sam2
+
+    root = os.path.join(os.path.dirname(sam2.__file__), "configs")
+    found = []
+    for folder in sorted(os.listdir(root)):
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith(".yaml"):
+                found.append((f"{folder}/{name}", os.path.join(root, folder, name)))
+    return found
+
+
+def memory_encoder_config(path: str):
+    """The memory_encoder section of a sam2 config file (model or training config)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(path)
+    for key in ("model.memory_encoder", "trainer.model.memory_encoder"):
+        section = OmegaConf.select(config, key)
+        if section is not None:
+            return section
+    raise AssertionError(f"{path} has no memory_encoder section")
+
+
+def retarget_to_memenc_fast(section):
+    """The same config with every sam2 memory-encoder class replaced by memenc_fast's."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(section)
+    for prefix in ("sam2.modeling.memory_encoder.", "sam2.modeling.position_encoding."):
+        text = text.replace(prefix, "memenc_fast.")
+    return OmegaConf.create(text)
