@@ -62,7 +62,7 @@ class Backend:
 
     name: str
     priority: int
-    device_types: FrozenSet[str]
+    device_types: Optional[FrozenSet[str]]  # None: any device
     dtypes: FrozenSet[torch.dtype]
     ops_module: str
     unavailable_reason: Callable[[], Optional[str]]
@@ -84,7 +84,7 @@ class Backend:
         reason = self.unavailable_reason()
         if reason is not None:
             return reason
-        if device.type not in self.device_types:
+        if self.device_types is not None and device.type not in self.device_types:
             return f"serves devices {sorted(self.device_types)}, got {device.type}"
         if dtype not in self.dtypes:
             served = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
@@ -203,7 +203,9 @@ def select_backend(
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
         auto_devices = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
-        if device.type in auto_devices and backend.serve_reason(device, dtype, structure, needs_grad) is None:
+        if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
+            device, dtype, structure, needs_grad
+        ) is None:
             return Selection(candidate, _op_table(backend))
     _log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
     return Selection(REFERENCE, None)

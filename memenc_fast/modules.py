@@ -8,6 +8,8 @@ that only swaps the top-level ``_target_``, or ``from_sam2``) runs fused as well
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -18,7 +20,7 @@ from . import backends as _backends  # noqa: F401  (registers the shipped backen
 from .dispatch import Selection, select_backend
 from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
 from .position import cached_position_encoding
-from .validation import check_encoder_inputs, downsampled_size
+from .validation import autocast_dtype, check_encoder_inputs, downsampled_size
 
 __all__ = [
     "LayerNorm2d",
@@ -150,10 +152,7 @@ class MemoryEncoder(reference.MemoryEncoder):
         check_encoder_inputs(pix_feat, masks, self.pix_feat_proj.in_channels, mask_channels, param,
                              None if structure is None else self._feature_size_of(structure))
         device = masks.device
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        else:
-            dtype = param.dtype
+        dtype = autocast_dtype(device.type) or param.dtype
         needs_grad = torch.is_grad_enabled() and (
             masks.requires_grad or pix_feat.requires_grad or any(p.requires_grad for p in self.parameters())
         )
@@ -177,7 +176,9 @@ class MemoryEncoder(reference.MemoryEncoder):
             packed = pack_weights(structure, dtype, device)
         else:
             packed = self._pack_cache.get(structure, dtype, device)
-        with torch.autocast(device.type, enabled=False):
+        with contextlib.ExitStack() as stack:
+            if autocast_dtype(device.type) is not None:
+                stack.enter_context(torch.autocast(device.type, enabled=False))
             masks = masks.to(dtype)
             pix_feat = pix_feat.to(device=device, dtype=dtype)
             batch = max(masks.shape[0], pix_feat.shape[0])

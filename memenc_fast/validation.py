@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_encoder_inputs", "downsampled_size"]
+__all__ = ["check_encoder_inputs", "downsampled_size", "autocast_dtype"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -26,6 +26,17 @@ def downsampled_size(
         height = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
         width = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
     return height, width
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type`` here, or None when autocast is off there
+    (or the device type has no autocast at all, like ``meta``)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -81,8 +92,7 @@ def check_encoder_inputs(
             f"{expected[0]}x{expected[1]}, but pix_feat is {pix_feat.shape[-2]}x{pix_feat.shape[-1]}; "
             f"the mask size must be the feature size times the downsampler's total stride"
         )
-    autocast = torch.is_autocast_enabled(masks.device.type)
-    if not autocast:
+    if autocast_dtype(masks.device.type) is None:
         for name, t in (("pix_feat", pix_feat), ("masks", masks)):
             if t.dtype != param.dtype:
                 raise TypeError(

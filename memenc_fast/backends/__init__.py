@@ -42,7 +42,7 @@ register_backend(
     Backend(
         name="torch",
         priority=10,
-        device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        device_types=None,
         dtypes=_FLOAT_DTYPES,
         ops_module=".backends.torch_ops",
         unavailable_reason=lambda: None,
