@@ -12,7 +12,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Preset", "PRESETS", "build_encoder", "randomize_parameters", "make_inputs", "encoder_flops"]
+__all__ = ["Preset", "PRESETS", "build_encoder", "randomize_parameters", "make_inputs", "flop_breakdown", "encoder_flops"]
 
 
 @dataclass(frozen=True)
@@ -124,23 +124,29 @@ def make_inputs(
     return pix_feat.to(device=device, dtype=dtype), masks.to(device=device, dtype=dtype)
 
 
-def encoder_flops(preset: Preset, batch: int) -> int:
-    """Multiply-adds x 2 of one forward at ``preset``'s size (the work the kernels must do)."""
-    flops = 0
+def flop_breakdown(preset: Preset, batch: int) -> Dict[str, int]:
+    """Multiply-adds x 2 per op of one forward at ``preset``'s size; ``cxblock`` is per block."""
     size = preset.interpol_size[0] if preset.interpol_size else preset.mask_size
-    in_ch = 1
+    in_ch, mask_flops = 1, 0
     stages = 0
     while preset.stride**stages < preset.total_stride:
         stages += 1
     for _ in range(stages):
         size = (size + 2 * preset.padding - preset.kernel_size) // preset.stride + 1
         out_ch = in_ch * preset.stride**2
-        flops += 2 * in_ch * out_ch * preset.kernel_size**2 * size * size
+        mask_flops += 2 * in_ch * out_ch * preset.kernel_size**2 * size * size
         in_ch = out_ch
     tokens = preset.feature_size**2
     c = preset.in_dim
-    flops += 2 * (in_ch + c) * c * tokens  # concatenated projection
-    flops += preset.num_layers * (2 * c * 49 * tokens + 2 * 2 * c * 4 * c * tokens)
-    if preset.out_dim != c:
-        flops += 2 * c * preset.out_dim * tokens
-    return batch * flops
+    return {
+        "mask_downsample": batch * mask_flops,
+        "proj_add": batch * 2 * (in_ch + c) * c * tokens,
+        "cxblock": batch * (2 * c * 49 + 2 * 2 * c * 4 * c) * tokens,
+        "out_proj": batch * 2 * c * preset.out_dim * tokens if preset.out_dim != c else 0,
+    }
+
+
+def encoder_flops(preset: Preset, batch: int) -> int:
+    """Multiply-adds x 2 of one whole forward at ``preset``'s size (the work the kernels must do)."""
+    parts = flop_breakdown(preset, batch)
+    return parts["mask_downsample"] + parts["proj_add"] + preset.num_layers * parts["cxblock"] + parts["out_proj"]

@@ -1,0 +1,34 @@
+"""Each op of each backend alone, on the same packed weights and inputs."""
+
+import pytest
+import torch
+
+from memenc_fast.dispatch import select_backend
+from memenc_fast.packing import PackCache, read_structure
+from memenc_fast.presets import build_encoder, make_inputs
+
+from bench_setup import BACKENDS, DEVICE, PRESET, synchronized
+
+OPS = ["mask_downsample", "proj_add", "cxblock", "out_proj"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op(benchmark, backend, op, dtype, batch):
+    benchmark.group = f"{op} {PRESET.name} {str(dtype).replace('torch.', '')} B={batch}"
+    encoder = build_encoder(PRESET, dtype=dtype, device=DEVICE)
+    structure = read_structure(encoder)
+    packed = PackCache().get(structure, dtype, DEVICE)
+    ops = select_backend(DEVICE, dtype, structure, None, False, name=backend).ops
+    pix_feat, masks = make_inputs(PRESET, batch, dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        mask_features = ops["mask_downsample"](masks, packed, True)
+        tokens = ops["proj_add"](mask_features, pix_feat, packed)
+        calls = {
+            "mask_downsample": lambda: ops["mask_downsample"](masks, packed, True),
+            "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, packed),
+            "cxblock": lambda: ops["cxblock"](tokens, packed.blocks[0]),
+            "out_proj": lambda: ops["out_proj"](tokens, packed),
+        }
+        out = benchmark(synchronized(calls[op]))
+    assert torch.isfinite(out).all()
