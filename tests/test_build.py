@@ -1,0 +1,252 @@
+"""Tests of the CUDA build step (build_tools/cuda_build.py), which setup.py runs.
+
+The pure parts are tested everywhere; the real nvcc compile is skipped where nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# build_tools/ is not installed (it is a helper of setup.py): import it from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from build_tools import cuda_build  # noqa: E402
+from build_tools.cuda_build import (  # noqa: E402
+    ARCHS_ENV,
+    DEFAULT_ARCHS,
+    LIBRARY_NAME,
+    SKIP_ENV,
+    CudaBuildError,
+    build_cuda_library,
+    find_nvcc,
+    gencode_flags,
+    nvcc_command,
+    parse_archs,
+    parse_ptxas_report,
+    skip_reason,
+)
+
+NVCC = find_nvcc(os.environ)
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)"
+)
+
+TINY_KERNEL = """
+__global__ void add_one(float* x, int n) {
+    __shared__ float tile[256];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = i < n ? x[i] : 0.f;
+    __syncthreads();
+    if (i < n) x[i] = tile[threadIdx.x] + 1.f;
+}
+extern "C" int memenc_fast_test_probe() { return 42; }
+"""
+
+SAMPLE_REPORT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z5smemkPf' for 'sm_90a'
+ptxas info    : Function properties for _Z5smemkPf
+    256 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 256 bytes cumulative stack size, 4096 bytes smem
+ptxas info    : Compile time = 26.273 ms
+ptxas info    : Function properties for _Z1fPfi
+    64 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z7add_onePfi' for 'sm_80'
+ptxas info    : Function properties for _Z7add_onePfi
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 8 registers, used 0 barriers, 364 bytes cmem[0]
+"""
+
+
+def _env_for_build(**overrides: str) -> dict[str, str]:
+    """The current environment without this project's build knobs, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in (ARCHS_ENV, SKIP_ENV)}
+    env.update(overrides)
+    return env
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_archs_default(value: str | None) -> None:
+    assert parse_archs(value) == DEFAULT_ARCHS == ("80", "86", "89", "90")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("80;90", ("80", "90")),
+        ("90,80", ("80", "90")),
+        ("90a", ("90a",)),
+        (" 8.0 ; 9.0a ,", ("80", "90a")),
+        ("sm_86;compute_89;SM_90A", ("86", "89", "90a")),
+        ("90a;90;90", ("90", "90a")),
+        ("120f;100", ("100", "120f")),
+    ],
+)
+def test_archs_parse(value: str, expected: tuple[str, ...]) -> None:
+    assert parse_archs(value) == expected
+
+
+@pytest.mark.parametrize("value", ["7", "abc", "90b", "8.0.1", "sm80x", "1000"])
+def test_archs_bad_value_names_the_entry(value: str) -> None:
+    with pytest.raises(ValueError, match=rf"{ARCHS_ENV}: bad CUDA architecture '{value}'"):
+        parse_archs(f"80;{value}")
+
+
+def test_archs_only_separators() -> None:
+    with pytest.raises(ValueError, match="no CUDA architecture"):
+        parse_archs(";,")
+
+
+def test_gencode_default_sass_for_each_plus_ptx_for_highest() -> None:
+    assert gencode_flags(DEFAULT_ARCHS) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_86,code=sm_86",
+        "-gencode=arch=compute_89,code=sm_89",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+
+
+def test_gencode_arch_specific_highest_gets_portable_ptx() -> None:
+    assert gencode_flags(("80", "90a")) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+
+
+def test_gencode_needs_an_arch() -> None:
+    with pytest.raises(ValueError):
+        gencode_flags(())
+
+
+def test_nvcc_command() -> None:
+    command = nvcc_command(
+        "nvcc", [Path("csrc/a.cu"), Path("csrc/b.cu")], Path("out/lib.so"), ("90a",), [Path("csrc")]
+    )
+    assert command[0] == "nvcc"
+    for flag in ("-O3", "-std=c++17", "-shared", "-lineinfo", "-lcudart_static"):
+        assert flag in command
+    assert command[command.index("-Xcompiler") + 1] == "-fPIC"
+    assert command[command.index("-Xptxas") + 1] == "-v"
+    assert "-gencode=arch=compute_90a,code=sm_90a" in command
+    assert "-Icsrc" in command
+    assert command[command.index("-o") + 1] == str(Path("out/lib.so"))
+    assert command.index(str(Path("csrc/a.cu"))) < command.index(str(Path("csrc/b.cu")))
+    # Libraries come after the inputs, or the linker drops the symbols they need.
+    assert command.index("-lcudart_static") > command.index(str(Path("csrc/b.cu")))
+
+
+def test_nvcc_command_needs_sources() -> None:
+    with pytest.raises(ValueError):
+        nvcc_command("nvcc", [], Path("lib.so"), DEFAULT_ARCHS)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_skip_env(value: str) -> None:
+    reason = skip_reason({SKIP_ENV: value}, [Path("a.cu")], "nvcc")
+    assert reason is not None and SKIP_ENV in reason and "\n" not in reason
+
+
+@pytest.mark.parametrize("value", ["", "0", "false"])
+def test_skip_env_off(value: str) -> None:
+    assert skip_reason({SKIP_ENV: value}, [Path("a.cu")], "nvcc") is None
+
+
+def test_no_sources_message() -> None:
+    reason = skip_reason({}, [], "nvcc")
+    assert reason is not None and "no .cu files" in reason and "\n" not in reason
+
+
+def test_no_nvcc_message() -> None:
+    reason = skip_reason({}, [Path("a.cu")], None)
+    assert reason is not None and "nvcc not found" in reason and "\n" not in reason
+
+
+def test_find_nvcc_prefers_cuda_home(tmp_path: Path) -> None:
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert find_nvcc({"CUDA_HOME": str(tmp_path / "cuda"), "PATH": ""}, ()) == str(fake)
+    assert find_nvcc({"PATH": str(tmp_path)}, ()) is None
+
+
+def test_build_without_nvcc_logs_one_line_and_installs_python_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "k.cu").write_text(TINY_KERNEL)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda env: None)
+    lines: list[str] = []
+    result = build_cuda_library(tmp_path, tmp_path / "out", env=_env_for_build(), log=lines.append)
+    assert result is None and len(lines) == 1 and "nvcc not found" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_skipped_by_env(tmp_path: Path) -> None:
+    (tmp_path / "k.cu").write_text(TINY_KERNEL)
+    lines: list[str] = []
+    result = build_cuda_library(
+        tmp_path, tmp_path / "out", env=_env_for_build(**{SKIP_ENV: "1"}), log=lines.append
+    )
+    assert result is None and len(lines) == 1 and SKIP_ENV in lines[0]
+
+
+def test_build_without_sources(tmp_path: Path) -> None:
+    lines: list[str] = []
+    assert (
+        build_cuda_library(tmp_path, tmp_path / "out", env=_env_for_build(), log=lines.append)
+        is None
+    )
+    assert len(lines) == 1 and "no .cu files" in lines[0]
+
+
+def test_parse_ptxas_report() -> None:
+    kernels = parse_ptxas_report(SAMPLE_REPORT)
+    assert [(k.name, k.arch, k.registers) for k in kernels] == [
+        ("_Z5smemkPf", "sm_90a", 40),
+        ("_Z7add_onePfi", "sm_80", 8),
+    ]
+    smemk = kernels[0]
+    assert (smemk.stack_bytes, smemk.spill_store_bytes, smemk.spill_load_bytes) == (256, 8, 4)
+    assert smemk.smem_bytes == 4096
+    # The device function's properties after the kernel's "Used" line do not leak into it.
+    assert kernels[1].stack_bytes == 0 and kernels[1].smem_bytes == 0
+
+
+@needs_nvcc
+def test_nvcc_builds_library_and_reports_resources(tmp_path: Path) -> None:
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cu").write_text(TINY_KERNEL)
+    lines: list[str] = []
+    result = build_cuda_library(
+        csrc, tmp_path / "out", env=_env_for_build(**{ARCHS_ENV: "80;90a"}), log=lines.append
+    )
+    assert result is not None
+    assert result.library == tmp_path / "out" / LIBRARY_NAME and result.library.is_file()
+    assert {(k.name, k.arch) for k in result.kernels} == {
+        ("_Z7add_onePfi", "sm_80"),
+        ("_Z7add_onePfi", "sm_90a"),
+    }
+    assert all(k.registers > 0 and k.smem_bytes == 256 * 4 for k in result.kernels)
+    log = "\n".join(lines)
+    assert "Used" in log and "registers" in log  # the raw ptxas report is in the build log
+    assert "_Z7add_onePfi" in result.report.read_text()
+
+    assert ctypes.CDLL(str(result.library)).memenc_fast_test_probe() == 42
+
+
+@needs_nvcc
+def test_nvcc_failure_is_loud(tmp_path: Path) -> None:
+    (tmp_path / "broken.cu").write_text("__global__ void k() { this is not cuda; }\n")
+    with pytest.raises(CudaBuildError, match="nvcc failed") as excinfo:
+        build_cuda_library(
+            tmp_path, tmp_path / "out", env=_env_for_build(**{ARCHS_ENV: "80"}), log=lambda _: None
+        )
+    assert "broken.cu" in str(excinfo.value)
