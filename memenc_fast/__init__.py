@@ -9,6 +9,7 @@
 from .dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
 from .modules import CXBlock, Fuser, LayerNorm2d, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
 from .sam2_compat import from_sam2, patch_sam2
+from .sam3_compat import from_sam3, patch_sam3
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,6 @@ __all__ = [
     "BackendUnavailableError",
     "from_sam2",
     "patch_sam2",
+    "from_sam3",
+    "patch_sam3",
 ]

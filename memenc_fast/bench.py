@@ -29,9 +29,11 @@ __all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "me
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32,64 on GPU, 1,4 on CPU)")
+    parser.add_argument("--batch", default=None,
+                        help="comma list of batch sizes (default on GPU: sam2 1,8,32,64, sam3 1,16,64; CPU: 1,4)")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32,bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--preset", default="sam2", choices=sorted(PRESETS), help="model/input size (default sam2)")
+    parser.add_argument("--preset", default="sam2",
+                        help=f"comma list of model/input sizes from {sorted(PRESETS)} (default sam2)")
     parser.add_argument("--backends", default=None, help="comma list of backends (default: every available one)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="also time the reference under torch.compile (default: on GPU only)")
@@ -192,7 +194,8 @@ def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: Li
                         seconds = time_callable(fn, device, repeats)
                         cost = costs[op]
                         floor = max(cost["flops"] / rate, cost["bytes"] / bandwidth)
-                        rows.append(dict(backend=name, op=op, dtype=dtype_name(dtype), batch=batch,
+                        rows.append(dict(preset=preset.name, backend=name, op=op, dtype=dtype_name(dtype),
+                                         batch=batch,
                                          us=seconds * 1e6, floor_us=floor * 1e6, pct_of_floor=100 * floor / seconds,
                                          gflop=cost["flops"] / 1e9, mbytes=cost["bytes"] / 1e6, device=str(device)))
     return rows
@@ -224,11 +227,22 @@ def _plot(rows: List[Dict[str, object]], path: str) -> None:
     progress(f"plot written to {path}")
 
 
+GPU_BATCHES = {"sam2": "1,8,32,64", "sam3": "1,16,64"}
+
+
+def _default_batches(preset: str, on_gpu: bool) -> str:
+    return GPU_BATCHES.get(preset, "1,8") if on_gpu else "1,4"
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     try:
-        batches = parse_ints(args.batch or ("1,8,32,64" if on_gpu else "1,4"))
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown or not presets:
+            raise ValueError(f"--preset must be a comma list of {sorted(PRESETS)}; got {args.preset!r}")
+        batches = {p: parse_ints(args.batch or _default_batches(p, on_gpu)) for p in presets}
         dtypes = parse_dtypes(args.dtypes or ("fp32,bf16" if on_gpu else "fp32"))
     except ValueError as err:
         print(f"bench: {err}", file=sys.stderr)
@@ -240,16 +254,19 @@ def run(args: argparse.Namespace) -> int:
         backends = [b for b in available_backends()
                     if b != "reference" and not (b == "triton" and not on_gpu and triton_interpreted())]
     repeats = args.repeats or (50 if on_gpu else 3)
-    preset = PRESETS[args.preset]
+    rows = []
     if args.ops:
-        rows = _op_rows(device, preset, dtypes, batches, backends, repeats)
-        print_table(rows, [("backend", "backend"), ("op", "op"), ("dtype", "dtype"), ("B", "batch"),
-                           ("µs", "us"), ("floor µs", "floor_us"), ("% of floor", "pct_of_floor"),
+        for name in presets:
+            rows += _op_rows(device, PRESETS[name], dtypes, batches[name], backends, repeats)
+        print_table(rows, [("preset", "preset"), ("backend", "backend"), ("op", "op"), ("dtype", "dtype"),
+                           ("B", "batch"), ("µs", "us"), ("floor µs", "floor_us"), ("% of floor", "pct_of_floor"),
                            ("GFLOP", "gflop"), ("MB", "mbytes")],
-                    title=f"memenc_fast per-op timings on {device} ({preset.name})")
+                    title=f"memenc_fast per-op timings on {device}")
     else:
         do_compile = on_gpu if args.compile is None else args.compile
-        rows = _end_to_end_rows(args, device, preset, dtypes, batches, backends, repeats, do_compile)
+        for name in presets:
+            rows += _end_to_end_rows(args, device, PRESETS[name], dtypes, batches[name], backends, repeats,
+                                     do_compile)
         columns = [("preset", "preset"), ("dtype", "dtype"), ("B", "batch"), ("impl", "impl"),
                    ("ms/forward", "ms"), ("µs/object", "us_per_object"), ("vs eager", "vs_eager"),
                    ("vs compile", "vs_compile")]

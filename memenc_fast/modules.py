@@ -38,11 +38,12 @@ Fuser = reference.Fuser
 
 
 class PositionEmbeddingSine(reference.PositionEmbeddingSine):
-    """sam2's PositionEmbeddingSine, cached per (H, W, dtype, device) and returned expanded.
+    """sam2's / sam3's PositionEmbeddingSine, cached per (H, W, dtype, device), returned expanded.
 
-    ``warmup_cache`` (sam2) fills the cache for ``image_size // stride`` on the current CUDA
-    device when one exists; ``precompute_resolution`` (sam3) does the same for that resolution.
-    The returned tensor is a read-only view shared across calls: clone it before writing to it.
+    ``precompute_resolution`` (sam3) fills the cache for ``resolution // stride`` (strides 4, 8,
+    16, 32) on the default device at construction; sam2's ``warmup_cache`` does the same for
+    ``image_size`` on the current CUDA device when one exists, as sam2 does. The returned tensor
+    is a read-only view shared across calls: clone it before writing to it.
     """
 
     def __init__(
@@ -51,19 +52,23 @@ class PositionEmbeddingSine(reference.PositionEmbeddingSine):
         temperature: int = 10000,
         normalize: bool = True,
         scale: Optional[float] = None,
+        precompute_resolution: Optional[int] = None,
+        *,
         warmup_cache: bool = True,
         image_size: int = 1024,
         strides: Tuple[int, ...] = (4, 8, 16, 32),
-        precompute_resolution: Optional[int] = None,
     ) -> None:
-        super().__init__(num_pos_feats, temperature, normalize, scale, warmup_cache, image_size, strides,
-                         precompute_resolution)
-        resolution = precompute_resolution if precompute_resolution is not None else image_size
-        if (warmup_cache or precompute_resolution is not None) and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-            for stride in self.strides:
-                size = resolution // stride
-                cached_position_encoding(self, 1, size, size, torch.float32, device)
+        super().__init__(num_pos_feats, temperature, normalize, scale, precompute_resolution,
+                         warmup_cache=warmup_cache, image_size=image_size, strides=strides)
+        if precompute_resolution is not None:
+            self._warm(precompute_resolution, torch.get_default_device())
+        elif warmup_cache and torch.cuda.is_available():
+            self._warm(image_size, torch.device("cuda", torch.cuda.current_device()))
+
+    def _warm(self, resolution: int, device: torch.device) -> None:
+        for stride in self.strides:
+            size = resolution // stride
+            cached_position_encoding(self, 1, size, size, torch.float32, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cached_position_encoding(self, x.shape[0], x.shape[-2], x.shape[-1], torch.float32, x.device)

@@ -30,6 +30,8 @@ def cached_position_encoding(
     Works for this package's module and for sam2's/sam3's (same attributes). Computed in float32
     and cast to ``dtype``, exactly as sam2's ``position_encoding(x).to(x.dtype)``.
     """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     args = (height, width, module.num_pos_feats, module.temperature, module.normalize, module.scale)
     if torch.compiler.is_compiling():
         pos = sine_position_encoding(*args, device=device).to(dtype)

@@ -24,6 +24,7 @@ __all__ = [
     "MemoryEncoder",
     "PositionEmbeddingSine",
     "DropPath",
+    "resize_mask",
 ]
 
 
@@ -104,11 +105,15 @@ class MaskDownSampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpol_size is not None and list(x.shape[-2:]) != self.interpol_size:
-            # sam3 resizes in float32 and leaves the result in float32.
-            x = F.interpolate(
-                x.float(), size=self.interpol_size, align_corners=False, mode="bilinear", antialias=True
-            )
+            x = resize_mask(x, self.interpol_size)
         return self.encoder(x)
+
+
+def resize_mask(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """sam3's mask resize: bilinear, antialiased, ``align_corners=False``, computed in float32
+    and left in float32 (float64 stays float64, so the reference can serve as the oracle)."""
+    source = x if x.dtype == torch.float64 else x.float()
+    return F.interpolate(source, size=list(size), align_corners=False, mode="bilinear", antialias=True)
 
 
 def _validate_interpol_size(interpol_size: Optional[Sequence[int]]) -> Optional[List[int]]:
@@ -185,9 +190,9 @@ class Fuser(nn.Module):
 class PositionEmbeddingSine(nn.Module):
     """Sine/cosine position encoding of a feature map's grid (DETR style), shape-only.
 
-    Accepts sam2's cache-warming arguments (``warmup_cache``, ``image_size``, ``strides``) and
-    sam3's ``precompute_resolution`` so configs of either package construct it unchanged; the
-    reference itself computes the encoding afresh on every call.
+    Accepts sam3's ``precompute_resolution`` (its fifth argument) and sam2's keyword-only
+    cache-warming arguments (``warmup_cache``, ``image_size``, ``strides``) so configs of either
+    package construct it unchanged; the reference itself computes the encoding on every call.
     """
 
     def __init__(
@@ -196,10 +201,11 @@ class PositionEmbeddingSine(nn.Module):
         temperature: int = 10000,
         normalize: bool = True,
         scale: Optional[float] = None,
+        precompute_resolution: Optional[int] = None,
+        *,
         warmup_cache: bool = True,
         image_size: int = 1024,
         strides: Tuple[int, ...] = (4, 8, 16, 32),
-        precompute_resolution: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_pos_feats % 2 != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 from typing import Dict, List, Tuple
@@ -63,3 +64,43 @@ def retarget_to_memenc_fast(section):
     for prefix in ("sam2.modeling.memory_encoder.", "sam2.modeling.position_encoding."):
         text = text.replace(prefix, "memenc_fast.")
     return OmegaConf.create(text)
+
+
+@functools.lru_cache(maxsize=None)
+def load_sam3_modules():
+    """sam3's ``model.memory`` and ``model.position_encoding`` modules, or skip.
+
+    sam3's package ``__init__`` builds whole models and imports torchvision, which does not import
+    beside the CPU torch used in CI; so the two modules are loaded under bare package objects for
+    ``sam3`` and ``sam3.model``. Where torchvision is absent, timm (imported by sam3.model.memory
+    for DropPath) cannot import either, and a stand-in ``timm.layers.DropPath`` (same math as
+    timm's) takes its place.
+    """
+    import importlib
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("sam3")
+    if spec is None:
+        pytest.skip("sam3 is not installed (pip install --no-deps sam3)")
+    root = list(spec.submodule_search_locations)[0]
+    for name, path in (("sam3", root), ("sam3.model", os.path.join(root, "model"))):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+    try:
+        importlib.import_module("timm.layers")
+    except Exception:
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+        from memenc_fast.reference import DropPath
+
+        timm = types.ModuleType("timm")
+        layers = types.ModuleType("timm.layers")
+        layers.DropPath = DropPath
+        timm.layers = layers
+        sys.modules["timm"], sys.modules["timm.layers"] = timm, layers
+    memory = importlib.import_module("sam3.model.memory")
+    position = importlib.import_module("sam3.model.position_encoding")
+    return memory, position

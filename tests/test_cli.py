@@ -78,3 +78,8 @@ def test_bench_rejects_bad_batch_list(capsys):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "memenc_fast", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "check" in result.stdout and "bench" in result.stdout
+
+
+def test_bench_rejects_unknown_preset(capsys):
+    assert main(["bench", "--preset", "small,bogus"]) == 2
+    assert "--preset must be a comma list" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import PackedBlock, PackedEncoder, is_exact_gelu
+from ..reference import resize_mask
 
 __all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "MLP_CHUNK_TOKENS"]
 
@@ -40,8 +41,7 @@ def mask_downsample(
     if bias != 0.0:
         x = x + bias
     if packed.interpol_size is not None and list(x.shape[-2:]) != packed.interpol_size:
-        x = F.interpolate(x.float(), size=packed.interpol_size, mode="bilinear", align_corners=False,
-                          antialias=True).to(masks.dtype)
+        x = resize_mask(x, packed.interpol_size).to(masks.dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     for stage in packed.stages:
         x = F.conv2d(x, stage.weight, stage.bias, stride=stage.stride, padding=stage.padding)
