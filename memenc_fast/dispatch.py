@@ -70,6 +70,7 @@ class Backend:
     differentiable: bool = False
     auto_device_types: Optional[FrozenSet[str]] = None  # where ``auto`` may pick it; None: device_types
     _ops: Dict[str, Callable] = field(default_factory=dict, compare=False, repr=False)
+    _import_errors: List[str] = field(default_factory=list, compare=False, repr=False)
 
     def ops(self) -> Mapping[str, Callable]:
         """The ops this backend implements, imported on first use."""
@@ -78,10 +79,16 @@ class Backend:
             self._ops.update({name: getattr(module, name) for name in OPS if hasattr(module, name)})
         return self._ops
 
+    def availability(self) -> Optional[str]:
+        """None when this backend can run on this machine, else why not."""
+        if self._import_errors:
+            return self._import_errors[0]
+        return self.unavailable_reason()
+
     def serve_reason(self, device: torch.device, dtype: torch.dtype, structure: EncoderStructure,
                      needs_grad: bool) -> Optional[str]:
         """None when this backend can run these inputs, else why not."""
-        reason = self.unavailable_reason()
+        reason = self.availability()
         if reason is not None:
             return reason
         if self.device_types is not None and device.type not in self.device_types:
@@ -122,10 +129,25 @@ def registered_backends() -> List[str]:
 
 
 def available_backends() -> List[str]:
-    """The backends that can run on this machine (a subset of reference, torch, triton, cuda)."""
-    return [REFERENCE] + [
-        name for name in registered_backends()[1:] if _registry[name].unavailable_reason() is None
-    ]
+    """The backends that can run on this machine (a subset of reference, torch, triton, cuda).
+
+    Imports the ops of each one that can (a backend whose ops fail to import is disabled, with
+    the reason logged once), so that compiled code never meets a first-use import: dynamo does
+    not trace ``importlib``.
+    """
+    names = [REFERENCE]
+    for name in registered_backends()[1:]:
+        backend = _registry[name]
+        if backend.availability() is not None:
+            continue
+        try:
+            backend.ops()
+        except ImportError as err:
+            backend._import_errors.append(f"its ops module failed to import: {err}")
+            _log_once(f"memenc_fast: backend {name!r} disabled: its ops module failed to import: {err}")
+            continue
+        names.append(name)
+    return names
 
 
 def _check_name(name: str) -> str:
@@ -158,6 +180,11 @@ def current_backend() -> str:
     return AUTO
 
 
+# Compiled code bakes the backend in force at trace time into the graph (dynamo cannot trace
+# ContextVar.get); a later use_backend change does not recompile.
+_current_backend_at_trace = torch._dynamo.assume_constant_result(current_backend)
+
+
 def _log_once(message: str) -> None:
     if message not in _logged_reasons:
         _logged_reasons.add(message)
@@ -185,7 +212,10 @@ def select_backend(
     ``structure`` is None (with ``structure_error`` saying why) for modules the fused pipeline
     cannot run. A backend named explicitly that cannot serve raises BackendUnavailableError.
     """
-    name = current_backend() if name is None else _check_name(name)
+    if name is None:
+        name = _current_backend_at_trace() if torch.compiler.is_compiling() else current_backend()
+    else:
+        name = _check_name(name)
     if name == REFERENCE:
         return Selection(REFERENCE, None)
     if name != AUTO:

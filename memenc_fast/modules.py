@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import reference
 from . import backends as _backends  # noqa: F401  (registers the shipped backends)
-from .dispatch import Selection, select_backend
+from .dispatch import Selection, available_backends, select_backend
 from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
 from .position import cached_position_encoding
 from .validation import autocast_dtype, check_encoder_inputs, downsampled_size
@@ -95,6 +95,7 @@ class MemoryEncoder(reference.MemoryEncoder):
         self._init_fused_state()
 
     def _init_fused_state(self) -> None:
+        available_backends()  # imports the backends' ops now, outside any compiled region
         self.mask_scale = 1.0
         self.mask_bias = 0.0
         self._pack_cache = PackCache()
@@ -122,18 +123,24 @@ class MemoryEncoder(reference.MemoryEncoder):
         return encoder
 
     def _read_structure(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
+        if torch.compiler.is_compiling():
+            # The compiler guards on the modules it reads; no cache needed (nor traceable).
+            return self._structure_uncached()
         # Keyed on the identity of every submodule, so replacing one anywhere re-reads the structure
         # (the old modules stay referenced by the cached structure, so their ids cannot be reused).
         key = tuple(id(m) for m in self.modules()) + (self.training,)
         cached = self._structure
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        try:
-            structure, error = read_structure(self), None
-        except UnsupportedStructure as err:
-            structure, error = None, str(err)
+        structure, error = self._structure_uncached()
         self._structure = (key, structure, error)
         return structure, error
+
+    def _structure_uncached(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
+        try:
+            return read_structure(self), None
+        except UnsupportedStructure as err:
+            return None, str(err)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

@@ -56,7 +56,7 @@ def proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, packed: Packed
     batch, _, height, width = pix_feat.shape
     concat = torch.cat([mask_features.permute(0, 2, 3, 1), pix_feat.permute(0, 2, 3, 1)], dim=3)
     out = torch.addmm(packed.proj_bias, concat.view(-1, concat.shape[-1]), packed.proj_weight.t())
-    return out.view(batch, height, width, -1)
+    return out.view(batch, height, width, packed.proj_weight.shape[0])
 
 
 def cxblock(x: torch.Tensor, block: PackedBlock) -> torch.Tensor:
@@ -84,4 +84,4 @@ def out_proj(x: torch.Tensor, packed: PackedEncoder) -> torch.Tensor:
         return tokens.transpose(1, 2).reshape(batch, channels, height, width).contiguous()
     # W @ X^T writes channels-first directly: no transpose pass over the output.
     out = torch.matmul(packed.out_weight, tokens.transpose(1, 2)) + packed.out_bias[:, None]
-    return out.view(batch, -1, height, width)
+    return out.view(batch, packed.out_weight.shape[0], height, width)
