@@ -1,0 +1,142 @@
+"""Edge cases and robustness: empty batches, non-finite logits, concurrent forwards, random configs."""
+
+import concurrent.futures
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import memenc_fast as mf
+from memenc_fast.numerics import judge
+
+from helpers import TINY, build_encoder, make_inputs, reference_outputs
+
+FUSED = [b for b in mf.available_backends() if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", mf.available_backends())
+def test_empty_batch_gives_empty_outputs(backend):
+    encoder = build_encoder(TINY)
+    pix_feat, masks = make_inputs(TINY, 2)
+    with torch.no_grad(), mf.use_backend(backend):
+        out = encoder(pix_feat[:0], masks[:0])
+    assert out["vision_features"].shape == (0, TINY.out_dim, 4, 4)
+    assert out["vision_pos_enc"][0].shape == (0, TINY.out_dim, 4, 4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("skip_mask_sigmoid", [False, True])
+def test_non_finite_logits_behave_like_the_reference(backend, skip_mask_sigmoid):
+    """inf logits saturate the sigmoid like the reference; NaN propagates the same way."""
+    encoder = build_encoder(TINY)
+    pix_feat, masks = make_inputs(TINY, 2)
+    masks[0, 0, :8, :8] = math.inf
+    masks[0, 0, 8:16, :8] = -math.inf
+    masks[0, 0, 30, 30] = math.nan  # batch item 1 stays finite: items are independent
+    with torch.no_grad():
+        with mf.use_backend("reference"):
+            expected = encoder(pix_feat, masks, skip_mask_sigmoid=skip_mask_sigmoid)["vision_features"]
+        with mf.use_backend(backend):
+            out = encoder(pix_feat, masks, skip_mask_sigmoid=skip_mask_sigmoid)["vision_features"]
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-4)
+    assert finite[1].all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_concurrent_forwards_and_weight_updates_stay_correct(backend):
+    """Threads share one module (and its caches) while another thread reloads the weights."""
+    encoders = [build_encoder(TINY, seed=s) for s in (51, 52)]
+    shared = build_encoder(TINY, seed=51)
+    inputs = [make_inputs(TINY, 2, seed=s) for s in range(6)]
+    with torch.no_grad(), mf.use_backend(backend):
+        expected = {
+            (w, i): encoders[w](*inputs[i])["vision_features"] for w in range(2) for i in range(len(inputs))
+        }
+
+    def forward(i):
+        with torch.no_grad(), mf.use_backend(backend):
+            return i, shared(*inputs[i])["vision_features"]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(forward, list(range(len(inputs))) * 3))
+    for i, out in results:
+        torch.testing.assert_close(out, expected[(0, i)], rtol=0, atol=0)
+
+    shared.load_state_dict(encoders[1].state_dict())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(forward, list(range(len(inputs))) * 3))
+    for i, out in results:
+        torch.testing.assert_close(out, expected[(1, i)], rtol=0, atol=0)
+
+
+@st.composite
+def encoder_configs(draw):
+    stride, layers = draw(st.sampled_from([(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]))
+    kernel_size = draw(st.sampled_from([stride, stride + 1, 3]))
+    padding = draw(st.integers(0, (kernel_size - 1) // 2 + 1))
+    dim = draw(st.sampled_from([8, 16, 24, 32]))
+    feat_h, feat_w = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    return dict(
+        stride=stride, total_stride=stride**layers, kernel_size=kernel_size, padding=padding, dim=dim,
+        out_dim=draw(st.sampled_from([dim, 8, 12])), num_layers=draw(st.integers(0, 2)),
+        block_kernel=draw(st.sampled_from([(7, 3), (3, 1), (5, 2)])), feat=(feat_h, feat_w),
+        batch=draw(st.integers(1, 3)), input_projection=draw(st.booleans()),
+        skip_mask_sigmoid=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _mask_size_for(config):
+    """The mask size whose downsampling gives exactly the feature size, if there is one."""
+    sizes = []
+    for feat in config["feat"]:
+        candidates = [m for m in range(1, feat * config["total_stride"] * 2 + 8)
+                      if _downsample(m, config) == feat]
+        if not candidates:
+            return None
+        sizes.append(candidates[-1])
+    return tuple(sizes)
+
+
+def _downsample(size, config):
+    layers = round(math.log(config["total_stride"], config["stride"]))
+    for _ in range(layers):
+        size = (size + 2 * config["padding"] - config["kernel_size"]) // config["stride"] + 1
+        if size < 1:
+            return -1
+    return size
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=encoder_configs(), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_random_configs_match_reference(config, dtype):
+    mask_size = _mask_size_for(config)
+    assume(mask_size is not None)
+    dim = config["dim"]
+    block = mf.CXBlock(dim, kernel_size=config["block_kernel"][0], padding=config["block_kernel"][1])
+    encoder = mf.MemoryEncoder(
+        config["out_dim"],
+        mf.MaskDownSampler(embed_dim=dim, kernel_size=config["kernel_size"], stride=config["stride"],
+                           padding=config["padding"], total_stride=config["total_stride"]),
+        mf.Fuser(block, config["num_layers"], dim=dim, input_projection=config["input_projection"]),
+        mf.PositionEmbeddingSine(config["out_dim"]),
+        in_dim=dim,
+    )
+    mf.presets.randomize_parameters(encoder, seed=config["seed"])
+    encoder = encoder.to(dtype).eval()
+    generator = torch.Generator().manual_seed(config["seed"])
+    pix_feat = torch.randn((config["batch"], dim) + config["feat"], generator=generator).to(dtype)
+    masks = (2 * torch.randn((config["batch"], 1) + mask_size, generator=generator)).to(dtype)
+    kwargs = dict(skip_mask_sigmoid=config["skip_mask_sigmoid"])
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64, **kwargs)["vision_features"]
+    same = reference_outputs(encoder, pix_feat, masks, dtype, **kwargs)["vision_features"]
+    for backend in FUSED:
+        if backend != "torch" and dtype == torch.float64:
+            continue
+        with torch.no_grad(), mf.use_backend(backend):
+            out = encoder(pix_feat, masks, **kwargs)["vision_features"]
+        verdict = judge(out, oracle, dtype, same_dtype_ref=same if dtype == torch.bfloat16 else None)
+        assert verdict.passed, f"{backend} {config} {dtype}: {verdict.describe()}"
