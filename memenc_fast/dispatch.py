@@ -212,7 +212,10 @@ def select_backend(
     ``structure`` is None (with ``structure_error`` saying why) for modules the fused pipeline
     cannot run. A backend named explicitly that cannot serve raises BackendUnavailableError.
     """
-    if name is None:
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has none of our kernels: export the torch backend's standard ops.
+        name = "torch" if structure is not None and not needs_grad else REFERENCE
+    elif name is None:
         name = _current_backend_at_trace() if torch.compiler.is_compiling() else current_backend()
     else:
         name = _check_name(name)

@@ -193,15 +193,16 @@ class MemoryEncoder(reference.MemoryEncoder):
                 stack.enter_context(torch.autocast(device.type, enabled=False))
             masks = masks.to(dtype)
             pix_feat = pix_feat.to(device=device, dtype=dtype)
-            batch = max(masks.shape[0], pix_feat.shape[0])
-            masks = masks.expand(batch, -1, -1, -1)
-            pix_feat = pix_feat.expand(batch, -1, -1, -1)
+            if masks.shape[0] != pix_feat.shape[0]:  # one of them has batch 1: broadcast it
+                batch = max(masks.shape[0], pix_feat.shape[0])
+                masks = masks.expand(batch, -1, -1, -1)
+                pix_feat = pix_feat.expand(batch, -1, -1, -1)
             mask_features = ops["mask_downsample"](masks, packed, not skip_mask_sigmoid, self.mask_scale,
                                                    self.mask_bias)
             x = ops["proj_add"](mask_features, pix_feat, packed)
             for block in packed.blocks:
                 x = ops["cxblock"](x, block)
             x = ops["out_proj"](x, packed)
-        pos = cached_position_encoding(structure.position_encoding, batch, x.shape[-2], x.shape[-1], x.dtype,
-                                       device)
+        pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
+                                       x.dtype, device)
         return {"vision_features": x, "vision_pos_enc": [pos]}

@@ -68,12 +68,21 @@ def cxblock(x: torch.Tensor, block: PackedBlock) -> torch.Tensor:
     normed = normed.view(-1, channels)
     out = x + block.b2
     out_rows = out.view(-1, channels)
-    w1_t, w2_t = block.w1.t(), block.w2.t()
+    if torch.compiler.is_compiling():
+        # Under a compiler or exporter the hidden's lifetime is the compiler's business, and
+        # slicing by the token count would specialize a dynamic batch size.
+        _mlp_into(out_rows, normed, block)
+        return out
     for start in range(0, normed.shape[0], MLP_CHUNK_TOKENS):
         rows = slice(start, start + MLP_CHUNK_TOKENS)
-        hidden = _activate(block.activation, torch.addmm(block.b1, normed[rows], w1_t))
-        out_rows[rows].addmm_(hidden, w2_t)
+        _mlp_into(out_rows[rows], normed[rows], block)
     return out
+
+
+def _mlp_into(out: torch.Tensor, normed: torch.Tensor, block: PackedBlock) -> None:
+    """``out += act(normed @ w1^T + b1) @ w2^T`` for one slab of tokens."""
+    hidden = _activate(block.activation, torch.addmm(block.b1, normed, block.w1.t()))
+    out.addmm_(hidden, block.w2.t())
 
 
 def out_proj(x: torch.Tensor, packed: PackedEncoder) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""torch.export, AOTInductor and ONNX keep working with the drop-in."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch.export import Dim
+
+import memenc_fast as mf
+from memenc_fast.numerics import judge
+
+from helpers import TINY, build_encoder, make_inputs, reference_outputs, requires_sam2
+
+CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch")]
+requires_onnx = pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None
+    or importlib.util.find_spec("onnxscript") is None,
+    reason="onnx, onnxscript and onnxruntime are not installed",
+)
+
+
+def _assert_matches_reference(encoder, out, pix_feat, masks):
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)
+    verdict = judge(out["vision_features"].detach(), oracle["vision_features"], torch.float32)
+    assert verdict.passed, verdict.describe()
+    torch.testing.assert_close(out["vision_pos_enc"][0].detach(), oracle["vision_pos_enc"][0].float(),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_export_with_dynamic_batch(backend):
+    encoder = build_encoder(TINY, seed=61)
+    pix_feat, masks = make_inputs(TINY, 2, seed=62)
+    batch = Dim("batch", min=1, max=64)
+    with mf.use_backend(backend):
+        program = torch.export.export(encoder, (pix_feat, masks), dynamic_shapes=({0: batch}, {0: batch}))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("conv2d" in t for t in targets)
+    if backend == "torch":
+        assert any("layer_norm" in t for t in targets)  # the fused formulation, not sam2's op-by-op one
+    for size in (1, 3):
+        pix_feat, masks = make_inputs(TINY, size, seed=63 + size)
+        _assert_matches_reference(encoder, program.module()(pix_feat, masks), pix_feat, masks)
+
+
+def test_export_with_a_dynamic_mask_size_the_feature_size_cannot_follow_fails_clearly():
+    encoder = build_encoder(TINY, seed=64)
+    pix_feat, masks = make_inputs(TINY, 2, seed=65)
+    with mf.use_backend("torch"), pytest.raises(Exception, match="mask_height|specialized|Constraints"):
+        torch.export.export(encoder, (pix_feat, masks), dynamic_shapes=(None, {2: Dim("mask_height", min=16)}))
+
+
+def test_aot_inductor_package_runs(tmp_path):
+    encoder = build_encoder(TINY, seed=66)
+    pix_feat, masks = make_inputs(TINY, 2, seed=67)
+    with mf.use_backend("torch"):
+        program = torch.export.export(encoder, (pix_feat, masks))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "encoder.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    _assert_matches_reference(encoder, runner(pix_feat, masks), pix_feat, masks)
+
+
+def _onnx_round_trip(module, pix_feat, masks, path):
+    import onnxruntime
+
+    with torch.no_grad():
+        torch.onnx.export(module, (pix_feat, masks), dynamo=True).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    features, pos = session.run(None, {names[0]: pix_feat.numpy(), names[1]: masks.numpy()})
+    return {"vision_features": torch.from_numpy(features), "vision_pos_enc": [torch.from_numpy(pos)]}
+
+
+@requires_onnx
+@pytest.mark.parametrize("backend", ["auto"] + CPU_BACKENDS)
+def test_onnx_export_runs_in_onnxruntime(backend, tmp_path):
+    encoder = build_encoder(TINY, seed=68)
+    pix_feat, masks = make_inputs(TINY, 2, seed=69)
+    with mf.use_backend(backend):
+        out = _onnx_round_trip(encoder, pix_feat, masks, tmp_path / "encoder.onnx")
+    _assert_matches_reference(encoder, out, pix_feat, masks)
+
+
+@requires_onnx
+@requires_sam2
+def test_onnx_export_of_a_patched_sam2_memory_encoder(tmp_path):
+    from sam2.modeling import memory_encoder as sam2_me
+    from sam2.modeling import position_encoding as sam2_pe
+
+    original = sam2_me.MemoryEncoder(
+        16, sam2_me.MaskDownSampler(embed_dim=32, kernel_size=3, stride=2, padding=1),
+        sam2_me.Fuser(sam2_me.CXBlock(32), 2), sam2_pe.PositionEmbeddingSine(16), in_dim=32).eval()
+    mf.presets.randomize_parameters(original, seed=70)
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.memory_encoder = original
+    patched = mf.patch_sam2(holder)
+    pix_feat, masks = make_inputs(TINY, 2, seed=71)
+    out = _onnx_round_trip(patched, pix_feat, masks, tmp_path / "patched.onnx")
+    _assert_matches_reference(patched, out, pix_feat, masks)
