@@ -1,0 +1,1060 @@
+"""Compile every GPU kernel for real targets on any machine and report what the compiler made.
+
+``python -m memenc_fast kernels`` (or ``python -m memenc_fast.kernel_report``) builds each kernel
+that the ``triton`` and ``cuda`` backends launch for the SAM 2 shapes into a cubin for ``sm_80``
+(A100) and ``sm_90a`` (H100) without a GPU, then reads the cubins back with ``cuobjdump``:
+registers, local memory (spills), shared memory, and tensor-core instructions (``HGMMA`` =
+Hopper wgmma, ``HMMA`` = mma.sync). Next to those it prints the kernel's FLOPs and minimum bytes
+for the SAM 2 shape and the floor time they imply on an H100.
+
+Where the kernels come from
+---------------------------
+* **Triton**: every module of the package ``memenc_fast.kernels`` that defines
+  ``report_specs(batch: int, dtype: torch.dtype) -> list[TritonKernelSpec]``. Each spec is one
+  launch configuration; it is compiled with ``triton.compile`` for an explicit ``GPUTarget``,
+  with every pointer argument specialised as 16-byte aligned, as a launch on torch tensors is.
+  The compiles run in worker processes (``--jobs``), which also keeps them clear of
+  ``TRITON_INTERPRET``.
+* **CUDA**: every ``csrc/*.cu`` is compiled with ``nvcc -cubin -O3 -std=c++17`` per target (``-I
+  csrc`` and, when torch is installed, torch's include directories); each ``__global__``
+  function in the cubin is a row. Its name is demangled (``c++filt``) into a kernel name and
+  template arguments (the row's ``config``); a ``__nv_bfloat16``/``__half``/``float`` template
+  argument gives the row's dtype.
+
+  What the names mean comes from an optional sidecar ``csrc/kernels.json``::
+
+      {
+        "mask_path_kernel": {"hot": true, "matrix_work": false,
+                             "flops_per_object": 1170000000, "min_bytes_per_object": 2100000},
+        "proj_add_kernel<__nv_bfloat16>": {"hot": true, "matrix_work": true,
+                                           "flops_per_object": 1074000000,
+                                           "min_bytes_per_object": 4200000,
+                                           "dynamic_shared_bytes": 98304}
+      }
+
+  A key is a kernel name, or a kernel name with its template arguments exactly as the table
+  prints them (that entry wins); the name may leave out its namespaces. All keys of an entry
+  are optional: ``hot`` (bool, default true), ``matrix_work`` (bool, default false),
+  ``flops_per_object`` and ``min_bytes_per_object`` (int, per SAM 2 object: a row's figures are
+  these times the batch), ``dynamic_shared_bytes`` (int, what the launcher requests; added to the
+  static shared memory). A kernel without an entry shows "-" for FLOPs and bytes and is
+  treated as hot and not matrix work.
+
+The checks (``--strict`` turns them into a non-zero exit)
+---------------------------------------------------------
+* a kernel does not compile for a target;
+* a kernel that does matrix work, in bf16/fp16 on ``sm_90a``, has no tensor-core instruction;
+* a hot kernel uses local memory (``STACK``/``LOCAL`` bytes or ``STL``/``LDL`` instructions);
+* static + dynamic shared memory exceeds the target's per-block limit (``SHARED_LIMITS``), or
+  static shared memory exceeds the 48 KiB that needs no opt-in. Static is what the cubin
+  declares: on sm_90 that includes the 1 KiB the compiler reserves for the system in any kernel
+  that uses shared memory, so the check errs by at most that much on the strict side.
+
+A missing tool (triton, nvcc, cuobjdump, torch for the Triton specs) skips those rows with one
+line saying why; it is not a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernelSpec:
+    """One launch configuration of a Triton kernel, as the backend launches it for one shape.
+
+    ``signature`` maps each runtime argument to a Triton type string (``"*bf16"``, ``"*fp32"``,
+    ``"i32"``, ``"fp32"``); ``constexprs`` maps each ``tl.constexpr`` argument to its value. Every
+    argument of ``fn`` must be in exactly one of them. ``flops`` and ``min_bytes`` are the work and
+    the minimum memory traffic of this launch for the shape it was made for; ``matrix_work``
+    marks kernels that must run on tensor cores; ``hot`` marks kernels that must not spill.
+    ``aligned_ints`` names integer arguments whose launch values are multiples of 16 (shapes and
+    strides of the SAM 2 tensors), which Triton specialises on at launch.
+    """
+
+    kernel: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    config: str
+    matrix_work: bool
+    hot: bool
+    flops: int
+    min_bytes: int
+    aligned_ints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{self.kernel}: num_warps must be a power of two in 1..32, "
+                             f"got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"{self.kernel}: num_stages must be an int >= 1, "
+                             f"got {self.num_stages!r}")
+        for field in ("flops", "min_bytes"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{self.kernel}: {field} must be an int >= 0, got {value!r}")
+        both = set(self.signature) & set(self.constexprs)
+        if both:
+            raise ValueError(f"{self.kernel}: arguments {sorted(both)} are in both signature and "
+                             "constexprs; expected each in exactly one")
+        unknown = set(self.aligned_ints) - set(self.signature)
+        if unknown:
+            raise ValueError(f"{self.kernel}: aligned_ints {sorted(unknown)} are not runtime "
+                             f"arguments; expected names from {sorted(self.signature)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedLimit:
+    """Shared memory a block may use on one target, in bytes."""
+
+    static_max: int
+    per_block_max: int
+
+
+# Per-block limits (CUDA programming guide, compute capabilities table): static shared memory
+# stops at 48 KiB; beyond it a kernel opts in to dynamic shared memory up to per_block_max.
+SHARED_LIMITS: dict[str, SharedLimit] = {
+    "sm_80": SharedLimit(static_max=48 * 1024, per_block_max=166912),   # 163 KiB
+    "sm_90a": SharedLimit(static_max=48 * 1024, per_block_max=232448),  # 227 KiB
+}
+
+# H100 SXM rates the floors are computed with: bf16/fp16 measured on dense GEMMs (~80% of the
+# 989 TFLOP/s peak); fp32 with IEEE math runs on the CUDA cores (67 TFLOP/s peak, same ratio).
+H100_FLOPS: dict[str, float] = {"bf16": 790e12, "fp16": 790e12, "fp32": 54e12}
+H100_BYTES_PER_S: float = 3.0e12
+
+DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+TENSOR_CORE_OPS: tuple[str, ...] = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA")
+JSON_KEYS: tuple[str, ...] = (
+    "backend", "kernel", "target", "config", "registers", "spill_bytes", "shared_bytes",
+    "tensor_core_instructions", "flops", "min_bytes", "cubin",
+    # Beyond the required keys: what tells rows apart and what the checks read.
+    "batch", "dtype", "hot", "matrix_work", "local_instructions", "floor_us", "compile_seconds",
+    "error",
+)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceUsage:
+    """One function's line of ``cuobjdump --dump-resource-usage``."""
+
+    registers: int
+    stack: int
+    shared: int
+    local: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SassCounts:
+    """Instruction counts of one function's SASS that the report cares about."""
+
+    tensor_core: dict[str, int]
+    stl: int
+    ldl: int
+
+
+_FUNCTION_RE = re.compile(r"^\s*Function\s+(?::\s*)?(\S+?):?\s*$")
+_USAGE_RE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+# An instruction line: "/*0a20*/  @!P0 HGMMA.64x64x16.F32.BF16 R24, ... ;"
+_SASS_INSN_RE = re.compile(r"^\s*/\*[0-9a-fA-F]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_SASS_FUNCTION_RE = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
+
+
+def parse_resource_usage(text: str) -> dict[str, ResourceUsage]:
+    """Parse ``cuobjdump --dump-resource-usage`` output into ``{mangled name: usage}``.
+
+    Raises ``ValueError`` when a ``Function`` header is not followed by its usage line.
+    """
+    result: dict[str, ResourceUsage] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        header = _FUNCTION_RE.match(line)
+        if not header:
+            continue
+        fields = dict(_USAGE_RE.findall(lines[i + 1])) if i + 1 < len(lines) else {}
+        if "REG" not in fields:
+            raise ValueError(f"resource usage of {header.group(1)}: expected a line with "
+                             f"REG:/STACK:/SHARED:/LOCAL:, got {lines[i + 1:i + 2]!r}")
+        result[header.group(1)] = ResourceUsage(
+            registers=int(fields["REG"]), stack=int(fields.get("STACK", 0)),
+            shared=int(fields.get("SHARED", 0)), local=int(fields.get("LOCAL", 0)))
+    return result
+
+
+def parse_sass(text: str) -> dict[str, SassCounts]:
+    """Count tensor-core and local-memory instructions per function in ``cuobjdump -sass`` text."""
+    counts: dict[str, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    for line in text.splitlines():
+        header = _SASS_FUNCTION_RE.match(line)
+        if header:
+            current = counts.setdefault(header.group(1), {})
+            continue
+        insn = _SASS_INSN_RE.match(line)
+        if insn and current is not None:
+            op = insn.group(1)
+            current[op] = current.get(op, 0) + 1
+    return {
+        name: SassCounts(
+            tensor_core={op: ops[op] for op in TENSOR_CORE_OPS if ops.get(op)},
+            stl=ops.get("STL", 0), ldl=ops.get("LDL", 0))
+        for name, ops in counts.items()
+    }
+
+
+def _matching_open(text: str, close_index: int, open_char: str, close_char: str) -> int:
+    """Index of the bracket that opens the one at ``close_index`` (-1 when unbalanced)."""
+    depth = 0
+    for i in range(close_index, -1, -1):
+        if text[i] == close_char:
+            depth += 1
+        elif text[i] == open_char:
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def split_kernel_name(symbol: str) -> tuple[str, str]:
+    """Split a (demangled) kernel symbol into ``(name, template arguments)``.
+
+    ``"void ns::k<__nv_bfloat16, 4>(float const*, int)"`` gives ``("ns::k", "__nv_bfloat16, 4")``;
+    an ``extern "C"`` name comes back as it is with ``""``. A still-mangled ``_Z`` name (no
+    ``c++filt``) gives its plain identifier and the full symbol as the template text, so two
+    instantiations stay apart.
+    """
+    if symbol.startswith("_Z"):
+        parts = []
+        rest = symbol[3:] if symbol.startswith("_ZN") else symbol[2:]
+        while (m := re.match(r"(\d+)", rest)) is not None:
+            n = int(m.group(1))
+            start = len(m.group(1))
+            parts.append(rest[start:start + n])
+            rest = rest[start + n:]
+        return ("::".join(parts) or symbol), symbol
+    name = symbol.strip()
+    if name.endswith(")"):
+        name = name[:_matching_open(name, len(name) - 1, "(", ")")].rstrip()
+    template = ""
+    if name.endswith(">"):
+        open_at = _matching_open(name, len(name) - 1, "<", ">")
+        template = name[open_at + 1:-1].strip()
+        name = name[:open_at]
+    return name.split(" ")[-1], template
+
+
+def dtype_of_template(template: str) -> str:
+    """The storage dtype a CUDA template instantiation names, or ``"-"``.
+
+    Low-precision types win over ``float``, which often names only the accumulator.
+    """
+    if re.search(r"\b(__)?nv_bfloat16\b", template):
+        return "bf16"
+    if re.search(r"\b(__)?half\b", template):
+        return "fp16"
+    if re.search(r"\bfloat\b", template):
+        return "fp32"
+    return "-"
+
+
+def demangle(symbols: Sequence[str]) -> dict[str, str]:
+    """Demangle symbols with ``c++filt`` when it exists; otherwise map each to itself."""
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not symbols:
+        return {s: s for s in symbols}
+    out = subprocess.run([cxxfilt], input="\n".join(symbols) + "\n", capture_output=True,
+                         text=True, check=False).stdout.splitlines()
+    if len(out) != len(symbols):
+        return {s: s for s in symbols}
+    return dict(zip(symbols, out))
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def _module_origin(name: str) -> Path | None:
+    """Where an installed top-level module lives, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ValueError:  # sys.modules[name] is None: the module is deliberately blocked
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin is not None else None
+
+
+def _triton_bin_dir() -> Path | None:
+    """The triton wheel's bundled CUDA tools (found without importing triton)."""
+    origin = _module_origin("triton")
+    if origin is None:
+        return None
+    path = origin.parent / "backends" / "nvidia" / "bin"
+    return path if path.is_dir() else None
+
+
+def cuda_roots(nvcc: str | None) -> list[Path]:
+    """CUDA toolkit roots to look in: $CUDA_HOME, $CUDA_PATH, nvcc's, /usr/local/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    roots.append("/usr/local/cuda")
+    return [Path(r) for r in dict.fromkeys(r for r in roots if r)]
+
+
+def find_nvcc() -> str | None:
+    """``nvcc`` on PATH or in ``$CUDA_HOME/bin``."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in cuda_roots(None):
+        if (root / "bin" / "nvcc").is_file():
+            return str(root / "bin" / "nvcc")
+    return None
+
+
+def find_cuobjdump(prefer_triton: bool, nvcc: str | None = None) -> str | None:
+    """A ``cuobjdump`` that can read the cubins at hand.
+
+    Triton's cubins come from the ptxas inside its wheel, so its own cuobjdump (same toolkit)
+    goes first for them; nvcc's cubins prefer the toolkit of that nvcc. Either falls back to the
+    other and to PATH.
+    """
+    toolkit = [root / "bin" / "cuobjdump" for root in cuda_roots(nvcc)]
+    triton_bin = _triton_bin_dir()
+    wheel = [triton_bin / "cuobjdump"] if triton_bin else []
+    on_path = shutil.which("cuobjdump")
+    candidates = (wheel + toolkit if prefer_triton else toolkit + wheel)
+    candidates += [Path(on_path)] if on_path else []
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _run_tool(cmd: Sequence[str], timeout: float = 300) -> str:
+    """Run a tool and return stdout; a failure raises with the tool's first error line."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(_first_error_line(proc.stderr or proc.stdout)
+                           or f"{Path(cmd[0]).name} exited with {proc.returncode}")
+    return proc.stdout
+
+
+def _first_error_line(text: str) -> str:
+    """The most telling single line of a compiler's error output."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return line
+    return lines[-1] if lines else ""
+
+
+def inspect_cubin(cuobjdump: str, cubin: Path) -> tuple[dict[str, ResourceUsage],
+                                                        dict[str, SassCounts]]:
+    """Resource usage and SASS counts of every function in a cubin."""
+    usage = parse_resource_usage(_run_tool([cuobjdump, "--dump-resource-usage", str(cubin)]))
+    sass = parse_sass(_run_tool([cuobjdump, "-sass", str(cubin)]))
+    return usage, sass
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclasses.dataclass
+class Row:
+    """One kernel configuration on one target for one (batch, dtype)."""
+
+    backend: str
+    kernel: str
+    target: str
+    config: str
+    batch: int | None
+    dtype: str
+    hot: bool
+    matrix_work: bool
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    static_shared_bytes: int | None = None
+    tensor_core_instructions: dict[str, int] = dataclasses.field(default_factory=dict)
+    local_instructions: dict[str, int] = dataclasses.field(default_factory=dict)
+    flops: int | None = None
+    min_bytes: int | None = None
+    cubin: str | None = None
+    compile_seconds: float | None = None
+    error: str | None = None
+
+    @property
+    def floor_us(self) -> float | None:
+        """Floor time on an H100 in µs: the slower of compute and memory traffic."""
+        if self.flops is None or self.min_bytes is None:
+            return None
+        flops_rate = H100_FLOPS.get(self.dtype, H100_FLOPS["bf16"])
+        return max(self.flops / flops_rate, self.min_bytes / H100_BYTES_PER_S) * 1e6
+
+    def record(self) -> dict[str, Any]:
+        """The row as a JSON record with the keys in ``JSON_KEYS``."""
+        values = dataclasses.asdict(self)
+        values["floor_us"] = self.floor_us
+        return {key: values[key] for key in JSON_KEYS}
+
+
+@dataclasses.dataclass
+class Report:
+    """Rows plus one-line reasons for whatever could not be reported."""
+
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to compile (targets, SAM 2 batch sizes, dtypes), from where, into where, how wide."""
+
+    targets: tuple[str, ...]
+    batches: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    cubin_dir: Path
+    csrc_dir: Path
+    jobs: int = 1
+
+
+def _apply_usage(row: Row, usage: ResourceUsage | None, sass: SassCounts | None,
+                 dynamic_shared: int) -> None:
+    if usage is None or sass is None:
+        row.error = "function missing from cuobjdump output"
+        return
+    row.registers = usage.registers
+    # STACK holds spilled registers and local arrays alike: both are local-memory traffic.
+    row.spill_bytes = usage.stack + usage.local
+    row.static_shared_bytes = usage.shared
+    row.shared_bytes = usage.shared + dynamic_shared
+    row.tensor_core_instructions = dict(sass.tensor_core)
+    row.local_instructions = {"STL": sass.stl, "LDL": sass.ldl}
+
+
+# ----------------------------------------------------------------------------- triton
+#
+# Triton kernels compile in child processes, in parallel (see report_triton), with
+# TRITON_INTERPRET removed from their environment: a process that imported triton in
+# interpreter mode (the tests do, on a CPU) holds interpreter objects even for triton.language's
+# own @jit functions (tl.max, tl.sum, ...), and those cannot be compiled.
+
+_WORKER_TIMEOUT_S = 1800
+
+
+def _triton_fn(fn: object) -> Any:
+    """The JITFunction under ``@triton.autotune``/``@triton.heuristics`` wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}")
+    return fn
+
+
+def _ast_source(spec: TritonKernelSpec) -> Any:
+    """``ASTSource`` for a spec; its signature form is the same in triton 3.6 and 3.9."""
+    from triton.compiler import ASTSource
+
+    fn = _triton_fn(spec.fn)
+    names = list(fn.arg_names)
+    extra = (set(spec.signature) | set(spec.constexprs)) - set(names)
+    if extra:
+        raise ValueError(f"arguments {sorted(extra)} are not parameters of {fn.__name__}; "
+                         f"expected names from {names}")
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    for index, name in enumerate(names):
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+        elif name in spec.signature:
+            signature[name] = spec.signature[name]
+            if spec.signature[name].startswith("*") or name in spec.aligned_ints:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            raise ValueError(f"argument {name!r} of {fn.__name__} has neither a type in "
+                             "signature nor a value in constexprs")
+    return ASTSource(fn, signature, dict(spec.constexprs), attrs)
+
+
+def _spec_key(spec: TritonKernelSpec, target: str) -> str:
+    """Identity of a compile: B=1 and B=64 often launch the very same configuration."""
+    fn = spec.fn
+    # JITFunction, Autotuner and Heuristics all keep what they wrap in .fn; the plain Python
+    # function at the bottom names the kernel the same way in every run.
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), target,
+                 sorted(spec.signature.items()),
+                 sorted((k, repr(v)) for k, v in spec.constexprs.items()), spec.num_warps,
+                 spec.num_stages, sorted(spec.aligned_ints)))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _compile_triton(spec: TritonKernelSpec, target: str, cubin_dir: Path,
+                    cuobjdump: str) -> Row:
+    """Compile one spec for one target into a row without batch/dtype."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(backend="triton", kernel=spec.kernel, target=target, config=spec.config,
+              batch=None, dtype="-", hot=spec.hot, matrix_work=spec.matrix_work)
+    capability = int(re.fullmatch(r"sm_(\d+)a?", target).group(1))  # type: ignore[union-attr]
+    started = time.perf_counter()
+    try:
+        compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": spec.num_warps,
+                                           "num_stages": spec.num_stages})
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is this row's result
+        message = _first_error_line(str(exc)) or repr(exc)
+        row.error = f"{type(exc).__name__}: {message}"
+        return row
+    row.compile_seconds = time.perf_counter() - started
+    name = f"triton_{spec.kernel}_{target}_{_spec_key(spec, target)}.cubin"
+    (cubin_dir / name).write_bytes(compiled.asm["cubin"])
+    row.cubin = name
+    try:
+        usage, sass = inspect_cubin(cuobjdump, cubin_dir / name)
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        row.error = f"cuobjdump: {exc}"
+        return row
+    symbol = compiled.metadata.name
+    _apply_usage(row, usage.get(symbol), sass.get(symbol), int(compiled.metadata.shared))
+    return row
+
+
+def _error_row(kernel: str, error: str, batch: int | None = None, dtype: str = "-") -> Row:
+    return Row(backend="triton", kernel=kernel, target="-", config="-", batch=batch,
+               dtype=dtype, hot=True, matrix_work=False, error=error)
+
+
+def _kernel_modules(report: Report, discover: bool,
+                    extra_modules: Sequence[Path]) -> list[ModuleType]:
+    """The modules to report: ``memenc_fast.kernels``'s with ``report_specs``, then the extras.
+
+    A module that fails to import becomes an error row: on the GPU machine it would fail too.
+    """
+    modules: list[ModuleType] = []
+    if discover:
+        try:
+            package = importlib.import_module("memenc_fast.kernels")
+        except ImportError as exc:
+            report.skipped.append(f"no Triton kernels registered: memenc_fast.kernels is not "
+                                  f"importable ({exc})")
+        else:
+            for info in pkgutil.iter_modules(package.__path__, prefix=package.__name__ + "."):
+                try:
+                    modules.append(importlib.import_module(info.name))
+                except Exception as exc:  # noqa: BLE001 - a broken kernel module is a finding
+                    report.rows.append(_error_row(info.name, f"import failed: "
+                                                  f"{type(exc).__name__}: {exc}"))
+    for path in extra_modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"expected a Python file for an extra kernel module, got {path}")
+        module = importlib.util.module_from_spec(spec)
+        # Registered so that triton (inspect, the cache key) finds the module like any other.
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return [m for m in modules if callable(getattr(m, "report_specs", None))]
+
+
+def _compile_modules(options: Options, report: Report, modules: Sequence[ModuleType],
+                     cuobjdump: str, compiled: dict[str, Row]) -> None:
+    """Rows for every spec of ``modules`` (a worker's job); ``compiled`` memoizes compiles."""
+    import torch
+
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for module in modules:
+        for batch in options.batches:
+            for dtype in options.dtypes:
+                try:
+                    specs = list(module.report_specs(batch, torch_dtypes[dtype]))
+                except Exception as exc:  # noqa: BLE001 - a broken spec list is a finding
+                    report.rows.append(_error_row(module.__name__, f"report_specs failed: "
+                                                  f"{type(exc).__name__}: {exc}", batch, dtype))
+                    continue
+                for spec in specs:
+                    for target in options.targets:
+                        key = _spec_key(spec, target)
+                        if key not in compiled:
+                            compiled[key] = _compile_triton(spec, target, options.cubin_dir,
+                                                            cuobjdump)
+                        report.rows.append(dataclasses.replace(
+                            compiled[key], kernel=spec.kernel, config=spec.config, batch=batch,
+                            dtype=dtype, hot=spec.hot, matrix_work=spec.matrix_work,
+                            flops=spec.flops, min_bytes=spec.min_bytes))
+
+
+def triton_worker(task_file: str) -> None:
+    """Child-process entry: compile what the JSON task in ``task_file`` names, write the result.
+
+    The task holds ``units`` (``[target, dtype]`` pairs), ``batches``, ``cubin_dir``,
+    ``discover``, ``extra_modules`` (file paths), ``cuobjdump``, ``sys_path`` and ``result``
+    (where the rows go, as JSON).
+    """
+    task = json.loads(Path(task_file).read_text())
+    report = Report()
+    modules = _kernel_modules(report, task["discover"], [Path(p) for p in task["extra_modules"]])
+    compiled: dict[str, Row] = {}
+    for target, dtype in task["units"] if modules else []:
+        options = Options(targets=(target,), batches=tuple(task["batches"]), dtypes=(dtype,),
+                          cubin_dir=Path(task["cubin_dir"]), csrc_dir=Path(task["cubin_dir"]))
+        _compile_modules(options, report, modules, task["cuobjdump"], compiled)
+    if not modules and not report.skipped:
+        report.skipped.append("no Triton kernels registered")
+    Path(task["result"]).write_text(json.dumps({
+        "rows": [dataclasses.asdict(row) for row in report.rows], "skipped": report.skipped,
+        "compile_seconds": [r.compile_seconds for r in compiled.values()
+                            if r.compile_seconds is not None]}))
+
+
+# The child takes this process's sys.path first, so it imports the very same memenc_fast (a
+# checkout run from its root, an editable install, or an installed copy) and kernel modules.
+_WORKER_CODE = ("import json, sys; sys.path[:] = json.load(open(sys.argv[1]))['sys_path']; "
+                "from memenc_fast.kernel_report import triton_worker; triton_worker(sys.argv[1])")
+
+
+def _kernels_package_missing(report: Report) -> bool:
+    """Whether ``memenc_fast.kernels`` cannot be found; says so in ``report`` if so.
+
+    Checked here so that no worker process starts only to find nothing.
+    """
+    try:
+        if importlib.util.find_spec("memenc_fast.kernels") is not None:
+            return False
+        reason = "No module named 'memenc_fast.kernels'"
+    except ImportError as exc:
+        reason = str(exc)
+    report.skipped.append(f"no Triton kernels registered: memenc_fast.kernels is not importable "
+                          f"({reason})")
+    return True
+
+
+def report_triton(options: Options, report: Report, extra_modules: Sequence[Path] = (),
+                  discover: bool = True) -> None:
+    """Add a row per Triton spec, target, batch and dtype to ``report``.
+
+    ``discover`` reports the modules of ``memenc_fast.kernels``; ``extra_modules`` are Python
+    files with a ``report_specs`` reported beside them. The (target, dtype) pairs are shared
+    out among ``options.jobs`` worker processes; B=1 and B=64 of one pair share a worker, so a
+    configuration both launch compiles once.
+    """
+    if not discover and not extra_modules:
+        return
+    if _module_origin("triton") is None:
+        report.skipped.append("Triton rows skipped: triton is not installed")
+        return
+    if _module_origin("torch") is None:
+        report.skipped.append("Triton rows skipped: torch is not installed "
+                              "(report_specs takes a torch.dtype)")
+        return
+    cuobjdump = find_cuobjdump(prefer_triton=True)
+    if cuobjdump is None:
+        report.skipped.append("Triton rows skipped: cuobjdump not found (triton wheel, CUDA "
+                              "toolkit, PATH)")
+        return
+    if discover and _kernels_package_missing(report):
+        discover = False
+        if not extra_modules:
+            return
+    units = [[target, dtype] for target in options.targets for dtype in options.dtypes]
+    jobs = max(1, min(options.jobs, len(units)))
+    started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="memenc-triton-") as scratch:
+        workers = []
+        for index in range(jobs):
+            task = {"units": units[index::jobs], "batches": list(options.batches),
+                    "cubin_dir": str(options.cubin_dir), "discover": discover,
+                    "extra_modules": [str(p) for p in extra_modules], "cuobjdump": cuobjdump,
+                    "sys_path": sys.path, "result": str(Path(scratch) / f"{index}.json")}
+            task_file = Path(scratch) / f"{index}.task.json"
+            task_file.write_text(json.dumps(task))
+            log = open(Path(scratch) / f"{index}.log", "w+")  # noqa: SIM115 - closed below
+            workers.append((task, log, subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CODE, str(task_file)], stdout=log,
+                stderr=subprocess.STDOUT, env=env)))
+        seconds: list[float] = []
+        for task, log, proc in workers:
+            try:
+                code = proc.wait(timeout=_WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            log.seek(0)
+            output = log.read()
+            log.close()
+            if code != 0 or not Path(task["result"]).is_file():
+                what = ", ".join(f"{t} {d}" for t, d in task["units"])
+                report.rows.append(_error_row(
+                    "(worker)", f"Triton compile worker for {what} exited with {code}: "
+                    f"{_first_error_line(output) or 'no output'}"))
+                continue
+            seconds += _merge_worker_result(report, json.loads(Path(task["result"]).read_text()))
+    if seconds:
+        report.notes.append(
+            f"triton {_version('triton')}: {len(seconds)} compiles, {sum(seconds):.1f} s "
+            f"({sum(seconds) / len(seconds):.2f} s each) in {jobs} processes, "
+            f"{time.perf_counter() - started:.1f} s wall")
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _merge_worker_result(report: Report, result: dict[str, Any]) -> list[float]:
+    """Add a worker's rows; what every worker says alike (skips, import errors) comes once.
+
+    Returns the worker's compile times.
+    """
+    for row in (Row(**fields) for fields in result["rows"]):
+        if row.target == "-" and row.batch is None and row in report.rows:
+            continue
+        report.rows.append(row)
+    for line in result["skipped"]:
+        if line not in report.skipped:
+            report.skipped.append(line)
+    return list(result["compile_seconds"])
+
+
+# ----------------------------------------------------------------------------- cuda
+
+
+_SIDECAR_TYPES: dict[str, type] = {
+    "hot": bool, "matrix_work": bool, "flops_per_object": int, "min_bytes_per_object": int,
+    "dynamic_shared_bytes": int,
+}
+
+
+def load_sidecar(path: Path) -> dict[str, dict[str, Any]]:
+    """Read and check ``csrc/kernels.json`` (format in the module docstring); ``{}`` if absent."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected an object mapping kernel names to entries, "
+                         f"got {type(data).__name__}")
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path.name}: entry {name!r}: expected an object, "
+                             f"got {type(entry).__name__}")
+        for key, value in entry.items():
+            expected = _SIDECAR_TYPES.get(key)
+            if expected is None:
+                raise ValueError(f"{path.name}: entry {name!r}: unknown key {key!r}; expected "
+                                 f"one of {sorted(_SIDECAR_TYPES)}")
+            # bool is an int in Python: a flag given where a count belongs is a mistake.
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"{path.name}: entry {name!r}: {key} must be "
+                                 f"{expected.__name__}, got {value!r}")
+    return data
+
+
+def _nvcc_command(nvcc: str, source: Path, cubin: Path, target: str) -> list[str]:
+    arch = target.removeprefix("sm_")
+    includes = ["-I", str(source.parent)]
+    torch_origin = _module_origin("torch")
+    if torch_origin is not None:
+        # A binding file may include torch's (stable ABI) headers; kernel files ignore them.
+        torch_include = torch_origin.parent / "include"
+        includes += ["-I", str(torch_include),
+                     "-I", str(torch_include / "torch" / "csrc" / "api" / "include")]
+    return [nvcc, "-cubin", "-O3", "-std=c++17",
+            "-gencode", f"arch=compute_{arch},code=sm_{arch}", *includes,
+            str(source), "-o", str(cubin)]
+
+
+def report_cuda(options: Options, report: Report) -> None:
+    """Add a row per ``__global__`` function of ``csrc/*.cu``, target and batch to ``report``."""
+    sources = sorted(options.csrc_dir.glob("*.cu")) if options.csrc_dir.is_dir() else []
+    if not sources:
+        report.skipped.append(f"no CUDA kernels: no .cu files in {options.csrc_dir.name}/")
+        return
+    nvcc = find_nvcc()
+    if nvcc is None:
+        report.skipped.append("CUDA rows skipped: nvcc not found on PATH or in $CUDA_HOME/bin")
+        return
+    cuobjdump = find_cuobjdump(prefer_triton=False, nvcc=nvcc)
+    if cuobjdump is None:
+        report.skipped.append("CUDA rows skipped: cuobjdump not found (CUDA toolkit, PATH, "
+                              "triton wheel)")
+        return
+    sidecar = load_sidecar(options.csrc_dir / "kernels.json")
+
+    def build(job: tuple[Path, str]) -> tuple[Path, float | None, str | None]:
+        source, target = job
+        cubin = options.cubin_dir / f"cuda_{source.stem}_{target}.cubin"
+        started = time.perf_counter()
+        try:
+            _run_tool(_nvcc_command(nvcc, source, cubin, target))
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            return cubin, None, str(exc)
+        return cubin, time.perf_counter() - started, None
+
+    jobs = [(source, target) for source in sources for target in options.targets]
+    started = time.perf_counter()
+    # nvcc runs as its own process: threads are enough to keep every core busy.
+    with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+        built = list(pool.map(build, jobs))
+    wall = time.perf_counter() - started
+    for (source, target), (cubin, seconds, error) in zip(jobs, built):
+        try:
+            if error is not None:
+                raise RuntimeError(error)
+            usage, sass = inspect_cubin(cuobjdump, cubin)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            report.rows.append(Row(backend="cuda", kernel=source.name, target=target,
+                                   config="-", batch=None, dtype="-", hot=True,
+                                   matrix_work=False, error=str(exc)))
+            continue
+        names = demangle(sorted(usage))
+        for symbol in sorted(usage, key=lambda s: names[s]):
+            rows = _cuda_rows(symbol, names[symbol], target, cubin.name, usage[symbol],
+                              sass.get(symbol), sidecar, options)
+            for row in rows:
+                row.compile_seconds = seconds  # the whole file's nvcc time
+            report.rows.extend(rows)
+    times = [seconds for _, seconds, _ in built if seconds is not None]
+    if times:
+        report.notes.append(f"nvcc: {len(times)} compiles, {sum(times):.1f} s "
+                            f"({sum(times) / len(times):.2f} s each), {wall:.1f} s wall")
+
+
+def _cuda_rows(symbol: str, demangled: str, target: str, cubin: str, usage: ResourceUsage,
+               sass: SassCounts | None, sidecar: dict[str, dict[str, Any]],
+               options: Options) -> list[Row]:
+    kernel, template = split_kernel_name(demangled)
+    dtype = dtype_of_template(template)
+    if dtype != "-" and dtype not in options.dtypes:
+        return []
+    unqualified = kernel.rsplit("::", 1)[-1]
+    meta = next((sidecar[key] for key in (f"{kernel}<{template}>", kernel,
+                                          f"{unqualified}<{template}>", unqualified)
+                 if key in sidecar), {})
+    rows = []
+    for batch in options.batches:
+        row = Row(backend="cuda", kernel=kernel, target=target, config=template or "-",
+                  batch=batch, dtype=dtype, hot=meta.get("hot", True),
+                  matrix_work=meta.get("matrix_work", False), cubin=cubin)
+        if "flops_per_object" in meta:
+            row.flops = meta["flops_per_object"] * batch
+        if "min_bytes_per_object" in meta:
+            row.min_bytes = meta["min_bytes_per_object"] * batch
+        _apply_usage(row, usage, sass, meta.get("dynamic_shared_bytes", 0))
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- checks, output
+
+
+def violations(rows: Iterable[Row]) -> list[str]:
+    """One line per broken CI rule (see the module docstring)."""
+    found = []
+    for row in rows:
+        where = (f"{row.backend} {row.kernel} [{row.config}] {row.target} "
+                 f"B={row.batch if row.batch is not None else '-'} {row.dtype}")
+        if row.error is not None:
+            found.append(f"does not compile: {where}: {row.error}")
+            continue
+        if (row.matrix_work and row.target == "sm_90a" and row.dtype in ("bf16", "fp16")
+                and not row.tensor_core_instructions):
+            found.append(f"no tensor-core instruction: {where}: expected HGMMA or HMMA in a "
+                         "matrix-work kernel, found none")
+        local_insns = sum(row.local_instructions.values())
+        if row.hot and ((row.spill_bytes or 0) > 0 or local_insns > 0):
+            found.append(f"hot kernel spills: {where}: {row.spill_bytes} bytes of local memory "
+                         f"per thread, STL {row.local_instructions.get('STL', 0)} / "
+                         f"LDL {row.local_instructions.get('LDL', 0)}; expected none")
+        limit = SHARED_LIMITS[row.target]
+        if row.shared_bytes is not None and row.shared_bytes > limit.per_block_max:
+            found.append(f"shared memory over the limit: {where}: {row.shared_bytes} bytes per "
+                         f"block, limit {limit.per_block_max}")
+        if row.static_shared_bytes is not None and row.static_shared_bytes > limit.static_max:
+            found.append(f"static shared memory over the limit: {where}: "
+                         f"{row.static_shared_bytes} bytes, limit {limit.static_max} without "
+                         "opt-in")
+    return found
+
+
+def _human(value: float | None, unit: str) -> str:
+    """``11.6G``-style text with three significant digits; ``-`` for unknown."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{prefix}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def _microseconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}us" if value >= 100 else f"{value:.3g}us"
+
+
+def sort_rows(rows: Sequence[Row]) -> list[Row]:
+    """Rows by backend, batch and dtype, kernels in the order they came, targets together."""
+    first_seen: dict[tuple[str, str], int] = {}
+    for row in rows:
+        first_seen.setdefault((row.backend, row.kernel), len(first_seen))
+    return sorted(rows, key=lambda r: (r.backend, r.batch or 0, r.dtype,
+                                       first_seen[(r.backend, r.kernel)], r.config, r.target))
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The report as an aligned text table."""
+    header = ("backend", "kernel", "target", "B", "dtype", "config", "regs", "spill",
+              "smem", "tensor cores", "FLOPs", "min bytes", "floor")
+    lines = [header]
+    for row in rows:
+        if row.error is not None:
+            lines.append((row.backend, row.kernel, row.target, str(row.batch or "-"), row.dtype,
+                          row.config, "ERROR", row.error[:60], "", "", "", "", ""))
+            continue
+        tensor = " ".join(f"{op}:{n}" for op, n in row.tensor_core_instructions.items()) or "-"
+        spill = str(row.spill_bytes)
+        if row.spill_bytes or sum(row.local_instructions.values()):
+            spill += (f" (STL {row.local_instructions.get('STL', 0)}/"
+                      f"LDL {row.local_instructions.get('LDL', 0)})")
+        lines.append((row.backend, row.kernel, row.target, str(row.batch or "-"), row.dtype,
+                      row.config, str(row.registers), spill, str(row.shared_bytes), tensor,
+                      _human(row.flops, ""), _human(row.min_bytes, "B"),
+                      _microseconds(row.floor_us)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def _csv(value: str, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"--{what}: expected a comma-separated list, got "
+                                         f"{value!r}")
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"--{what}: expected values from "
+                                             f"{', '.join(allowed)}, got {', '.join(bad)}")
+    return items
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return _csv(value, "targets", tuple(SHARED_LIMITS))
+
+
+def _dtypes(value: str) -> tuple[str, ...]:
+    return _csv(value, "dtypes", DTYPES)
+
+
+def _batches(value: str) -> tuple[int, ...]:
+    items = _csv(value, "batches")
+    if not all(v.isdigit() and int(v) > 0 for v in items):
+        raise argparse.ArgumentTypeError(f"--batches: expected positive integers, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``kernels`` subcommand's options on ``parser``."""
+    parser.add_argument("--json", metavar="FILE", type=Path,
+                        help="write one JSON record per row to FILE")
+    parser.add_argument("--cubin-dir", metavar="DIR", type=Path,
+                        help="keep the compiled cubins in DIR")
+    parser.add_argument("--targets", type=_targets, default=("sm_80", "sm_90a"),
+                        help="comma-separated GPU targets (default: sm_80,sm_90a)")
+    parser.add_argument("--batches", type=_batches, default=(1, 64),
+                        help="comma-separated SAM 2 batch sizes (default: 1,64)")
+    parser.add_argument("--dtypes", type=_dtypes, default=DTYPES,
+                        help="comma-separated dtypes (default: bf16,fp16,fp32)")
+    parser.add_argument("--csrc", metavar="DIR", type=Path, default=_REPO_ROOT / "csrc",
+                        help="directory of the CUDA sources (default: the repository's csrc/)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes at once (default: the CPU count)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a kernel breaks a CI rule (each printed on one line)")
+
+
+def collect(options: Options, extra_modules: Sequence[Path] = (),
+            discover: bool = True) -> Report:
+    """Compile and inspect everything (see ``report_triton`` for the two module arguments)."""
+    report = Report()
+    report_triton(options, report, extra_modules, discover)
+    report_cuda(options, report)
+    return report
+
+
+def run(args: argparse.Namespace, extra_modules: Sequence[Path] = (),
+        discover: bool = True) -> int:
+    """Run the report for parsed arguments; returns the process exit code.
+
+    ``extra_modules`` and ``discover`` let tests report their own kernels alone.
+    """
+    with tempfile.TemporaryDirectory(prefix="memenc-cubins-") as scratch:
+        cubin_dir = Path(args.cubin_dir) if args.cubin_dir else Path(scratch)
+        cubin_dir.mkdir(parents=True, exist_ok=True)
+        options = Options(targets=tuple(args.targets), batches=tuple(args.batches),
+                          dtypes=tuple(args.dtypes), cubin_dir=cubin_dir,
+                          csrc_dir=Path(args.csrc), jobs=args.jobs)
+        try:
+            report = collect(options, extra_modules, discover)
+        except (ValueError, json.JSONDecodeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    rows = sort_rows(report.rows)
+    for line in report.skipped:
+        print(line)
+    if rows:
+        print(format_table(rows))
+    for line in report.notes:
+        print(line)
+    found = violations(rows)
+    for line in found:
+        print(f"VIOLATION {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([row.record() for row in rows], indent=1) + "\n")
+    return 1 if (found and args.strict) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m memenc_fast.kernel_report``."""
+    parser = argparse.ArgumentParser(prog="python -m memenc_fast.kernel_report",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The kernel report: parsing of cuobjdump text, real Triton and nvcc compiles, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memenc_fast import kernel_report as kr
+
+HERE = Path(__file__).resolve().parent
+KERNEL_REPORT_PY = HERE.parent / "memenc_fast" / "kernel_report.py"
+
+RESOURCE_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z11smem_kernelPf:
+  REG:12 STACK:0 SHARED:5120 LOCAL:0 CONSTANT[0]:536 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z12spill_kernelIfEvPKT_PS0_i:
+  REG:32 STACK:1048 SHARED:0 LOCAL:8 CONSTANT[0]:548 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function add_one:
+  REG:8 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:540 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS = """
+\tcode for sm_90a
+\t\tFunction : dot_kernel
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                /* 0x00000a00ff017b82 */
+                                                                         /* 0x000fe20000000800 */
+        /*0770*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4].tnspB, RZ, !UPT ;
+        /*07c0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4].tnspB, R24, gsb0 ;
+        /*07d0*/                   LDSM.16.M88.4 R4, [R2] ;
+        /*07e0*/                   EXIT ;
+\t\t..........
+
+\t\tFunction : spill_kernel
+        /*0220*/                   STL [R1+0x410], R24 ;
+        /*0230*/              @!P0 STL.64 [R1+0x40c], R20 ;
+        /*0240*/               @P1 LDL R3, [R1+0x10] ;
+        /*0250*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0260*/                   BRA 0x260 ;
+"""
+
+
+def test_parse_resource_usage() -> None:
+    usage = kr.parse_resource_usage(RESOURCE_USAGE)
+    assert sorted(usage) == ["_Z11smem_kernelPf", "_Z12spill_kernelIfEvPKT_PS0_i", "add_one"]
+    assert usage["_Z11smem_kernelPf"] == kr.ResourceUsage(registers=12, stack=0, shared=5120,
+                                                          local=0)
+    assert usage["_Z12spill_kernelIfEvPKT_PS0_i"] == kr.ResourceUsage(registers=32, stack=1048,
+                                                                     shared=0, local=8)
+
+
+def test_parse_resource_usage_rejects_truncated_text() -> None:
+    with pytest.raises(ValueError, match="expected a line with REG"):
+        kr.parse_resource_usage(" Function add_one:\n")
+
+
+def test_parse_sass_counts_per_function() -> None:
+    counts = kr.parse_sass(SASS)
+    assert counts["dot_kernel"] == kr.SassCounts(tensor_core={"HGMMA": 2}, stl=0, ldl=0)
+    # Predicated and widened forms count; LDSM is not a local load.
+    assert counts["spill_kernel"] == kr.SassCounts(tensor_core={"HMMA": 1}, stl=2, ldl=1)
+
+
+@pytest.mark.parametrize(("symbol", "expected"), [
+    ("void ns::mlp<__nv_bfloat16, 4>(float const*, int)", ("ns::mlp", "__nv_bfloat16, 4")),
+    ("void k<std::pair<int, int> >(float*)", ("k", "std::pair<int, int>")),
+    ("add_one", ("add_one", "")),
+    ("_Z12spill_kernelIfEvPKT_PS0_i", ("spill_kernel", "_Z12spill_kernelIfEvPKT_PS0_i")),
+    ("_ZN2ns3fooEPf", ("ns::foo", "_ZN2ns3fooEPf")),
+])
+def test_split_kernel_name(symbol: str, expected: tuple[str, str]) -> None:
+    assert kr.split_kernel_name(symbol) == expected
+
+
+@pytest.mark.parametrize(("template", "dtype"), [
+    ("__nv_bfloat16, float", "bf16"), ("__half", "fp16"), ("float, 128", "fp32"), ("64, 4", "-"),
+])
+def test_dtype_of_template(template: str, dtype: str) -> None:
+    assert kr.dtype_of_template(template) == dtype
+
+
+def test_sidecar_errors_name_expected_and_given(tmp_path: Path) -> None:
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"k": {"flops_per_object": True}}))
+    with pytest.raises(ValueError, match="flops_per_object must be int, got True"):
+        kr.load_sidecar(path)
+    path.write_text(json.dumps({"k": {"hot": True, "flop": 1}}))
+    with pytest.raises(ValueError, match="unknown key 'flop'; expected one of"):
+        kr.load_sidecar(path)
+    assert kr.load_sidecar(tmp_path / "absent.json") == {}
+
+
+def test_violation_rules() -> None:
+    def row(**changes: object) -> kr.Row:
+        base = kr.Row(backend="triton", kernel="k", target="sm_90a", config="c", batch=1,
+                      dtype="bf16", hot=True, matrix_work=True, registers=100, spill_bytes=0,
+                      shared_bytes=1024, static_shared_bytes=1024,
+                      tensor_core_instructions={"HGMMA": 4},
+                      local_instructions={"STL": 0, "LDL": 0})
+        for key, value in changes.items():
+            setattr(base, key, value)
+        return base
+
+    assert kr.violations([row()]) == []
+    assert kr.violations([row(target="sm_80", tensor_core_instructions={})]) == []
+    assert kr.violations([row(dtype="fp32", tensor_core_instructions={})]) == []
+    (line,) = kr.violations([row(tensor_core_instructions={})])
+    assert line.startswith("no tensor-core instruction: triton k [c] sm_90a B=1 bf16")
+    (line,) = kr.violations([row(shared_bytes=232449)])
+    assert "232449 bytes per block, limit 232448" in line
+    assert kr.violations([row(target="sm_80", shared_bytes=166912)]) == []
+    (line,) = kr.violations([row(static_shared_bytes=49153, shared_bytes=49153)])
+    assert line.startswith("static shared memory over the limit")
+    (line,) = kr.violations([row(local_instructions={"STL": 1, "LDL": 0})])
+    assert line.startswith("hot kernel spills")
+    assert kr.violations([row(hot=False, spill_bytes=64)]) == []
+    (line,) = kr.violations([row(error="CompilationError: boom")])
+    assert line == "does not compile: triton k [c] sm_90a B=1 bf16: CompilationError: boom"
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+    return parser.parse_args(["--json", str(tmp_path / "report.json"),
+                              "--cubin-dir", str(tmp_path / "cubins"), *extra])
+
+
+def test_arguments_reject_unknown_values() -> None:
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+    for bad in (["--targets", "sm_75"], ["--dtypes", "fp8"], ["--batches", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert kr._targets("sm_90a") == ("sm_90a",)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None
+    or kr.find_cuobjdump(prefer_triton=True) is None,
+    reason="needs triton, torch (for dtypes) and cuobjdump")
+
+
+@pytest.fixture(scope="module")
+def triton_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """One real compile of the fixture kernels for sm_80 and sm_90a, bf16, B=1."""
+    tmp_path = tmp_path_factory.mktemp("triton_report")
+    # A private cache makes this a real compile, and leaves the user's cache alone.
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        args = _args(tmp_path, "--batches", "1", "--dtypes", "bf16", "--strict",
+                     "--csrc", str(tmp_path / "no-csrc"))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = kr.run(args, [HERE / "report_fixture_kernels.py"], discover=False)
+    finally:
+        if cache is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache
+    return tmp_path, code, out.getvalue()
+
+
+def _records(tmp_path: Path) -> dict[tuple[str, str], dict]:
+    records = json.loads((tmp_path / "report.json").read_text())
+    return {(r["kernel"], r["target"]): r for r in records}
+
+
+@needs_triton
+def test_triton_rows_show_registers_spills_and_tensor_cores(
+        triton_report: tuple[Path, int, str]) -> None:
+    tmp_path, _, _ = triton_report
+    rows = _records(tmp_path)
+    assert sorted(rows) == sorted((k, t) for k in ("softmax_fits", "softmax_spills", "dot")
+                                  for t in ("sm_80", "sm_90a"))
+    for target in ("sm_80", "sm_90a"):
+        fits = rows[("softmax_fits", target)]
+        assert fits["error"] is None and 0 < fits["registers"] < 255
+        assert fits["spill_bytes"] == 0 and fits["local_instructions"] == {"STL": 0, "LDL": 0}
+        spills = rows[("softmax_spills", target)]
+        assert spills["registers"] == 255 and spills["spill_bytes"] > 0
+        assert spills["local_instructions"]["STL"] > 0 and spills["local_instructions"]["LDL"] > 0
+        assert (tmp_path / "cubins" / spills["cubin"]).stat().st_size > 0
+    assert rows[("dot", "sm_90a")]["tensor_core_instructions"].get("HGMMA", 0) > 0
+    assert rows[("dot", "sm_80")]["tensor_core_instructions"].get("HMMA", 0) > 0
+    assert rows[("dot", "sm_80")]["tensor_core_instructions"].get("HGMMA", 0) == 0
+    # 64x32 + 32x64 bf16 tiles staged through shared memory.
+    assert rows[("dot", "sm_90a")]["shared_bytes"] >= 8192
+    assert rows[("dot", "sm_90a")]["flops"] == 2 * 64 * 64 * 32
+
+
+@needs_triton
+def test_triton_strict_mode_flags_the_spilling_kernel(
+        triton_report: tuple[Path, int, str]) -> None:
+    _, code, out = triton_report
+    assert code == 1
+    flagged = [line for line in out.splitlines() if line.startswith("VIOLATION")]
+    assert len(flagged) == 2, out
+    assert all("hot kernel spills: triton softmax_spills" in line for line in flagged)
+    assert "softmax_fits" in out and "HGMMA:" in out and "HMMA:" in out
+
+
+@needs_triton
+def test_json_records_have_the_documented_keys(triton_report: tuple[Path, int, str]) -> None:
+    tmp_path, _, _ = triton_report
+    records = json.loads((tmp_path / "report.json").read_text())
+    required = {"backend", "kernel", "target", "config", "registers", "spill_bytes",
+                "shared_bytes", "tensor_core_instructions", "flops", "min_bytes", "cubin"}
+    assert len(records) == 6
+    for record in records:
+        assert required <= set(record) and set(record) == set(kr.JSON_KEYS)
+        assert record["backend"] == "triton" and record["cubin"].endswith(".cubin")
+        assert record["floor_us"] > 0
+
+
+BROKEN_KERNELS = """
+import triton
+import triton.language as tl
+
+from memenc_fast.kernel_report import TritonKernelSpec
+
+
+@triton.jit
+def scale(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+def report_specs(batch, dtype):
+    if str(dtype) == "torch.float16":
+        raise RuntimeError("no fp16 configuration")
+    # 'n' is in neither signature nor constexprs.
+    return [TritonKernelSpec(kernel="scale", fn=scale, signature={"x_ptr": "*fp32"},
+                             constexprs={"BLOCK": 128}, num_warps=4, num_stages=1,
+                             config="BLOCK=128", matrix_work=False, hot=True, flops=0,
+                             min_bytes=0)]
+"""
+
+
+@needs_triton
+def test_broken_specs_are_compile_failures(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    module = tmp_path / "broken_kernels.py"
+    module.write_text(BROKEN_KERNELS)
+    args = _args(tmp_path, "--targets", "sm_90a", "--batches", "1", "--dtypes", "bf16,fp16",
+                 "--strict", "--csrc", str(tmp_path), "--jobs", "1")
+    assert kr.run(args, [module], discover=False) == 1
+    flagged = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("VIOLATION")]
+    assert flagged == [
+        "VIOLATION does not compile: triton scale [BLOCK=128] sm_90a B=1 bf16: ValueError: "
+        "argument 'n' of scale has neither a type in signature nor a value in constexprs",
+        "VIOLATION does not compile: triton broken_kernels [-] - B=1 fp16: report_specs failed: "
+        "RuntimeError: no fp16 configuration",
+    ]
+
+
+def test_spec_validation_names_expected_and_given() -> None:
+    with pytest.raises(ValueError, match="num_warps must be a power of two in 1..32, got 3"):
+        kr.TritonKernelSpec(kernel="k", fn=None, signature={}, constexprs={}, num_warps=3,
+                            num_stages=1, config="", matrix_work=False, hot=True, flops=0,
+                            min_bytes=0)
+    with pytest.raises(ValueError, match=r"in both signature and constexprs"):
+        kr.TritonKernelSpec(kernel="k", fn=None, signature={"n": "i32"}, constexprs={"n": 1},
+                            num_warps=4, num_stages=1, config="", matrix_work=False, hot=True,
+                            flops=0, min_bytes=0)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+CUDA_SOURCE = r"""
+#include <cuda_bf16.h>
+extern "C" __global__ void add_one(float* x, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += 1.0f;
+}
+// 64 live floats under a 32-register cap (1024 threads, 2 blocks per SM): ptxas spills.
+template <typename T>
+__global__ void __launch_bounds__(1024, 2) spills(const T* x, T* y, int k) {
+  float buf[64];
+  for (int i = 0; i < 64; ++i) buf[i] = (float)x[i * blockDim.x + threadIdx.x];
+  buf[(k + threadIdx.x) & 63] += 1.0f;
+  y[threadIdx.x] = (T)(buf[k & 63] + buf[(3 * k) & 63]);
+}
+template __global__ void spills<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int);
+__global__ void staged(float* y) {
+  __shared__ float tile[1024];
+  tile[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  y[threadIdx.x] = tile[1023 - threadIdx.x];
+}
+"""
+
+SIDECAR = {
+    "add_one": {"hot": True, "matrix_work": False, "flops_per_object": 4096,
+                "min_bytes_per_object": 32768},
+    "spills<__nv_bfloat16>": {"hot": True, "min_bytes_per_object": 100},
+    "staged": {"hot": False, "dynamic_shared_bytes": 230000},
+}
+
+needs_nvcc = pytest.mark.skipif(
+    kr.find_nvcc() is None or kr.find_cuobjdump(prefer_triton=False, nvcc=kr.find_nvcc()) is None,
+    reason="needs nvcc and cuobjdump")
+
+
+@needs_nvcc
+def test_cuda_rows_from_a_real_nvcc_compile(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cu").write_text(CUDA_SOURCE)
+    (csrc / "broken.cu").write_text("__global__ void broken(float* x) { x[0] = undefined_name; }\n")
+    (csrc / "kernels.json").write_text(json.dumps(SIDECAR))
+    code = kr.run(_args(tmp_path, "--csrc", str(csrc), "--targets", "sm_90a", "--batches", "1,64",
+                        "--strict"), discover=False)
+    out = capsys.readouterr().out
+    assert code == 1
+    records = json.loads((tmp_path / "report.json").read_text())
+    by_key = {(r["kernel"], r["batch"]): r for r in records}
+
+    add_one = by_key[("add_one", 64)]
+    assert add_one["registers"] > 0 and add_one["spill_bytes"] == 0
+    assert add_one["flops"] == 4096 * 64 and add_one["min_bytes"] == 32768 * 64
+    assert add_one["cubin"] == "cuda_tiny_sm_90a.cubin" and add_one["dtype"] == "-"
+    assert (tmp_path / "cubins" / "cuda_tiny_sm_90a.cubin").is_file()
+
+    spills = by_key[("spills", 1)]
+    assert spills["config"] == "__nv_bfloat16" and spills["dtype"] == "bf16"
+    assert spills["registers"] <= 32 and spills["spill_bytes"] > 0
+    assert spills["local_instructions"]["STL"] > 0 and spills["local_instructions"]["LDL"] > 0
+    assert spills["min_bytes"] == 100 and spills["flops"] is None
+
+    staged = by_key[("staged", 1)]
+    # 4 KiB of static shared memory (plus the 1 KiB sm_90 reserves) and the sidecar's dynamic.
+    assert staged["shared_bytes"] >= 4096 + 230000
+
+    broken = by_key[("broken.cu", None)]
+    assert "undefined_name" in broken["error"]
+
+    flagged = sorted(line.split(":")[0] for line in out.splitlines()
+                     if line.startswith("VIOLATION"))
+    assert flagged == ["VIOLATION does not compile", "VIOLATION hot kernel spills",
+                       "VIOLATION hot kernel spills", "VIOLATION shared memory over the limit",
+                       "VIOLATION shared memory over the limit"]
+
+
+def test_missing_nvcc_skips_cuda_rows_in_one_line(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cu").write_text(CUDA_SOURCE)
+    monkeypatch.setattr(kr, "find_nvcc", lambda: None)
+    assert kr.run(_args(tmp_path, "--csrc", str(csrc), "--strict"), discover=False) == 0
+    out = capsys.readouterr().out
+    assert "CUDA rows skipped: nvcc not found" in out
+    assert json.loads((tmp_path / "report.json").read_text()) == []
+
+
+def test_report_runs_without_torch_and_triton(tmp_path: Path) -> None:
+    # Loaded by path so the package's own imports (torch) play no part.
+    script = f"""
+import sys, importlib.util
+sys.modules["torch"] = None
+sys.modules["triton"] = None
+spec = importlib.util.spec_from_file_location("kernel_report", {str(KERNEL_REPORT_PY)!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["kernel_report"] = module
+spec.loader.exec_module(module)
+sys.exit(module.main(["--csrc", {str(tmp_path)!r}, "--strict"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Triton rows skipped: triton is not installed" in proc.stdout
+    assert "no CUDA kernels: no .cu files" in proc.stdout
+    assert "Traceback" not in proc.stderr
