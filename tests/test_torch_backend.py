@@ -142,3 +142,23 @@ def test_training_with_grad_matches_reference_gradients():
         grads[backend] = [pf.grad, mk.grad] + [p.grad.clone() for p in encoder.parameters()]
     for ref_grad, fused_grad in zip(grads["reference"], grads["torch"]):
         torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_through_the_torch_backend():
+    """Finite differences agree with the torch backend's autograd graph (float64; parameter gradients
+    are compared with the reference in test_training_with_grad_matches_reference_gradients)."""
+    encoder = mf.MemoryEncoder(
+        4, mf.MaskDownSampler(embed_dim=8, kernel_size=3, stride=2, padding=1, total_stride=4),
+        mf.Fuser(mf.CXBlock(8, kernel_size=3, padding=1), 1), mf.PositionEmbeddingSine(4), in_dim=8)
+    mf.presets.randomize_parameters(encoder, seed=27)
+    encoder = encoder.double().eval()
+    generator = torch.Generator().manual_seed(28)
+    pix_feat = torch.randn(2, 8, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    masks = torch.randn(2, 1, 8, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def features(pf, mk):
+        with mf.use_backend("torch"):
+            return encoder(pf, mk)["vision_features"]
+
+    assert torch.autograd.gradcheck(features, (pix_feat, masks))
+    assert encoder.last_backend == "torch"
