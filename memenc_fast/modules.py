@@ -18,7 +18,8 @@ import torch.nn as nn
 from . import reference
 from . import backends as _backends  # noqa: F401  (registers the shipped backends)
 from .dispatch import Selection, available_backends, select_backend
-from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
+from .graphs import GraphCache
+from .packing import EncoderStructure, PackCache, PackedEncoder, UnsupportedStructure, pack_weights, read_structure
 from .position import cached_position_encoding
 from .validation import autocast_dtype, check_encoder_inputs, downsampled_size
 
@@ -81,6 +82,8 @@ class MemoryEncoder(reference.MemoryEncoder):
     force (``memenc_fast.use_backend``, ``$MEMENC_FAST_BACKEND``, else automatic choice).
     ``mask_scale``/``mask_bias`` (default 1, 0) are applied to the mask after the optional sigmoid
     inside the first fused op; SAM 2's caller transform ``sigmoid(m) * 20 - 10`` can be moved here.
+    ``cuda_graphs = True`` replays a CUDA graph captured per input signature and weight version
+    for fused forwards on CUDA without grad (for B=1 latency); the output is a fresh tensor.
     """
 
     def __init__(
@@ -98,7 +101,9 @@ class MemoryEncoder(reference.MemoryEncoder):
         available_backends()  # imports the backends' ops now, outside any compiled region
         self.mask_scale = 1.0
         self.mask_bias = 0.0
+        self.cuda_graphs = False
         self._pack_cache = PackCache()
+        self._graphs = GraphCache()
         self._structure: Optional[Tuple[Tuple[int, ...], Optional[EncoderStructure], Optional[str]]] = None
         self.last_backend: Optional[str] = None
 
@@ -197,12 +202,27 @@ class MemoryEncoder(reference.MemoryEncoder):
                 batch = max(masks.shape[0], pix_feat.shape[0])
                 masks = masks.expand(batch, -1, -1, -1)
                 pix_feat = pix_feat.expand(batch, -1, -1, -1)
-            mask_features = ops["mask_downsample"](masks, packed, not skip_mask_sigmoid, self.mask_scale,
-                                                   self.mask_bias)
-            x = ops["proj_add"](mask_features, pix_feat, packed)
-            for block in packed.blocks:
-                x = ops["cxblock"](x, block)
-            x = ops["out_proj"](x, packed)
+            options = (not skip_mask_sigmoid, self.mask_scale, self.mask_bias)
+
+            def run(pix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return _run_ops(ops, packed, pix, mask, *options)
+
+            if (self.cuda_graphs and device.type == "cuda" and not needs_grad
+                    and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
+                signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name)
+                x = self._graphs.run(signature, packed, run, pix_feat, masks)
+            else:
+                x = run(pix_feat, masks)
         pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
                                        x.dtype, device)
         return {"vision_features": x, "vision_pos_enc": [pos]}
+
+
+def _run_ops(ops, packed: PackedEncoder, pix_feat: torch.Tensor, masks: torch.Tensor, apply_sigmoid: bool,
+             scale: float, bias: float) -> torch.Tensor:
+    """The fused pipeline: mask path, concatenated-K projection + add, CXBlocks, output projection."""
+    mask_features = ops["mask_downsample"](masks, packed, apply_sigmoid, scale, bias)
+    x = ops["proj_add"](mask_features, pix_feat, packed)
+    for block in packed.blocks:
+        x = ops["cxblock"](x, block)
+    return ops["out_proj"](x, packed)

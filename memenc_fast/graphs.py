@@ -1,0 +1,89 @@
+"""Opt-in CUDA graphs for the fused forward (``MemoryEncoder.cuda_graphs = True``).
+
+SAM 2's video predictor calls the memory encoder once per object (B=1), where launch overhead is
+a large share of the time: replaying a captured graph removes it. One graph is captured per
+input signature (shapes, dtypes, device, options, backend) and per packed-weight version; a
+change of any of those captures anew, and a weight change drops the graphs of the old weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, Tuple
+
+import torch
+
+from .packing import PackedEncoder
+
+__all__ = ["GraphCache"]
+
+_WARMUP_CALLS = 2  # lets lazy work (Triton compilation, cuBLAS handles) happen before capture
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    static_inputs: Tuple[torch.Tensor, torch.Tensor]
+    static_output: torch.Tensor
+    packed: PackedEncoder  # keeps the weights the graph reads alive (and its id unique)
+
+
+class GraphCache:
+    """Captured forwards keyed by input signature, for one module."""
+
+    def __init__(self) -> None:
+        self._entries: Dict[Hashable, _Captured] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}  # graphs belong to one process and one set of buffers
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def run(
+        self,
+        signature: Hashable,
+        packed: PackedEncoder,
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        pix_feat: torch.Tensor,
+        masks: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward(pix_feat, masks)`` through a graph captured for ``signature`` and ``packed``.
+
+        Returns a fresh tensor (the graph's output buffer is reused by the next replay).
+        """
+        key = (signature, id(packed))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                # Graphs of replaced weights read freed memory if replayed: drop them.
+                self._entries = {k: e for k, e in self._entries.items() if e.packed is packed}
+                entry = self._capture(packed, forward, pix_feat, masks)
+                self._entries[key] = entry
+            entry.static_inputs[0].copy_(pix_feat)
+            entry.static_inputs[1].copy_(masks)
+            entry.graph.replay()
+            return entry.static_output.clone()
+
+    @staticmethod
+    def _capture(packed: PackedEncoder, forward, pix_feat: torch.Tensor, masks: torch.Tensor) -> _Captured:
+        static_pix, static_masks = pix_feat.clone(), masks.clone()
+        side = torch.cuda.Stream(device=masks.device)
+        side.wait_stream(torch.cuda.current_stream(masks.device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_CALLS):
+                forward(static_pix, static_masks)
+        torch.cuda.current_stream(masks.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = forward(static_pix, static_masks)
+        return _Captured(graph, (static_pix, static_masks), static_output, packed)
