@@ -63,3 +63,24 @@ register_backend(
         structure_reason=_kernel_structure_reason,
     )
 )
+
+
+def _cuda_unavailable_reason() -> Optional[str]:
+    from . import cuda_lib  # ctypes only: neither the library nor the GPU is touched at import
+
+    return cuda_lib.unavailable_reason()
+
+
+register_backend(
+    Backend(
+        name="cuda",
+        priority=30,
+        device_types=frozenset({"cuda"}),
+        dtypes=_KERNEL_DTYPES,
+        ops_module=".backends.cuda_ops",
+        unavailable_reason=_cuda_unavailable_reason,
+        # Configurations the kernels do not cover (other mask-stage shapes or channel counts, dwconv
+        # sizes) fall back per op to the torch op inside cuda_ops, logged once.
+        structure_reason=_kernel_structure_reason,
+    )
+)

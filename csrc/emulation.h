@@ -1,0 +1,344 @@
+// Host emulation of the small part of CUDA the kernels in csrc/ use, so that the CPU tests can
+// run the real kernel source (compiled by the host C++ compiler with -DMEMENC_EMULATE) and
+// compare it with torch. Never part of the shipped library.
+//
+// Each CUDA thread of a block is a fiber on one OS thread; blocks run one after the other, so
+// `__shared__` variables can be function statics. __syncthreads and the warp collectives
+// (shuffles, mma.sync) are barriers over the block or the warp's 32 fibers. The warp-level
+// matrix multiplies rebuild the full operands from every lane's fragment registers following the
+// PTX ISA's fragment layouts, independently of how the kernels fill those registers: a kernel that
+// loads a fragment wrongly computes a wrong product here too.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <vector_types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+// The CUDA headers give these host-compiler meanings of their own; here they are plain C++.
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __grid_constant__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __grid_constant__
+
+namespace emu {
+
+// Fiber context switch (x86-64 System V): saves the callee-saved registers on the current stack,
+// stores the stack pointer in *from and continues on `to`. glibc's swapcontext would make a
+// system call per switch, and the kernels switch millions of times.
+extern "C" void memenc_emu_switch(void** from, void* to);
+asm(R"(
+.text
+.p2align 4
+.weak memenc_emu_switch
+.type memenc_emu_switch,@function
+memenc_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+.size memenc_emu_switch,.-memenc_emu_switch
+)");
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Fiber {
+  void* sp = nullptr;
+  dim3 tid;
+  int linear = 0;
+  bool done = false;
+  std::unique_ptr<char[]> stack;
+};
+
+struct Barrier {
+  int arrived = 0;
+  long generation = 0;
+};
+
+struct Block {
+  dim3 grid_dim, block_dim, block_idx;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  void* scheduler_sp = nullptr;
+  std::function<void()> body;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<uint32_t> exchange;  // per warp: 32 lanes x kExchangeWords
+  long progress = 0;               // bumped whenever a fiber gets past a barrier or finishes
+  std::vector<unsigned char> dynamic_smem;
+};
+
+constexpr int kExchangeWords = 16;
+
+inline Block& state() {
+  static Block block;
+  return block;
+}
+
+inline void yield() {
+  Block& b = state();
+  memenc_emu_switch(&b.current->sp, b.scheduler_sp);
+}
+
+inline void wait_at(Barrier& barrier, int participants) {
+  Block& b = state();
+  const long generation = barrier.generation;
+  if (++barrier.arrived == participants) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+    ++b.progress;
+    return;
+  }
+  while (barrier.generation == generation) yield();
+}
+
+inline void syncthreads() {
+  Block& b = state();
+  wait_at(b.block_barrier, static_cast<int>(b.fibers.size()));
+}
+
+inline int lane_id() { return state().current->linear % 32; }
+inline int warp_id() { return state().current->linear / 32; }
+
+inline void syncwarp() { wait_at(state().warp_barriers[warp_id()], 32); }
+
+inline uint32_t* exchange_slot(int lane) {
+  return &state().exchange[(static_cast<size_t>(warp_id()) * 32 + lane) * kExchangeWords];
+}
+
+template <typename V>
+V shfl_xor(V value, int mask) {
+  static_assert(sizeof(V) <= 4 * kExchangeWords, "value too large for the exchange slot");
+  std::memcpy(exchange_slot(lane_id()), &value, sizeof(V));
+  syncwarp();
+  V result;
+  std::memcpy(&result, exchange_slot(lane_id() ^ mask), sizeof(V));
+  syncwarp();
+  return result;
+}
+
+extern "C" inline void memenc_emu_fiber_entry() {
+  Block& b = state();
+  b.body();
+  b.current->done = true;
+  ++b.progress;
+  memenc_emu_switch(&b.current->sp, b.scheduler_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+inline void run_block() {
+  Block& b = state();
+  const int threads = static_cast<int>(b.block_dim.x * b.block_dim.y * b.block_dim.z);
+  if (threads % 32 != 0) {
+    std::fprintf(stderr, "emulation: block of %d threads is not whole warps\n", threads);
+    std::abort();
+  }
+  b.fibers.resize(threads);
+  b.warp_barriers.assign(threads / 32, Barrier{});
+  b.exchange.assign(static_cast<size_t>(threads) * kExchangeWords, 0u);
+  b.block_barrier = Barrier{};
+  for (int i = 0; i < threads; ++i) {
+    Fiber& f = b.fibers[i];
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    f.linear = i;
+    f.tid = dim3(i % b.block_dim.x, (i / b.block_dim.x) % b.block_dim.y,
+                 i / (b.block_dim.x * b.block_dim.y));
+    f.done = false;
+    // Initial frame for memenc_emu_switch: six callee-saved registers, then the entry point as
+    // the return address, then a slot that leaves the stack 16-byte aligned as after a call.
+    auto top = reinterpret_cast<uintptr_t>(f.stack.get() + kStackBytes) & ~uintptr_t(15);
+    auto* frame = reinterpret_cast<void**>(top) - 8;
+    std::memset(frame, 0, 8 * sizeof(void*));
+    frame[6] = reinterpret_cast<void*>(&memenc_emu_fiber_entry);
+    f.sp = frame;
+  }
+  for (;;) {
+    bool all_done = true;
+    const long before = b.progress;
+    for (Fiber& f : b.fibers) {
+      if (f.done) continue;
+      all_done = false;
+      b.current = &f;
+      memenc_emu_switch(&b.scheduler_sp, f.sp);
+    }
+    if (all_done) break;
+    if (b.progress == before) {
+      std::fprintf(stderr, "emulation: deadlock (a barrier that not every thread reaches)\n");
+      std::abort();
+    }
+  }
+  b.current = nullptr;
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  Block& b = state();
+  b.grid_dim = grid;
+  b.block_dim = block;
+  b.dynamic_smem.assign(smem + 16, 0xff);  // garbage-filled like real shared memory
+  b.body = [&]() { kernel(args...); };
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.block_idx = dim3(x, y, z);
+        run_block();
+      }
+  return cudaSuccess;
+}
+
+inline void* dynamic_smem() {
+  auto p = reinterpret_cast<uintptr_t>(state().dynamic_smem.data());
+  return reinterpret_cast<void*>((p + 15) & ~uintptr_t(15));
+}
+
+// ---- tensor-core instructions -----------------------------------------------------------------
+
+inline float tf32_bits_to_float(uint32_t bits) {
+  bits &= 0xffffe000u;  // the tensor core reads the 19 bits of a tf32 operand and ignores the rest
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint32_t cvt_rna_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x1000u;  // round half away from zero
+  return bits & 0xffffe000u;
+}
+
+template <typename T>
+float half_bits_to_float(uint16_t bits) {
+  T value;
+  std::memcpy(&value, &bits, 2);
+  return static_cast<float>(value);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: A 16x16, B 16x8, C/D 16x8, per PTX ISA
+// "Matrix Fragments for mma.m16n8k16 with floating point type".
+template <typename T>
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  const int lane = lane_id();
+  uint32_t* slot = exchange_slot(lane);
+  for (int i = 0; i < 4; ++i) slot[i] = a[i];
+  slot[4] = b[0];
+  slot[5] = b[1];
+  syncwarp();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const uint32_t* s = exchange_slot(l);
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < 8; ++i) {  // a0..a7: two 16-bit elements per register
+      const uint16_t bits = static_cast<uint16_t>(s[i / 2] >> (16 * (i % 2)));
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+      const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = half_bits_to_float<T>(bits);
+    }
+    for (int i = 0; i < 4; ++i) {  // b0..b3
+      const uint16_t bits = static_cast<uint16_t>(s[4 + i / 2] >> (16 * (i % 2)));
+      const int row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+      B[row][g] = half_bits_to_float<T>(bits);
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {  // c0..c3
+    const int row = i < 2 ? g : g + 8;
+    const int col = t * 2 + (i & 1);
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    d[i] += sum;
+  }
+  syncwarp();
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, per "Matrix Fragments for mma.m16n8k8"
+// (.tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (k t, n g), b1 (k t+4, n g).
+inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  const int lane = lane_id();
+  uint32_t* slot = exchange_slot(lane);
+  for (int i = 0; i < 4; ++i) slot[i] = a[i];
+  slot[4] = b[0];
+  slot[5] = b[1];
+  syncwarp();
+  float A[16][8], B[8][8];
+  for (int l = 0; l < 32; ++l) {
+    const uint32_t* s = exchange_slot(l);
+    const int g = l / 4, t = l % 4;
+    A[g][t] = tf32_bits_to_float(s[0]);
+    A[g + 8][t] = tf32_bits_to_float(s[1]);
+    A[g][t + 4] = tf32_bits_to_float(s[2]);
+    A[g + 8][t + 4] = tf32_bits_to_float(s[3]);
+    B[t][g] = tf32_bits_to_float(s[4]);
+    B[t + 4][g] = tf32_bits_to_float(s[5]);
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = i < 2 ? g : g + 8;
+    const int col = t * 2 + (i & 1);
+    float sum = 0.f;
+    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];
+    d[i] += sum;
+  }
+  syncwarp();
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::state().current->tid)
+#define blockIdx (::emu::state().block_idx)
+#define blockDim (::emu::state().block_dim)
+#define gridDim (::emu::state().grid_dim)
+#define __syncthreads() ::emu::syncthreads()
+#define __shfl_xor_sync(mask, value, lane_mask) ::emu::shfl_xor((value), (lane_mask))
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+// The runtime calls the launchers make; the emulated "device" is the host.
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "emulated CUDA error";
+}
