@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from memenc_fast.bench import op_calls
 from memenc_fast.dispatch import select_backend
 from memenc_fast.packing import PackCache, read_structure
 from memenc_fast.presets import build_encoder, make_inputs
@@ -22,13 +23,5 @@ def test_op(benchmark, backend, op, dtype, batch):
     ops = select_backend(DEVICE, dtype, structure, None, False, name=backend).ops
     pix_feat, masks = make_inputs(PRESET, batch, dtype=dtype, device=DEVICE)
     with torch.no_grad():
-        mask_features = ops["mask_downsample"](masks, packed, True)
-        tokens = ops["proj_add"](mask_features, pix_feat, packed)
-        calls = {
-            "mask_downsample": lambda: ops["mask_downsample"](masks, packed, True),
-            "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, packed),
-            "cxblock": lambda: ops["cxblock"](tokens, packed.blocks[0]),
-            "out_proj": lambda: ops["out_proj"](tokens, packed),
-        }
-        out = benchmark(synchronized(calls[op]))
+        out = benchmark(synchronized(op_calls(ops, packed, pix_feat, masks)[op]))
     assert torch.isfinite(out).all()

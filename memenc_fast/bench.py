@@ -13,18 +13,18 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from . import reference
 from .backends import triton_interpreted
 from .dispatch import Selection, available_backends, select_backend, use_backend
-from .packing import PackCache, read_structure
+from .packing import PackCache, PackedEncoder, read_structure
 from .presets import PRESETS, Preset, build_encoder, encoder_flops, flop_breakdown, make_inputs
 from .reporting import dtype_name, parse_dtypes, parse_ints, print_table, progress
 
-__all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "measure_copy_bandwidth"]
+__all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "measure_copy_bandwidth", "op_calls"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +163,19 @@ def _op_costs(preset: Preset, batch: int, itemsize: int) -> Dict[str, Dict[str, 
     }
 
 
+def op_calls(ops: Mapping[str, Callable], packed: PackedEncoder, pix_feat: torch.Tensor,
+             masks: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
+    """One zero-argument call per op, each on the previous op's real output (computed here once)."""
+    mask_features = ops["mask_downsample"](masks, packed, True)
+    tokens = ops["proj_add"](mask_features, pix_feat, packed)
+    return {
+        "mask_downsample": lambda: ops["mask_downsample"](masks, packed, True),
+        "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, packed),
+        "cxblock": lambda: ops["cxblock"](tokens, packed.blocks[0]),
+        "out_proj": lambda: ops["out_proj"](tokens, packed),
+    }
+
+
 def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: List[str],
              repeats: int) -> List[Dict[str, object]]:
     bandwidth = measure_copy_bandwidth(device)
@@ -179,17 +192,8 @@ def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: Li
                 selection: Selection = select_backend(device, dtype, structure, None, False, name=name)
                 if selection.is_reference:
                     continue
-                ops = selection.ops
                 with torch.no_grad():
-                    mask_features = ops["mask_downsample"](masks, packed, True)
-                    x = ops["proj_add"](mask_features, pix_feat, packed)
-                    calls = {
-                        "mask_downsample": lambda: ops["mask_downsample"](masks, packed, True),
-                        "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, packed),
-                        "cxblock": lambda: ops["cxblock"](x, packed.blocks[0]),
-                        "out_proj": lambda: ops["out_proj"](x, packed),
-                    }
-                    for op, fn in calls.items():
+                    for op, fn in op_calls(selection.ops, packed, pix_feat, masks).items():
                         progress(f"[ops] {name} {op} {dtype_name(dtype)} B={batch}")
                         seconds = time_callable(fn, device, repeats)
                         cost = costs[op]
