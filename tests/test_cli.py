@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from memenc_fast import dispatch
@@ -83,3 +84,12 @@ def test_module_entry_point_runs():
 def test_bench_rejects_unknown_preset(capsys):
     assert main(["bench", "--preset", "small,bogus"]) == 2
     assert "--preset must be a comma list" in capsys.readouterr().err
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    path = tmp_path / "bench.png"
+    assert main(["bench", "--preset", "small", "--batch", "1,2", "--backends", "torch", "--repeats", "1",
+                 "--plot", str(path)]) == 0
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
