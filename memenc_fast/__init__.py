@@ -10,6 +10,7 @@ from .dispatch import BackendUnavailableError, available_backends, current_backe
 from .modules import CXBlock, Fuser, LayerNorm2d, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
 from .sam2_compat import from_sam2, patch_sam2
 from .sam3_compat import from_sam3, patch_sam3
+from .transformers_compat import TransformersMemoryEncoder, memory_encoder_from_transformers, patch_transformers
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,7 @@ __all__ = [
     "patch_sam2",
     "from_sam3",
     "patch_sam3",
+    "memory_encoder_from_transformers",
+    "patch_transformers",
+    "TransformersMemoryEncoder",
 ]
