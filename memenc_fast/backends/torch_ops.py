@@ -33,8 +33,17 @@ def mask_downsample(
 
     Applies ``sigmoid`` when asked, then ``* scale + bias`` (SAM 2's caller transform), the
     optional resize, then every conv -> LayerNorm2d -> activation stage. The final 1x1 conv is
-    not applied here: it is part of ``proj_add``'s concatenated GEMM.
+    not applied here: it is part of ``proj_add``'s concatenated GEMM. Runs one object at a time
+    (outside compiled code), so each object's intermediates stay in cache between stages.
     """
+    if torch.compiler.is_compiling() or masks.shape[0] <= 1:
+        return _mask_stages(masks, packed, apply_sigmoid, scale, bias)
+    return torch.cat([_mask_stages(masks[i:i + 1], packed, apply_sigmoid, scale, bias)
+                      for i in range(masks.shape[0])]).contiguous(memory_format=torch.channels_last)
+
+
+def _mask_stages(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float,
+                 bias: float) -> torch.Tensor:
     x = torch.sigmoid(masks) if apply_sigmoid else masks
     if scale != 1.0:
         x = x * scale
