@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
 from memenc_fast.backends import triton_interpreted
+from memenc_fast.dispatch import log_once
 
 __all__ = [
     "INTERPRETED",
@@ -31,14 +30,12 @@ __all__ = [
     "sm_count",
     "check_tensor",
     "check_same_device",
-    "derived",
     "poison_outputs",
     "new_output",
     "log_fallback",
     "Launch",
 ]
 
-logger = logging.getLogger("memenc_fast")
 
 INTERPRETED = triton_interpreted()
 """Kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
@@ -156,34 +153,6 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     return devices.pop()
 
 
-_derived_lock = threading.Lock()
-_derived: Dict[Tuple[int, str], Tuple[weakref.ref, Tuple[int, ...], Any]] = {}
-
-
-def derived(owner: object, key: str, sources: Sequence[torch.Tensor], build: Callable[[], _T]) -> _T:
-    """``build()`` (a weight layout a kernel wants), cached while ``owner`` lives and none of
-    ``sources`` has been modified in place.
-
-    Packed weights can alias module parameters (packing a parameter already in the compute
-    dtype returns it unchanged), so the cache also keys on the sources' version counters.
-    """
-    slot = (id(owner), key)
-    versions = tuple(t._version for t in sources)
-    hit = _derived.get(slot)
-    if hit is not None and hit[0]() is owner and hit[1] == versions:
-        return hit[2]
-    with torch.no_grad():
-        value = build()
-
-    def forget(_: weakref.ref, slot: Tuple[int, str] = slot) -> None:
-        with _derived_lock:
-            _derived.pop(slot, None)
-
-    with _derived_lock:
-        _derived[slot] = (weakref.ref(owner, forget), versions, value)
-    return value
-
-
 _poison = threading.local()
 _interpreter_lock = threading.Lock()
 
@@ -208,15 +177,9 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
     return out
 
 
-_logged: set = set()
-
-
 def log_fallback(op: str, reason: str) -> None:
     """Logs once per (op, reason) that the triton backend ran the torch op instead."""
-    message = f"memenc_fast: triton {op} runs the torch op: {reason}"
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
+    log_once(f"memenc_fast: triton {op} runs the torch op: {reason}")
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,13 @@ import triton
 import triton.language as tl
 
 from memenc_fast.backends import torch_ops
-from memenc_fast.packing import PackedBlock, PackedEncoder
+from memenc_fast.packing import PackedBlock, PackedEncoder, derived
 
 from ._common import (
     INTERPRETED,
     Launch,
     check_same_device,
     check_tensor,
-    derived,
     dot_precision,
     gelu,
     log_fallback,

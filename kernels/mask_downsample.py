@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from memenc_fast.backends import torch_ops
-from memenc_fast.packing import PackedEncoder
+from memenc_fast.packing import PackedEncoder, derived
 
 from ._common import (
     INTERPRETED,
@@ -39,7 +38,6 @@ from ._common import (
     Launch,
     check_same_device,
     check_tensor,
-    derived,
     dot_precision,
     gelu,
     log_fallback,
@@ -521,10 +519,7 @@ def mask_downsample(
         return torch_ops.mask_downsample(masks, packed, apply_sigmoid, scale, bias)
     if packed.interpol_size is not None and list(masks.shape[-2:]) != packed.interpol_size:
         # The resize (SAM 3) runs in torch; the sigmoid and scale/bias must come before it.
-        x = torch.sigmoid(masks) if apply_sigmoid else masks
-        x = x * scale + bias
-        masks = F.interpolate(x.float(), size=packed.interpol_size, mode="bilinear", align_corners=False,
-                              antialias=True).to(masks.dtype)
+        masks = torch_ops.resized_mask(masks, packed, apply_sigmoid, scale, bias)
         apply_sigmoid, scale, bias = False, 1.0, 0.0
     return launch_mask_path(masks, packed, apply_sigmoid, scale, bias).permute(0, 3, 1, 2)
 

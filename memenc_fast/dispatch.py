@@ -35,12 +35,15 @@ __all__ = [
     "current_backend",
     "select_backend",
     "BackendUnavailableError",
+    "log_once",
 ]
 
 logger = logging.getLogger("memenc_fast")
 
-OPS = ("mask_downsample", "proj_add", "cxblock", "out_proj")
-"""The op vocabulary: the signatures are those of ``memenc_fast.backends.torch_ops``."""
+OPS = ("mask_downsample", "proj_add", "cxblock", "out_proj", "cxblock_out_proj")
+"""The op vocabulary: the signatures are those of ``memenc_fast.backends.torch_ops``, except the
+optional ``cxblock_out_proj(x, block, packed)`` = ``out_proj(cxblock(x, block), packed)`` in one
+step, which a backend may offer for the last block; without it the pipeline composes the two."""
 
 ENV_VAR = "MEMENC_FAST_BACKEND"
 REFERENCE = "reference"
@@ -144,7 +147,7 @@ def available_backends() -> List[str]:
             backend.ops()
         except ImportError as err:
             backend._import_errors.append(f"its ops module failed to import: {err}")
-            _log_once(f"memenc_fast: backend {name!r} disabled: its ops module failed to import: {err}")
+            log_once(f"memenc_fast: backend {name!r} disabled: its ops module failed to import: {err}")
             continue
         names.append(name)
     return names
@@ -185,7 +188,8 @@ def current_backend() -> str:
 _current_backend_at_trace = torch._dynamo.assume_constant_result(current_backend)
 
 
-def _log_once(message: str) -> None:
+def log_once(message: str) -> None:
+    """Logs ``message`` at INFO on the ``memenc_fast`` logger, the first time only."""
     if message not in _logged_reasons:
         _logged_reasons.add(message)
         logger.info(message)
@@ -228,10 +232,10 @@ def select_backend(
             raise BackendUnavailableError(f"memenc_fast backend {name!r} cannot run this forward: {reason}")
         return Selection(name, _op_table(backend))
     if structure is None:
-        _log_once(f"memenc_fast: running the reference forward: {structure_error}")
+        log_once(f"memenc_fast: running the reference forward: {structure_error}")
         return Selection(REFERENCE, None)
     if needs_grad:
-        _log_once("memenc_fast: running the reference forward for training (grad enabled)")
+        log_once("memenc_fast: running the reference forward for training (grad enabled)")
         return Selection(REFERENCE, None)
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
@@ -240,5 +244,5 @@ def select_backend(
             device, dtype, structure, needs_grad
         ) is None:
             return Selection(candidate, _op_table(backend))
-    _log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
+    log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
     return Selection(REFERENCE, None)

@@ -223,6 +223,10 @@ def _run_ops(ops, packed: PackedEncoder, pix_feat: torch.Tensor, masks: torch.Te
     """The fused pipeline: mask path, concatenated-K projection + add, CXBlocks, output projection."""
     mask_features = ops["mask_downsample"](masks, packed, apply_sigmoid, scale, bias)
     x = ops["proj_add"](mask_features, pix_feat, packed)
-    for block in packed.blocks:
+    blocks = packed.blocks
+    fused_last = "cxblock_out_proj" in ops and len(blocks) > 0
+    for block in blocks[:-1] if fused_last else blocks:
         x = ops["cxblock"](x, block)
+    if fused_last:
+        return ops["cxblock_out_proj"](x, blocks[-1], packed)
     return ops["out_proj"](x, packed)

@@ -16,8 +16,9 @@ keeps a reference to the parameters it was built from together with their versio
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,7 @@ __all__ = [
     "pack_weights",
     "PackCache",
     "is_exact_gelu",
+    "derived",
 ]
 
 
@@ -385,3 +387,32 @@ class PackCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+_T = TypeVar("_T")
+_derived_lock = threading.Lock()
+_derived: Dict[Tuple[int, str], Tuple[weakref.ref, Tuple[int, ...], Any]] = {}
+
+
+def derived(owner: object, key: str, sources: Sequence[torch.Tensor], build: Callable[[], _T]) -> _T:
+    """``build()`` (data a backend derives from packed weights, such as a kernel's weight layout),
+    cached while ``owner`` lives and none of ``sources`` has been modified in place.
+
+    Packed weights can alias module parameters (packing a parameter already in the compute
+    dtype returns it unchanged), so the cache also keys on the sources' version counters.
+    """
+    slot = (id(owner), key)
+    versions = tuple(t._version for t in sources)
+    hit = _derived.get(slot)
+    if hit is not None and hit[0]() is owner and hit[1] == versions:
+        return hit[2]
+    with torch.no_grad():
+        value = build()
+
+    def forget(_: weakref.ref, slot: Tuple[int, str] = slot) -> None:
+        with _derived_lock:
+            _derived.pop(slot, None)
+
+    with _derived_lock:
+        _derived[slot] = (weakref.ref(owner, forget), versions, value)
+    return value

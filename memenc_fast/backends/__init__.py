@@ -24,6 +24,9 @@ def triton_interpreted() -> bool:
 def _triton_unavailable_reason() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if importlib.util.find_spec("memenc_fast.kernels") is None:
+        # kernels/ becomes memenc_fast.kernels only through setup.py's package mapping.
+        return "memenc_fast.kernels is missing: install the package (pip install -e .), not just PYTHONPATH"
     if not triton_interpreted() and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
     return None

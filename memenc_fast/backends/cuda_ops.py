@@ -13,15 +13,14 @@ custom ops.
 """
 
 import contextlib
-import logging
 import threading
-import weakref
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from ..packing import PackedBlock, PackedEncoder, is_exact_gelu
+from ..dispatch import log_once
+from ..packing import PackedBlock, PackedEncoder, derived, is_exact_gelu
 from . import cuda_lib, torch_ops
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "poison_outputs",
 ]
 
-logger = logging.getLogger("memenc_fast")
 
 IMPLEMENTATIONS: Dict[str, str] = {
     "mask_downsample": "CUDA mask_stem_kernel (sigmoid/scale/bias + stages 1-2 chained, CUDA cores) + "
@@ -126,41 +124,13 @@ def _empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_memo_lock = threading.Lock()
-_memo: Dict[Tuple[int, str], Tuple[weakref.ref, int, object]] = {}
-
-
-def _memoized(owner: object, key: str, build: Callable[[], _T], version: int = 0) -> _T:
-    """``build()``, cached while ``owner`` lives and ``version`` (a tensor's ``_version``) holds."""
-    slot = (id(owner), key)
-    hit = _memo.get(slot)
-    if hit is not None and hit[0]() is owner and hit[1] == version:
-        return hit[2]  # type: ignore[return-value]
-    with torch.no_grad():
-        value = build()
-
-    def forget(_: weakref.ref, slot: Tuple[int, str] = slot) -> None:
-        with _memo_lock:
-            _memo.pop(slot, None)
-
-    with _memo_lock:
-        _memo[slot] = (weakref.ref(owner, forget), version, value)
-    return value
-
-
 def _taps_last(weight: torch.Tensor) -> torch.Tensor:
     """Conv weights (C_out, C_in, 3, 3) as (C_out, 3, 3, C_in): one tap's k tile is contiguous."""
-    return _memoized(weight, "taps_last", lambda: weight.permute(0, 2, 3, 1).contiguous(), weight._version)
-
-
-_logged: set = set()
+    return derived(weight, "taps_last", [weight], lambda: weight.permute(0, 2, 3, 1).contiguous())
 
 
 def _log_fallback(op: str, reason: str) -> None:
-    message = f"memenc_fast: cuda {op} runs the torch op: {reason}"
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
+    log_once(f"memenc_fast: cuda {op} runs the torch op: {reason}")
 
 
 def _conv_out(size: int) -> int:
@@ -373,7 +343,7 @@ def _mask_path_reason(packed: PackedEncoder) -> Optional[str]:
 def mask_downsample(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float = 1.0,
                     bias: float = 0.0) -> torch.Tensor:
     """``torch_ops.mask_downsample`` on the CUDA kernels: (B, C, h, w) with channels-last memory."""
-    reason = _memoized(packed, "mask_path_reason", lambda: _mask_path_reason(packed))
+    reason = derived(packed, "mask_path_reason", [], lambda: _mask_path_reason(packed))
     if reason is not None:
         _log_fallback("mask_downsample", reason)
         return torch_ops.mask_downsample(masks, packed, apply_sigmoid, scale, bias)
@@ -423,7 +393,7 @@ def cxblock(x: torch.Tensor, block: PackedBlock) -> torch.Tensor:
     The MLP runs over chunks of tokens so that its 4x-wide hidden stays in L2; the second GEMM
     accumulates into the residual the kernel wrote (``x + b2``), so the add costs no pass.
     """
-    reason = _memoized(block, "block_reason", lambda: _block_reason(block))
+    reason = derived(block, "block_reason", [], lambda: _block_reason(block))
     if reason is not None:
         _log_fallback("cxblock", reason)
         return torch_ops.cxblock(x, block)

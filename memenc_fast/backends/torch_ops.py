@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..packing import PackedBlock, PackedEncoder, is_exact_gelu
 from ..reference import resize_mask
 
-__all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "MLP_CHUNK_TOKENS"]
+__all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "resized_mask", "MLP_CHUNK_TOKENS"]
 
 MLP_CHUNK_TOKENS = 2048
 """Tokens per MLP chunk: 2048 x 1024 hidden x 4 B = 8 MB, about what a core's share of L2/L3 holds."""
@@ -42,8 +42,10 @@ def mask_downsample(
                       for i in range(masks.shape[0])]).contiguous(memory_format=torch.channels_last)
 
 
-def _mask_stages(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float,
+def resized_mask(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float,
                  bias: float) -> torch.Tensor:
+    """The mask after the optional sigmoid, ``* scale + bias`` and SAM 3's resize, in the masks'
+    dtype. Kernels that fuse the first three call it only when a resize is due."""
     x = torch.sigmoid(masks) if apply_sigmoid else masks
     if scale != 1.0:
         x = x * scale
@@ -51,7 +53,12 @@ def _mask_stages(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool
         x = x + bias
     if packed.interpol_size is not None and list(x.shape[-2:]) != packed.interpol_size:
         x = resize_mask(x, packed.interpol_size).to(masks.dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _mask_stages(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float,
+                 bias: float) -> torch.Tensor:
+    x = resized_mask(masks, packed, apply_sigmoid, scale, bias).contiguous(memory_format=torch.channels_last)
     for stage in packed.stages:
         x = F.conv2d(x, stage.weight, stage.bias, stride=stage.stride, padding=stage.padding)
         tokens = x.permute(0, 2, 3, 1).contiguous()
