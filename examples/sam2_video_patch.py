@@ -115,7 +115,9 @@ def compare(config: str, device: str, frames: int, objects: int, backend: str = 
     ious = {f: min(agreement(baseline[f][o], fast[f][o]) for o in range(objects)) for f in baseline}
     foreground = {f: float((baseline[f] > 0).mean()) for f in baseline}
     logit_error = {f: float(np.linalg.norm(fast[f] - baseline[f]) / np.linalg.norm(baseline[f])) for f in baseline}
-    return dict(ious=ious, foreground=foreground, logit_error=logit_error, baseline_seconds=baseline_seconds, patched_seconds=fast_seconds,
+    encoder = patched.memory_encoder
+    return dict(ious=ious, foreground=foreground, logit_error=logit_error,
+                mask_transform=(encoder.mask_scale, encoder.mask_bias), baseline_seconds=baseline_seconds, patched_seconds=fast_seconds,
                 patched_backend=patched.memory_encoder.last_backend)
 
 

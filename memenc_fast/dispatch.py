@@ -71,6 +71,7 @@ class Backend:
     unavailable_reason: Callable[[], Optional[str]]
     structure_reason: Callable[[EncoderStructure], Optional[str]] = lambda structure: None
     differentiable: bool = False
+    exportable: bool = False  # its ops trace under torch.export (ATen or custom ops with fakes)
     auto_device_types: Optional[FrozenSet[str]] = None  # where ``auto`` may pick it; None: device_types
     _ops: Dict[str, Callable] = field(default_factory=dict, compare=False, repr=False)
     _import_errors: List[str] = field(default_factory=list, compare=False, repr=False)
@@ -225,6 +226,9 @@ def select_backend(
         name = _check_name(name)
     if name == REFERENCE:
         return Selection(REFERENCE, None)
+    if torch.compiler.is_exporting() and name != AUTO and not _registry[name].exportable:
+        log_once(f"memenc_fast: backend {name!r} cannot be exported; exporting the torch backend's ops")
+        name = "torch"
     if name != AUTO:
         backend = _registry[name]
         reason = structure_error if structure is None else backend.serve_reason(device, dtype, structure, needs_grad)
@@ -240,6 +244,8 @@ def select_backend(
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
         auto_devices = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
+        if torch.compiler.is_exporting() and not backend.exportable:
+            continue
         if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
             device, dtype, structure, needs_grad
         ) is None:

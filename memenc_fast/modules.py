@@ -179,6 +179,23 @@ class MemoryEncoder(reference.MemoryEncoder):
             return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
         return self._fused_forward(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype, needs_grad)
 
+    def take_mask_transform(self, caller: object) -> None:
+        """Moves a SAM 2 / SAM 3 caller's ``sigmoid(m) * scale + bias`` transform (its
+        ``sigmoid_scale_for_mem_enc`` / ``sigmoid_bias_for_mem_enc``) into this module's first
+        fused op, and sets the caller's to the identity; the results are unchanged, two passes
+        over every full-resolution mask are saved. Putting another memory encoder back into
+        ``caller`` afterwards needs the caller's two attributes restored from ``mask_scale`` and
+        ``mask_bias``.
+        """
+        scale = float(getattr(caller, "sigmoid_scale_for_mem_enc", 1.0))
+        bias = float(getattr(caller, "sigmoid_bias_for_mem_enc", 0.0))
+        # The caller's transform runs first, then ours: (m * scale + bias) * ours + our_bias.
+        self.mask_scale, self.mask_bias = scale * self.mask_scale, bias * self.mask_scale + self.mask_bias
+        if hasattr(caller, "sigmoid_scale_for_mem_enc"):
+            caller.sigmoid_scale_for_mem_enc = 1.0
+        if hasattr(caller, "sigmoid_bias_for_mem_enc"):
+            caller.sigmoid_bias_for_mem_enc = 0.0
+
     def _reference_forward(self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool):
         if self.mask_scale != 1.0 or self.mask_bias != 0.0:
             masks = (masks if skip_mask_sigmoid else torch.sigmoid(masks)) * self.mask_scale + self.mask_bias

@@ -35,9 +35,13 @@ def from_sam2(sam2_memory_encoder: nn.Module) -> MemoryEncoder:
     return encoder
 
 
-def patch_sam2(model_or_predictor: object) -> MemoryEncoder:
+def patch_sam2(model_or_predictor: object, fuse_mask_transform: bool = True) -> MemoryEncoder:
     """Replaces ``model_or_predictor.memory_encoder`` (a sam2 model or video predictor) in place
-    with the memenc_fast MemoryEncoder built by ``from_sam2``, and returns it. Idempotent."""
+    with the memenc_fast MemoryEncoder built by ``from_sam2``, and returns it. Idempotent.
+
+    With ``fuse_mask_transform`` the model's ``sigmoid(m) * 20 - 10`` step before the encoder
+    moves into the encoder's first fused op (see ``MemoryEncoder.take_mask_transform``).
+    """
     holder = model_or_predictor
     if not hasattr(holder, "memory_encoder") and hasattr(holder, "model"):
         holder = holder.model  # sam2's image predictor keeps the model as .model
@@ -46,6 +50,10 @@ def patch_sam2(model_or_predictor: object) -> MemoryEncoder:
             "patch_sam2 expects a sam2 model or predictor with a .memory_encoder attribute; "
             f"got {type(model_or_predictor).__qualname__}"
         )
+    if isinstance(holder.memory_encoder, MemoryEncoder):
+        return holder.memory_encoder
     encoder = from_sam2(holder.memory_encoder)
+    if fuse_mask_transform:
+        encoder.take_mask_transform(holder)
     holder.memory_encoder = encoder
     return encoder

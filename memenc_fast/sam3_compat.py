@@ -60,9 +60,13 @@ def from_sam3(sam3_mask_encoder: nn.Module) -> MemoryEncoder:
     return encoder
 
 
-def patch_sam3(model: object) -> MemoryEncoder:
+def patch_sam3(model: object, fuse_mask_transform: bool = True) -> MemoryEncoder:
     """Replaces ``.maskmem_backbone`` of a sam3 tracker (or of a video model's ``.tracker``) in
-    place with ``from_sam3``'s module, and returns it. Idempotent."""
+    place with ``from_sam3``'s module, and returns it. Idempotent.
+
+    With ``fuse_mask_transform`` the tracker's ``sigmoid(m) * 20 - 10`` step before the encoder
+    moves into the encoder's first fused op (see ``MemoryEncoder.take_mask_transform``).
+    """
     holder = model
     if not hasattr(holder, "maskmem_backbone") and hasattr(holder, "tracker"):
         holder = holder.tracker
@@ -71,6 +75,10 @@ def patch_sam3(model: object) -> MemoryEncoder:
             "patch_sam3 expects a sam3 tracker (or a model with .tracker) holding .maskmem_backbone; "
             f"got {type(model).__qualname__}"
         )
+    if isinstance(holder.maskmem_backbone, MemoryEncoder):
+        return holder.maskmem_backbone
     encoder = from_sam3(holder.maskmem_backbone)
+    if fuse_mask_transform:
+        encoder.take_mask_transform(holder)
     holder.maskmem_backbone = encoder
     return encoder

@@ -146,3 +146,37 @@ def test_from_sam2_shares_parameters_and_patch_sam2_swaps_in_place():
         mf.from_sam2(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="memory_encoder"):
         mf.patch_sam2(object())
+
+
+def test_patch_sam2_moves_the_callers_mask_transform_into_the_encoder():
+    from sam2.modeling import memory_encoder as sam2_me
+    from sam2.modeling import position_encoding as sam2_pe
+
+    original = sam2_me.MemoryEncoder(
+        16, sam2_me.MaskDownSampler(embed_dim=32, kernel_size=3, stride=2, padding=1),
+        sam2_me.Fuser(sam2_me.CXBlock(32), 2), sam2_pe.PositionEmbeddingSine(16), in_dim=32).eval()
+    randomize_parameters(original, seed=8)
+
+    class Model:  # what SAM2Base keeps: the encoder and the transform applied before calling it
+        sigmoid_scale_for_mem_enc = 20.0
+        sigmoid_bias_for_mem_enc = -10.0
+
+    model = Model()
+    model.memory_encoder = original
+    probabilities = torch.sigmoid(3 * torch.randn(2, 1, 64, 64))
+    pix_feat = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        expected = original(pix_feat, probabilities * 20.0 - 10.0, skip_mask_sigmoid=True)["vision_features"]
+    patched = mf.patch_sam2(model)
+    assert (model.sigmoid_scale_for_mem_enc, model.sigmoid_bias_for_mem_enc) == (1.0, 0.0)
+    assert (patched.mask_scale, patched.mask_bias) == (20.0, -10.0)
+    mf.patch_sam2(model)  # idempotent: the transform is not applied twice
+    assert (patched.mask_scale, patched.mask_bias) == (20.0, -10.0)
+    for backend in mf.available_backends():
+        with torch.no_grad(), mf.use_backend(backend):
+            out = patched(pix_feat, probabilities, skip_mask_sigmoid=True)["vision_features"]
+        assert judge(out, expected.double(), torch.float32).passed, backend
+    unfused = Model()
+    unfused.memory_encoder = original
+    assert mf.patch_sam2(unfused, fuse_mask_transform=False).mask_scale == 1.0
+    assert unfused.sigmoid_scale_for_mem_enc == 20.0

@@ -25,6 +25,8 @@ def test_video_tracking_agrees_with_sam2(via_hydra):
     result = _example().compare("configs/sam2.1/sam2.1_hiera_t.yaml", "cpu", frames=3, objects=2,
                                 backend="torch", image_size=512, via_hydra=via_hydra)
     assert result["patched_backend"] == "torch"
+    # patch_sam2 moves the model's sigmoid * 20 - 10 into the encoder; the hydra route keeps it outside.
+    assert result["mask_transform"] == ((1.0, 0.0) if via_hydra else (20.0, -10.0))
     assert sorted(result["ious"]) == [0, 1, 2]
     for frame, iou in result["ious"].items():
         assert iou >= 0.99, f"frame {frame}: IoU {iou}"

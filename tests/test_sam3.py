@@ -83,8 +83,9 @@ def test_patch_sam3_passes_the_trackers_isinstance_check():
     original = _tracker_encoder(memory, position, dim=32, interpol=(48, 48), out_dim=16)
     randomize_parameters(original, seed=35)
 
-    class Tracker:  # stands in for sam3's Sam3TrackerBase: only .maskmem_backbone matters here
-        pass
+    class Tracker:  # stands in for sam3's Sam3TrackerBase: .maskmem_backbone and the mask transform
+        sigmoid_scale_for_mem_enc = 20.0
+        sigmoid_bias_for_mem_enc = -10.0
 
     class VideoModel:
         pass
@@ -100,11 +101,13 @@ def test_patch_sam3_passes_the_trackers_isinstance_check():
     assert patched.pix_feat_proj.weight is original.pix_feat_proj.weight
     assert list(patched.state_dict()) == list(original.state_dict())
 
-    pix_feat, masks = torch.randn(2, 32, 3, 3), torch.randn(2, 1, 40, 40)
+    assert (tracker.sigmoid_scale_for_mem_enc, tracker.sigmoid_bias_for_mem_enc) == (1.0, 0.0)
+    assert (patched.mask_scale, patched.mask_bias) == (20.0, -10.0)
+    pix_feat, probabilities = torch.randn(2, 32, 3, 3), torch.sigmoid(torch.randn(2, 1, 40, 40))
     with torch.no_grad():
-        expected = original(pix_feat, masks, skip_mask_sigmoid=True)["vision_features"]
+        expected = original(pix_feat, probabilities * 20.0 - 10.0, skip_mask_sigmoid=True)["vision_features"]
         with mf.use_backend("torch"):
-            out = patched(pix_feat, masks, skip_mask_sigmoid=True)["vision_features"]
+            out = patched(pix_feat, probabilities, skip_mask_sigmoid=True)["vision_features"]
     assert patched.last_backend == "torch"
     # sam3 itself resizes in float32 only, so its float32 run is the yardstick here.
     assert judge(out, expected.double(), torch.float32).passed

@@ -50,6 +50,7 @@ register_backend(
         ops_module=".backends.torch_ops",
         unavailable_reason=lambda: None,
         differentiable=True,
+        exportable=True,
     )
 )
 
@@ -64,6 +65,8 @@ register_backend(
         ops_module=".backends.triton_ops",
         unavailable_reason=_triton_unavailable_reason,
         structure_reason=_kernel_structure_reason,
+        # Plain kernel launches: torch.export (non-strict) cannot trace them; exports use torch ops.
+        exportable=False,
     )
 )
 
@@ -85,5 +88,7 @@ register_backend(
         # Configurations the kernels do not cover (other mask-stage shapes or channel counts, dwconv
         # sizes) fall back per op to the torch op inside cuda_ops, logged once.
         structure_reason=_kernel_structure_reason,
+        # Traced code calls the memenc_fast::cuda_* custom ops, which have fake implementations.
+        exportable=True,
     )
 )
