@@ -84,7 +84,11 @@ class MemoryEncoder(reference.MemoryEncoder):
     inside the first fused op; SAM 2's caller transform ``sigmoid(m) * 20 - 10`` can be moved here.
     ``cuda_graphs = True`` replays a CUDA graph captured per input signature and weight version
     for fused forwards on CUDA without grad (for B=1 latency); the output is a fresh tensor.
+    Fused forwards split the batch so that no intermediate of one launch holds more than
+    ``max_elements_per_launch`` elements (32-bit index arithmetic stays safe in every kernel).
     """
+
+    max_elements_per_launch: int = 2**31 - 1
 
     def __init__(
         self,
@@ -222,7 +226,12 @@ class MemoryEncoder(reference.MemoryEncoder):
             options = (not skip_mask_sigmoid, self.mask_scale, self.mask_bias)
 
             def run(pix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                return _run_ops(ops, packed, pix, mask, *options)
+                chunk = objects_per_launch(packed, tuple(mask.shape[-2:]), tuple(pix.shape[-2:]),
+                                           self.max_elements_per_launch)
+                if torch.compiler.is_compiling() or mask.shape[0] <= chunk:
+                    return _run_ops(ops, packed, pix, mask, *options)
+                return torch.cat([_run_ops(ops, packed, pix[i:i + chunk], mask[i:i + chunk], *options)
+                                  for i in range(0, mask.shape[0], chunk)])
 
             if (self.cuda_graphs and device.type == "cuda" and not needs_grad
                     and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
@@ -247,3 +256,20 @@ def _run_ops(ops, packed: PackedEncoder, pix_feat: torch.Tensor, masks: torch.Te
     if fused_last:
         return ops["cxblock_out_proj"](x, blocks[-1], packed)
     return ops["out_proj"](x, packed)
+
+
+def objects_per_launch(packed: PackedEncoder, mask_size: Tuple[int, int], feature_size: Tuple[int, int],
+                       max_elements: int) -> int:
+    """How many objects one pass of the fused ops may take so that no tensor a kernel indexes
+    (the mask, each stage's output, the 4x-wide MLP hidden) exceeds ``max_elements``."""
+    mask_elements = mask_size[0] * mask_size[1]
+    if packed.interpol_size is not None:
+        mask_elements = max(mask_elements, packed.interpol_size[0] * packed.interpol_size[1])
+    tokens = feature_size[0] * feature_size[1]
+    sizes = [mask_elements, tokens * packed.proj_weight.shape[1]]  # the mask; [mask ; pix_feat] tokens
+    pixels = mask_elements
+    for stage in packed.stages:
+        pixels = -(-pixels // (stage.stride[0] * stage.stride[1]))
+        sizes.append(pixels * stage.weight.shape[0])
+    sizes += [tokens * block.w1.shape[0] for block in packed.blocks]
+    return max(1, max_elements // max(sizes))

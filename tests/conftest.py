@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded encoders with non-trivial weights, inputs, and sam2 loading."""
+"""Test session setup: Triton's interpreter where there is no GPU, and a fixed seed per test."""
 
 import os
 
@@ -9,8 +9,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-from helpers import build_encoder, randomize_parameters  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)

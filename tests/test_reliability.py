@@ -144,3 +144,44 @@ def test_random_configs_match_reference(config, dtype):
             out = encoder(pix_feat, masks, **kwargs)["vision_features"]
         verdict = judge(out, oracle, dtype, same_dtype_ref=same if dtype == torch.bfloat16 else None)
         assert verdict.passed, f"{backend} {config} {dtype}: {verdict.describe()}"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_large_batches_are_split_below_the_element_limit(backend, monkeypatch):
+    """The splitting logic that keeps every launch under 2**31 elements, exercised with a small
+    limit: each launch must stay under it, and the split result must equal the unsplit one."""
+    from memenc_fast import modules
+
+    encoder = build_encoder(TINY, seed=53)
+    pix_feat, masks = make_inputs(TINY, 5, seed=54)
+    with torch.no_grad(), mf.use_backend(backend):
+        whole = encoder(pix_feat, masks)["vision_features"]
+    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
+    # TINY's largest per-object tensor: the 16 tokens x (256 mask + 32 feature) channels of proj+add
+    per_object = 16 * (256 + 32)
+    assert modules.objects_per_launch(packed, (64, 64), (4, 4), 2 * per_object) == 2
+    launches = []
+    real_run_ops = modules._run_ops
+
+    def recording_run_ops(ops, packed, pix, mask, *options):
+        launches.append(mask.shape[0])
+        return real_run_ops(ops, packed, pix, mask, *options)
+
+    monkeypatch.setattr(modules, "_run_ops", recording_run_ops)
+    monkeypatch.setattr(encoder, "max_elements_per_launch", 2 * per_object)
+    with torch.no_grad(), mf.use_backend(backend):
+        split = encoder(pix_feat, masks)["vision_features"]
+    assert launches == [2, 2, 1]
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_sam2_sized_launches_stay_under_2_to_the_31():
+    """At SAM 2's size the largest per-object tensor is the MLP hidden (4096 tokens x 1024), so
+    one launch takes at most 511 objects: B=512 masks (2^29 elements) already split."""
+    from memenc_fast import modules
+
+    preset = mf.presets.PRESETS["sam2"]
+    encoder = build_encoder(preset)
+    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
+    chunk = modules.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
+    assert chunk == (2**31 - 1) // (4096 * 1024) == 511
