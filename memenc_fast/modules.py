@@ -273,3 +273,29 @@ def objects_per_launch(packed: PackedEncoder, mask_size: Tuple[int, int], featur
         sizes.append(pixels * stage.weight.shape[0])
     sizes += [tokens * block.w1.shape[0] for block in packed.blocks]
     return max(1, max_elements // max(sizes))
+
+
+def swap_memory_encoder(
+    model: object,
+    attribute: str,
+    container: str,
+    convert: Callable[[nn.Module], "MemoryEncoder"],
+    fuse_mask_transform: bool,
+    expected: str,
+) -> "MemoryEncoder":
+    """The patch functions' common part: finds ``model.<attribute>`` (or
+    ``model.<container>.<attribute>``), replaces it in place with ``convert(original)``, moves the
+    holder's mask transform into it when asked, and returns it; a module already ours is kept."""
+    holder = model
+    if not hasattr(holder, attribute) and hasattr(holder, container):
+        holder = getattr(holder, container)
+    if not hasattr(holder, attribute):
+        raise TypeError(f"{expected}; got {type(model).__qualname__}")
+    current = getattr(holder, attribute)
+    if isinstance(current, MemoryEncoder):
+        return current
+    encoder = convert(current)
+    if fuse_mask_transform:
+        encoder.take_mask_transform(holder)
+    setattr(holder, attribute, encoder)
+    return encoder

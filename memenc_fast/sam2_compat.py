@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .modules import MemoryEncoder
+from .modules import MemoryEncoder, swap_memory_encoder
 
 __all__ = ["from_sam2", "patch_sam2"]
 
@@ -42,18 +42,6 @@ def patch_sam2(model_or_predictor: object, fuse_mask_transform: bool = True) -> 
     With ``fuse_mask_transform`` the model's ``sigmoid(m) * 20 - 10`` step before the encoder
     moves into the encoder's first fused op (see ``MemoryEncoder.take_mask_transform``).
     """
-    holder = model_or_predictor
-    if not hasattr(holder, "memory_encoder") and hasattr(holder, "model"):
-        holder = holder.model  # sam2's image predictor keeps the model as .model
-    if not hasattr(holder, "memory_encoder"):
-        raise TypeError(
-            "patch_sam2 expects a sam2 model or predictor with a .memory_encoder attribute; "
-            f"got {type(model_or_predictor).__qualname__}"
-        )
-    if isinstance(holder.memory_encoder, MemoryEncoder):
-        return holder.memory_encoder
-    encoder = from_sam2(holder.memory_encoder)
-    if fuse_mask_transform:
-        encoder.take_mask_transform(holder)
-    holder.memory_encoder = encoder
-    return encoder
+    # sam2's image predictor keeps the model as .model
+    return swap_memory_encoder(model_or_predictor, "memory_encoder", "model", from_sam2, fuse_mask_transform,
+                               "patch_sam2 expects a sam2 model or predictor with a .memory_encoder attribute")

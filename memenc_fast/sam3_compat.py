@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .modules import MemoryEncoder
+from .modules import MemoryEncoder, swap_memory_encoder
 
 __all__ = ["from_sam3", "patch_sam3", "sam3_compatible_class"]
 
@@ -67,18 +67,5 @@ def patch_sam3(model: object, fuse_mask_transform: bool = True) -> MemoryEncoder
     With ``fuse_mask_transform`` the tracker's ``sigmoid(m) * 20 - 10`` step before the encoder
     moves into the encoder's first fused op (see ``MemoryEncoder.take_mask_transform``).
     """
-    holder = model
-    if not hasattr(holder, "maskmem_backbone") and hasattr(holder, "tracker"):
-        holder = holder.tracker
-    if not hasattr(holder, "maskmem_backbone"):
-        raise TypeError(
-            "patch_sam3 expects a sam3 tracker (or a model with .tracker) holding .maskmem_backbone; "
-            f"got {type(model).__qualname__}"
-        )
-    if isinstance(holder.maskmem_backbone, MemoryEncoder):
-        return holder.maskmem_backbone
-    encoder = from_sam3(holder.maskmem_backbone)
-    if fuse_mask_transform:
-        encoder.take_mask_transform(holder)
-    holder.maskmem_backbone = encoder
-    return encoder
+    return swap_memory_encoder(model, "maskmem_backbone", "tracker", from_sam3, fuse_mask_transform,
+                               "patch_sam3 expects a sam3 tracker (or a model with .tracker) holding .maskmem_backbone")
