@@ -10,13 +10,14 @@ import contextlib
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Tuple, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
 from memenc_fast.backends import triton_interpreted
+from memenc_fast.backends.kernel_args import check_same_device as _check_same_device
 from memenc_fast.dispatch import log_once
 
 __all__ = [
@@ -28,10 +29,7 @@ __all__ = [
     "operand",
     "dot_precision",
     "sm_count",
-    "check_tensor",
     "check_same_device",
-    "poison_outputs",
-    "new_output",
     "log_fallback",
     "Launch",
 ]
@@ -107,74 +105,14 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
-
-
-def check_tensor(
-    op: str,
-    name: str,
-    t: object,
-    dtype: Optional[torch.dtype] = None,
-    shape: Optional[Sequence[Optional[int]]] = None,
-    contiguous: bool = False,
-) -> torch.Tensor:
-    """Raises TypeError/ValueError naming what ``op`` expected of ``name`` and what it got.
-
-    ``shape`` entries that are None match any size.
-    """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have dtype {str(dtype).replace('torch.', '')}; got {_describe(t)}")
-    if t.dtype not in TYPE_NAMES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16; got {_describe(t)}")
-    if shape is not None:
-        expected = tuple(shape)
-        if t.dim() != len(expected) or any(e is not None and e != s for e, s in zip(expected, t.shape)):
-            wanted = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
-            raise ValueError(f"{op}: {name} must have shape {wanted}; got {_describe(t)}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous; got strides {t.stride()} ({_describe(t)})")
-    if not INTERPRETED and t.device.type != "cuda":
-        raise ValueError(
-            f"{op}: {name} must be on a CUDA device (or set TRITON_INTERPRET=1 before importing triton); "
-            f"got {_describe(t)}"
-        )
-    return t
-
-
-def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
-    """The one device of ``tensors``; ValueError naming them all when they differ."""
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
-        raise ValueError(f"{op}: all tensors must be on one device; got {listing}")
-    return devices.pop()
-
-
-_poison = threading.local()
+_CPU_HINT = " (or set TRITON_INTERPRET=1 before importing triton)"
+# The interpreter is not thread-safe: launches under it run one at a time.
 _interpreter_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def poison_outputs() -> Iterator[None]:
-    """Within the block, every kernel output starts as NaN, so an element a kernel fails to write
-    shows up in the comparison (tests use it; torch.empty may hand back old, plausible values)."""
-    previous = getattr(_poison, "on", False)
-    _poison.on = True
-    try:
-        yield
-    finally:
-        _poison.on = previous
-
-
-def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer for a kernel: uninitialized, or NaN inside ``poison_outputs()``."""
-    out = torch.empty(tuple(shape), dtype=dtype, device=device)
-    if getattr(_poison, "on", False):
-        out.fill_(float("nan"))
-    return out
+def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors``: CUDA, or any under the interpreter; ValueError otherwise."""
+    return _check_same_device(op, INTERPRETED, _CPU_HINT, **tensors)
 
 
 def log_fallback(op: str, reason: str) -> None:

@@ -20,17 +20,16 @@ import triton
 import triton.language as tl
 
 from memenc_fast.backends import torch_ops
+from memenc_fast.backends.kernel_args import check_tensor, new_output
 from memenc_fast.packing import PackedBlock, PackedEncoder, derived
 
 from ._common import (
     INTERPRETED,
     Launch,
     check_same_device,
-    check_tensor,
     dot_precision,
     gelu,
     log_fallback,
-    new_output,
     operand,
     rounded,
 )

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from memenc_fast.backends import torch_ops
+from memenc_fast.backends.kernel_args import check_tensor, new_output
 from memenc_fast.packing import PackedEncoder, derived
 
 from ._common import (
@@ -37,11 +38,9 @@ from ._common import (
     REPORT_SM_COUNT,
     Launch,
     check_same_device,
-    check_tensor,
     dot_precision,
     gelu,
     log_fallback,
-    new_output,
     operand,
     rounded,
     sm_count,

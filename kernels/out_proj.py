@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from memenc_fast.backends import torch_ops
+from memenc_fast.backends.kernel_args import check_tensor
 from memenc_fast.packing import PackedEncoder
 
-from ._common import REPORT_SM_COUNT, check_tensor
+from ._common import REPORT_SM_COUNT
 from .proj_add import launch_pointwise, plan_pointwise
 
 __all__ = ["out_proj", "report_specs"]

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memenc_fast.backends.kernel_args import check_tensor, new_output
 from memenc_fast.packing import PackedEncoder
 
 from ._common import (
@@ -22,9 +23,7 @@ from ._common import (
     REPORT_SM_COUNT,
     Launch,
     check_same_device,
-    check_tensor,
     dot_precision,
-    new_output,
     operand,
     rounded,
     sm_count,

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_encoder_inputs", "downsampled_size", "autocast_dtype"]
+__all__ = ["check_encoder_inputs", "downsampled_size", "autocast_dtype", "describe_tensor"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -39,7 +39,8 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe_tensor(t: torch.Tensor) -> str:
+    """Shape, dtype and device of ``t``, for error messages."""
     return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
 
 
@@ -68,12 +69,12 @@ def check_encoder_inputs(
                 + (" (convert binary masks with masks.float())" if name == "masks" else "")
             )
         if t.dim() != 4:
-            raise ValueError(f"MemoryEncoder: {name} must be 4-D (B, C, H, W); got {_describe(t)}")
+            raise ValueError(f"MemoryEncoder: {name} must be 4-D (B, C, H, W); got {describe_tensor(t)}")
     assert isinstance(pix_feat, torch.Tensor) and isinstance(masks, torch.Tensor)
     if pix_feat.shape[1] != in_dim:
-        raise ValueError(f"MemoryEncoder: pix_feat must have {in_dim} channels (in_dim); got {_describe(pix_feat)}")
+        raise ValueError(f"MemoryEncoder: pix_feat must have {in_dim} channels (in_dim); got {describe_tensor(pix_feat)}")
     if mask_channels is not None and masks.shape[1] != mask_channels:
-        raise ValueError(f"MemoryEncoder: masks must have {mask_channels} channel(s); got {_describe(masks)}")
+        raise ValueError(f"MemoryEncoder: masks must have {mask_channels} channel(s); got {describe_tensor(masks)}")
     if masks.device != param.device:
         raise ValueError(
             f"MemoryEncoder: mismatched devices: masks are on {masks.device} but the module's parameters "
@@ -83,7 +84,7 @@ def check_encoder_inputs(
     if batch_m != batch_p and 1 not in (batch_m, batch_p):
         raise ValueError(
             f"MemoryEncoder: pix_feat and masks must have the same batch size (or one of them 1); "
-            f"got pix_feat {_describe(pix_feat)} and masks {_describe(masks)}"
+            f"got pix_feat {describe_tensor(pix_feat)} and masks {describe_tensor(masks)}"
         )
     expected = feature_size_of((masks.shape[-2], masks.shape[-1])) if feature_size_of else None
     if expected is not None and tuple(pix_feat.shape[-2:]) != expected:

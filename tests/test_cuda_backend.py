@@ -25,6 +25,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast.backends import cuda_lib, torch_ops
+from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import BackendUnavailableError
 from memenc_fast.numerics import judge, relative_error
 from memenc_fast.packing import pack_weights, read_structure
@@ -149,7 +150,7 @@ BAD_INPUTS = [
     ("mask_stem", lambda: _stem_args(masks=torch.randn(2, 2, 8, 8)), ValueError, r"masks must have shape \(\*, 1, \*, \*\)"),
     ("mask_stem", lambda: _stem_args(masks=torch.randn(1, 8, 8)), ValueError, "masks must have shape"),
     ("mask_stem", lambda: _stem_args()[:1] + [_stem_args()[1].half()] + _stem_args()[2:], TypeError,
-     "w1 must have dtype float32 like the input"),
+     "w1 must have dtype float32; got"),
     ("mask_stem", lambda: _stem_args(), ValueError, "masks must be on a CUDA device"),
     ("conv3x3s2_ln_gelu", lambda: [torch.randn(2, 8, 8, 16), torch.randn(64, 8, 3, 3), *[torch.randn(64)] * 3, 1e-6],
      ValueError, r"weight must have shape \(\*, 16, 3, 3\)"),
@@ -243,9 +244,9 @@ def emulated(emulated_library: cuda_lib.CudaLibrary, monkeypatch: pytest.MonkeyP
     """cuda_ops with its launches going to the emulated library, on CPU tensors."""
     cuda_ops = _cuda_ops()
     monkeypatch.setattr(cuda_lib, "load", lambda path=None: emulated_library)
-    monkeypatch.setattr(cuda_ops, "_device", lambda op, **tensors: torch.device("cpu"))
+    monkeypatch.setattr(cuda_ops, "check_same_device", lambda op, **tensors: torch.device("cpu"))
     monkeypatch.setattr(cuda_ops, "_launch", lambda name, device, *args: emulated_library.call(name, *args, 0, None))
-    with cuda_ops.poison_outputs():
+    with poison_outputs():
         yield cuda_ops
 
 
@@ -358,7 +359,7 @@ def test_emulated_unsupported_configs_fall_back_per_op(emulated) -> None:
 def _gpu_module_case(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor) -> None:
     """The module on the cuda backend (outputs poisoned) against the float64 reference."""
     dtype = masks.dtype
-    with torch.no_grad(), mf.use_backend("cuda"), _cuda_ops().poison_outputs():
+    with torch.no_grad(), mf.use_backend("cuda"), poison_outputs():
         out = encoder(pix_feat, masks)["vision_features"]
     assert encoder.last_backend == "cuda" and out.dtype == dtype
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
@@ -408,7 +409,7 @@ def test_gpu_each_op_matches_torch_op(dtype: torch.dtype, batch: int) -> None:
     packed = pack_weights(read_structure(build_encoder(preset, seed=26, device=device)), dtype, device)
     pix_feat, masks = make_inputs(preset, batch, seed=27, dtype=dtype, device=device)
     bound = 2e-5 if dtype == torch.float32 else 2e-2
-    with torch.no_grad(), cuda_ops.poison_outputs():
+    with torch.no_grad(), poison_outputs():
         for transform in ((True, 1.0, 0.0), (True, 20.0, -10.0), (False, 1.0, 0.0)):
             out = cuda_ops.mask_downsample(masks, packed, *transform)
             expected = torch_ops.mask_downsample(masks, packed, *transform)

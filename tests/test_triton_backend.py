@@ -37,7 +37,7 @@ from memenc_fast.backends import triton_ops  # noqa: E402
 from memenc_fast.kernels import cxblock as cx  # noqa: E402
 from memenc_fast.kernels import mask_downsample as md  # noqa: E402
 from memenc_fast.kernels import proj_add as pa  # noqa: E402
-from memenc_fast.kernels._common import poison_outputs  # noqa: E402
+from memenc_fast.backends.kernel_args import poison_outputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -12,14 +12,13 @@ custom-op call costs ~10 µs of dispatch, as much as a whole B=1 kernel); traced
 custom ops.
 """
 
-import contextlib
-import threading
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from ..dispatch import log_once
+from .kernel_args import check_same_device, check_tensor, new_output
 from ..packing import PackedBlock, PackedEncoder, derived, is_exact_gelu
 from . import cuda_lib, torch_ops
 
@@ -33,7 +32,6 @@ __all__ = [
     "conv3x3s2_ln_gelu",
     "proj_add_tokens",
     "dwconv_ln",
-    "poison_outputs",
 ]
 
 
@@ -56,42 +54,6 @@ _T = TypeVar("_T")
 # checks, outputs, caches
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
-
-
-def _check(op: str, name: str, t: object, dtype: Optional[torch.dtype] = None,
-           shape: Optional[Sequence[Optional[int]]] = None) -> torch.Tensor:
-    """Raises TypeError/ValueError naming what ``op`` expected of ``name`` and what it got.
-
-    ``shape`` entries that are None match any size. The device is checked by ``_device``, after
-    every tensor's dtype and shape.
-    """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in cuda_lib.DTYPE_CODES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16; got {_describe(t)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have dtype {str(dtype).replace('torch.', '')} like the input; "
-                        f"got {_describe(t)}")
-    if shape is not None and (t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape))):
-        wanted = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-        raise ValueError(f"{op}: {name} must have shape {wanted}; got {_describe(t)}")
-    return t
-
-
-def _device(op: str, **tensors: torch.Tensor) -> torch.device:
-    """The one CUDA device of ``tensors``; ValueError when one is elsewhere or they differ."""
-    for name, t in tensors.items():
-        if t.device.type != "cuda":
-            raise ValueError(f"{op}: {name} must be on a CUDA device; got {_describe(t)}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
-        raise ValueError(f"{op}: all tensors must be on one device; got {listing}")
-    return devices.pop()
-
-
 def _supported(op: str, what: str, *sizes: int) -> None:
     if not cuda_lib.load().supported(op, *sizes):
         raise ValueError(f"{op}: no CUDA kernel for {what}")
@@ -100,28 +62,6 @@ def _supported(op: str, what: str, *sizes: int) -> None:
 def _launch(name: str, device: torch.device, *args: object) -> None:
     """Runs a launcher on ``device`` and torch's current stream there."""
     cuda_lib.load().call(name, *args, device.index, torch.cuda.current_stream(device).cuda_stream)
-
-
-_poison = threading.local()
-
-
-@contextlib.contextmanager
-def poison_outputs() -> Iterator[None]:
-    """Within the block, every kernel output starts as NaN, so an element a kernel fails to write
-    shows up in a comparison (torch.empty may hand back old, plausible values)."""
-    previous = getattr(_poison, "on", False)
-    _poison.on = True
-    try:
-        yield
-    finally:
-        _poison.on = previous
-
-
-def _empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-    if getattr(_poison, "on", False):
-        out.fill_(float("nan"))
-    return out
 
 
 def _taps_last(weight: torch.Tensor) -> torch.Tensor:
@@ -155,17 +95,17 @@ def mask_stem(masks: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch
     padding 1 (weights ``w``, bias ``b``) -> LayerNorm over channels (``g``, ``be``, ``eps``) -> GELU.
     """
     op = "mask_stem"
-    _check(op, "masks", masks, shape=(None, 1, None, None))
+    check_tensor(op, "masks", masks, shape=(None, 1, None, None))
     dtype = masks.dtype
-    c1, c2 = _check(op, "w1", w1, dtype, (None, 1, 3, 3)).shape[0], _check(op, "w2", w2, dtype).shape[0]
-    _check(op, "w2", w2, dtype, (c2, c1, 3, 3))
+    c1, c2 = check_tensor(op, "w1", w1, dtype, (None, 1, 3, 3)).shape[0], check_tensor(op, "w2", w2, dtype).shape[0]
+    check_tensor(op, "w2", w2, dtype, (c2, c1, 3, 3))
     for name, t, c in (("b1", b1, c1), ("g1", g1, c1), ("be1", be1, c1), ("b2", b2, c2), ("g2", g2, c2),
                        ("be2", be2, c2)):
-        _check(op, name, t, dtype, (c,))
-    device = _device(op, masks=masks, w1=w1, b1=b1, g1=g1, be1=be1, w2=w2, b2=b2, g2=g2, be2=be2)
+        check_tensor(op, name, t, dtype, (c,))
+    device = check_same_device(op, masks=masks, w1=w1, b1=b1, g1=g1, be1=be1, w2=w2, b2=b2, g2=g2, be2=be2)
     _supported(op, f"channels 1 -> {c1} -> {c2}", 1, c1, c2)
     batch, _, height, width = masks.shape
-    out = _empty((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), c2), masks)
+    out = new_output((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), c2), masks.dtype, masks.device)
     weights = [t.contiguous() for t in (w1, b1, g1, be1, w2, b2, g2, be2)]
     stride_b, _, stride_h, stride_w = masks.stride()
     _launch(op, device, cuda_lib.DTYPE_CODES[dtype], masks.data_ptr(), stride_b if batch > 1 else 0, stride_h,
@@ -179,16 +119,16 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """One mask stage on tensor cores: x (B, H, W, C_in) channels-last -> conv3x3 stride 2 padding 1
     (``weight`` (C_out, C_in, 3, 3)) -> LayerNorm over C_out -> GELU -> (B, Ho, Wo, C_out)."""
     op = "conv3x3s2_ln_gelu"
-    _check(op, "x", x, shape=(None, None, None, None))
+    check_tensor(op, "x", x, shape=(None, None, None, None))
     batch, height, width, c_in = x.shape
-    c_out = _check(op, "weight", weight, x.dtype, (None, c_in, 3, 3)).shape[0]
+    c_out = check_tensor(op, "weight", weight, x.dtype, (None, c_in, 3, 3)).shape[0]
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check(op, name, t, x.dtype, (c_out,))
-    device = _device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
+        check_tensor(op, name, t, x.dtype, (c_out,))
+    device = check_same_device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
     _supported(op, f"channels {c_in} -> {c_out}", c_in, c_out)
     x = x.contiguous()
     params = [t.contiguous() for t in (bias, norm_weight, norm_bias)]
-    out = _empty((batch, _conv_out(height), _conv_out(width), c_out), x)
+    out = new_output((batch, _conv_out(height), _conv_out(width), c_out), x.dtype, x.device)
     _launch(op, device, cuda_lib.DTYPE_CODES[x.dtype], c_in, c_out, x.data_ptr(), batch, height, width,
             _taps_last(weight).data_ptr(), *[t.data_ptr() for t in params], eps, int(_precise()), out.data_ptr())
     return out
@@ -219,17 +159,17 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, weight:
     (channels-last and NCHW are read in place); ``weight`` (C_out, C_m + C_p).
     """
     op = "proj_add"
-    _check(op, "mask_features", mask_features, shape=(None, None, None, None))
+    check_tensor(op, "mask_features", mask_features, shape=(None, None, None, None))
     batch, c_m, height, width = mask_features.shape
     dtype = mask_features.dtype
-    c_p = _check(op, "pix_feat", pix_feat, dtype, (batch, None, height, width)).shape[1]
-    c_out = _check(op, "weight", weight, dtype, (None, c_m + c_p)).shape[0]
-    _check(op, "bias", bias, dtype, (c_out,))
-    device = _device(op, mask_features=mask_features, pix_feat=pix_feat, weight=weight, bias=bias)
+    c_p = check_tensor(op, "pix_feat", pix_feat, dtype, (batch, None, height, width)).shape[1]
+    c_out = check_tensor(op, "weight", weight, dtype, (None, c_m + c_p)).shape[0]
+    check_tensor(op, "bias", bias, dtype, (c_out,))
+    device = check_same_device(op, mask_features=mask_features, pix_feat=pix_feat, weight=weight, bias=bias)
     _supported(op, f"channels {c_m} + {c_p} -> {c_out}", c_m, c_p, c_out)
     (m, m_b, m_c, m_p), (p, p_b, p_c, p_p) = _gemm_source(mask_features), _gemm_source(pix_feat)
     weight, bias = weight.contiguous(), bias.contiguous()
-    out = _empty((batch, height, width, c_out), mask_features)
+    out = new_output((batch, height, width, c_out), mask_features.dtype, mask_features.device)
     _launch(op, device, cuda_lib.DTYPE_CODES[dtype], m.data_ptr(), m_b, m_c, m_p, c_m, p.data_ptr(), p_b, p_c,
             p_p, c_p, batch, height * width, weight.data_ptr(), bias.data_ptr(), c_out, int(_precise()),
             out.data_ptr())
@@ -241,17 +181,17 @@ def dwconv_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residua
     """Depthwise KxK conv ("same" padding) + LayerNorm over channels (no affine) on tokens
     x (B, H, W, C) -> (normalized tokens, ``x + residual_bias``), both (B, H, W, C)."""
     op = "dwconv_ln"
-    _check(op, "x", x, shape=(None, None, None, None))
+    check_tensor(op, "x", x, shape=(None, None, None, None))
     channels = x.shape[3]
-    size = _check(op, "weight", weight, x.dtype, (channels, 1, None, None)).shape[2]
-    _check(op, "weight", weight, x.dtype, (channels, 1, size, size))
-    _check(op, "bias", bias, x.dtype, (channels,))
-    _check(op, "residual_bias", residual_bias, x.dtype, (channels,))
-    device = _device(op, x=x, weight=weight, bias=bias, residual_bias=residual_bias)
+    size = check_tensor(op, "weight", weight, x.dtype, (channels, 1, None, None)).shape[2]
+    check_tensor(op, "weight", weight, x.dtype, (channels, 1, size, size))
+    check_tensor(op, "bias", bias, x.dtype, (channels,))
+    check_tensor(op, "residual_bias", residual_bias, x.dtype, (channels,))
+    device = check_same_device(op, x=x, weight=weight, bias=bias, residual_bias=residual_bias)
     _supported(op, f"{channels} channels and a {size}x{size} kernel", channels, size)
     x = x.contiguous()
     params = [t.contiguous() for t in (weight, bias, residual_bias)]
-    normed, resid = _empty(x.shape, x), _empty(x.shape, x)
+    normed, resid = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)
     batch, height, width, _ = x.shape
     _launch(op, device, cuda_lib.DTYPE_CODES[x.dtype], x.data_ptr(), batch, height, width, channels,
             params[0].data_ptr(), size, params[1].data_ptr(), params[2].data_ptr(), eps, normed.data_ptr(),

@@ -1,0 +1,86 @@
+"""Argument checks and output buffers shared by the kernel backends (Triton and CUDA).
+
+Every kernel wrapper validates its tensors before a launch with the same messages (what the op
+expected of which argument, and what it got) and allocates its outputs through ``new_output``,
+so tests can fill every output with NaN (``poison_outputs``) to catch elements a kernel never
+writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..validation import describe_tensor
+
+__all__ = ["KERNEL_DTYPES", "check_tensor", "check_same_device", "poison_outputs", "new_output"]
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    dtype: Optional[torch.dtype] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Raises TypeError/ValueError naming what ``op`` expected of ``name`` and what it got.
+
+    ``shape`` entries that are None match any size; devices are checked by check_same_device.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {str(dtype).replace('torch.', '')}; got {describe_tensor(t)}")
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16; got {describe_tensor(t)}")
+    if shape is not None:
+        expected = tuple(shape)
+        if t.dim() != len(expected) or any(e is not None and e != s for e, s in zip(expected, t.shape)):
+            wanted = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+            raise ValueError(f"{op}: {name} must have shape {wanted}; got {describe_tensor(t)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; got strides {t.stride()} ({describe_tensor(t)})")
+    return t
+
+
+def check_same_device(op: str, allow_cpu: bool = False, cpu_hint: str = "", **tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors``: ValueError naming them when they differ, or when one is not
+    on CUDA (unless ``allow_cpu``; ``cpu_hint`` says how to allow it)."""
+    if not allow_cpu:
+        for name, t in tensors.items():
+            if t.device.type != "cuda":
+                raise ValueError(f"{op}: {name} must be on a CUDA device{cpu_hint}; got {describe_tensor(t)}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"{op}: all tensors must be on one device; got {listing}")
+    return devices.pop()
+
+
+_poison = threading.local()
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Within the block, every kernel output starts as NaN, so an element a kernel fails to write
+    shows up in the comparison (tests use it; torch.empty may hand back old, plausible values)."""
+    previous = getattr(_poison, "on", False)
+    _poison.on = True
+    try:
+        yield
+    finally:
+        _poison.on = previous
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel: uninitialized, or NaN inside ``poison_outputs()``."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if getattr(_poison, "on", False):
+        out.fill_(float("nan"))
+    return out
