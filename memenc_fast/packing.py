@@ -15,6 +15,7 @@ keeps a reference to the parameters it was built from together with their versio
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -62,22 +63,32 @@ class EncoderStructure:
     position_encoding: nn.Module
 
     def parameters(self) -> List[torch.Tensor]:
-        """Every tensor the packed weights are derived from, in a fixed order."""
-        params: List[torch.Tensor] = []
+        """Every tensor the packed weights are derived from, in a fixed order.
+
+        Read straight from each owner's ``_parameters`` dict: this runs on every forward, and
+        ``module.weight`` goes through ``nn.Module.__getattr__``.
+        """
+        return [owner[name] for owner, name in self._parameter_slots]
+
+    @functools.cached_property
+    def _parameter_slots(self) -> List[Tuple[Dict[str, torch.Tensor], str]]:
+        def slots(module: nn.Module, *names: str) -> List[Tuple[Dict[str, torch.Tensor], str]]:
+            return [(module._parameters, name) for name in names]
+
+        found = []
         for conv, norm in zip(self.stage_convs, self.stage_norms):
-            params += [conv.weight, conv.bias, norm.weight, norm.bias]
-        params += [self.mask_final_conv.weight, self.mask_final_conv.bias]
-        params += [self.pix_feat_proj.weight, self.pix_feat_proj.bias]
+            found += slots(conv, "weight", "bias") + slots(norm, "weight", "bias")
+        found += slots(self.mask_final_conv, "weight", "bias") + slots(self.pix_feat_proj, "weight", "bias")
         if self.fuser_proj is not None:
-            params += [self.fuser_proj.weight, self.fuser_proj.bias]
+            found += slots(self.fuser_proj, "weight", "bias")
         for block in self.blocks:
-            params += [block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias]
-            params += [block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias]
+            found += slots(block.dwconv, "weight", "bias") + slots(block.norm, "weight", "bias")
+            found += slots(block.pwconv1, "weight", "bias") + slots(block.pwconv2, "weight", "bias")
             if block.gamma is not None:
-                params.append(block.gamma)
+                found += slots(block, "gamma")
         if self.out_proj is not None:
-            params += [self.out_proj.weight, self.out_proj.bias]
-        return params
+            found += slots(self.out_proj, "weight", "bias")
+        return found
 
     @property
     def all_activations_exact_gelu(self) -> bool:
