@@ -11,6 +11,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (`pytest -m gpu` runs only these)")
+    config.addinivalue_line("markers", "large: a GPU test needing over 16 GiB of device memory, left out of "
+                                       "the compute-sanitizer runs")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,7 +17,18 @@ from memenc_fast.presets import PRESETS, Preset, build_encoder, make_inputs, ran
 requires_sam2 = pytest.mark.skipif(
     importlib.util.find_spec("sam2") is None, reason="sam2 is not installed (see README: tests)"
 )
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+"""A GPU test's marks: ``-m gpu`` selects it (the GPU campaign runs those); skipped without a CUDA device."""
+
+
+def requires_cuda(test):
+    """Marks ``test`` as a GPU test (``CUDA_MARKS``)."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
 
 # A preset small enough for many CPU runs, with every sam2 structural feature (4 stages, 2 blocks).
 TINY = Preset("tiny", mask_size=64, feature_size=4, in_dim=32, out_dim=16)

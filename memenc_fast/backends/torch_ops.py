@@ -56,13 +56,24 @@ def resized_mask(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool
     return x
 
 
+def _affine_layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension, then ``* weight + bias``."""
+    if (torch.is_grad_enabled() and tokens.dtype in (torch.bfloat16, torch.float16)
+            and (weight.requires_grad or bias.requires_grad)):
+        # torch's CPU layer_norm backward sums the weight and bias gradients over all rows in the
+        # input's dtype: in bf16 over a mask stage's 10^6 pixels they come out ~50% wrong. A
+        # separate affine has its gradients reduced in float32, like the reference's.
+        return torch.addcmul(bias, F.layer_norm(tokens, (tokens.shape[-1],), eps=eps), weight)
+    return F.layer_norm(tokens, (tokens.shape[-1],), weight, bias, eps)
+
+
 def _mask_stages(masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float,
                  bias: float) -> torch.Tensor:
     x = resized_mask(masks, packed, apply_sigmoid, scale, bias).contiguous(memory_format=torch.channels_last)
     for stage in packed.stages:
         x = F.conv2d(x, stage.weight, stage.bias, stride=stage.stride, padding=stage.padding)
         tokens = x.permute(0, 2, 3, 1).contiguous()
-        tokens = F.layer_norm(tokens, (tokens.shape[-1],), stage.norm_weight, stage.norm_bias, stage.norm_eps)
+        tokens = _affine_layer_norm(tokens, stage.norm_weight, stage.norm_bias, stage.norm_eps)
         x = _activate(stage.activation, tokens).permute(0, 3, 1, 2)
     return x
 
