@@ -6,7 +6,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast.numerics import judge
 
-from helpers import TINY, build_encoder, make_inputs, reference_outputs
+from helpers import PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch")]
 
@@ -24,3 +24,27 @@ def test_fullgraph_compile_matches_reference(backend):
     verdict = judge(out["vision_features"], oracle["vision_features"], torch.float32)
     assert verdict.passed, verdict.describe()
     torch.testing.assert_close(out["vision_pos_enc"][0], oracle["vision_pos_enc"][0].float(), rtol=0, atol=1e-5)
+
+
+GPU_BACKENDS = [b for b in mf.available_backends() if b != "reference"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_fullgraph_compile_matches_reference(backend, mode):
+    """As SAM 2.1's fast video predictor compiles the encoder (fullgraph, static shapes), on every
+    GPU backend; ``reduce-overhead`` also replays the kernels inside torch's CUDA graphs."""
+    torch._dynamo.reset()
+    device = torch.device("cuda")
+    encoder = build_encoder(PRESETS["small"], seed=43, dtype=torch.bfloat16, device=device)
+    inputs = [make_inputs(PRESETS["small"], 2, seed=s, dtype=torch.bfloat16, device=device) for s in (44, 45, 46)]
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=False, mode=mode)
+    with torch.no_grad(), mf.use_backend(backend):
+        for pix_feat, masks in inputs:  # later calls replay what the first ones compiled
+            out = compiled(pix_feat, masks)["vision_features"].clone()
+            assert encoder.last_backend == backend
+            oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+            same = reference_outputs(encoder, pix_feat, masks, torch.bfloat16)["vision_features"]
+            verdict = judge(out, oracle, torch.bfloat16, "cuda", same_dtype_ref=same)
+            assert verdict.passed, verdict.describe()

@@ -1,0 +1,176 @@
+"""CUDA graphs: the module's opt-in graph cache (``cuda_graphs = True``) and a caller's own capture.
+
+CPU part: the cache's bookkeeping (one capture per signature and weight version, graphs of old
+weights dropped, fresh outputs) with the capture replaced by a stand-in that runs eagerly.
+GPU part (``requires_cuda``), on every backend that runs on the GPU: replays with new inputs match
+the reference; a change of shape, dtype, weights (load_state_dict, in-place update) captures anew
+and follows the change; results are not aliased between calls; a side stream; and a forward
+captured by the caller with ``torch.cuda.graph`` replays correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+import torch
+
+import memenc_fast as mf
+from memenc_fast import graphs
+from memenc_fast.numerics import judge
+from memenc_fast.packing import pack_weights, read_structure
+
+from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
+
+SMALL = PRESETS["small"]
+GPU_BACKENDS = [b for b in mf.available_backends() if b != "reference"]
+
+
+class _EagerGraph:
+    """Stands in for a captured graph on the CPU: replay reruns the forward on the static inputs."""
+
+    def __init__(self, forward: Callable, inputs: tuple, output: torch.Tensor) -> None:
+        self.forward, self.inputs, self.output, self.replays = forward, inputs, output, 0
+
+    def replay(self) -> None:
+        self.output.copy_(self.forward(*self.inputs))
+        self.replays += 1
+
+
+def _eager_capture(captures: List[graphs._Captured]):
+    def capture(packed, forward, pix_feat, masks):
+        inputs = (pix_feat.clone(), masks.clone())
+        output = forward(*inputs)
+        captured = graphs._Captured(_EagerGraph(forward, inputs, output), inputs, output, packed)
+        captures.append(captured)
+        return captured
+
+    return capture
+
+
+def test_graph_cache_captures_once_per_signature_and_drops_old_weights(monkeypatch):
+    captures: List[graphs._Captured] = []
+    monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
+    encoders = [build_encoder(SMALL, seed=s) for s in (1, 2)]
+    packs = [pack_weights(read_structure(e), torch.float32, torch.device("cpu")) for e in encoders]
+    forward = lambda pix, mask: pix.sum(dim=1, keepdim=True) * mask.mean()  # noqa: E731
+    cache = graphs.GraphCache()
+    a = make_inputs(SMALL, 2, seed=3)
+    b = make_inputs(SMALL, 2, seed=4)
+
+    first = cache.run("sig", packs[0], forward, *a)
+    second = cache.run("sig", packs[0], forward, *b)
+    assert len(captures) == 1 and captures[0].graph.replays == 2 and len(cache) == 1
+    torch.testing.assert_close(first, forward(*a), rtol=0, atol=0)  # not overwritten by the replay
+    torch.testing.assert_close(second, forward(*b), rtol=0, atol=0)
+    assert first.data_ptr() != captures[0].static_output.data_ptr()
+
+    cache.run("other", packs[0], forward, *a)
+    assert len(captures) == 2 and len(cache) == 2
+    cache.run("sig", packs[1], forward, *a)  # new weights: the graphs of the old ones go
+    assert len(captures) == 3 and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0
+
+
+def _gpu_case(backend: str, dtype: torch.dtype = torch.bfloat16, seed: int = 10):
+    device = torch.device("cuda")
+    encoder = build_encoder(SMALL, seed=seed, dtype=dtype, device=device)
+    encoder.cuda_graphs = True
+    return encoder, [make_inputs(SMALL, 2, seed=seed + i, dtype=dtype, device=device) for i in (1, 2, 3)]
+
+
+def _check(out: dict, encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor,
+           dtype: torch.dtype) -> None:
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)
+    same = reference_outputs(encoder, pix_feat, masks, dtype)
+    verdict = judge(out["vision_features"], oracle["vision_features"], dtype, "cuda",
+                    same_dtype_ref=same["vision_features"])
+    assert verdict.passed, verdict.describe()
+    assert out["vision_pos_enc"][0].shape == out["vision_features"].shape
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_graph_replays_match_the_reference(backend):
+    encoder, inputs = _gpu_case(backend)
+    with torch.no_grad(), mf.use_backend(backend):
+        outs = [encoder(*pair) for pair in inputs]
+    assert len(encoder._graphs) == 1 and encoder.last_backend == backend
+    for out, pair in zip(outs, inputs):
+        _check(out, encoder, *pair, torch.bfloat16)
+    with torch.no_grad(), mf.use_backend(backend):
+        again = encoder(*inputs[0])["vision_features"]
+    torch.testing.assert_close(outs[0]["vision_features"], again, rtol=0, atol=0)  # earlier results kept
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_graphs_follow_shape_dtype_and_weight_changes(backend):
+    encoder, inputs = _gpu_case(backend, seed=20)
+    device = torch.device("cuda")
+    with torch.no_grad(), mf.use_backend(backend):
+        encoder(*inputs[0])
+        one = (inputs[1][0][:1], inputs[1][1][:1])  # a new batch size: a second graph
+        _check(encoder(*one), encoder, *one, torch.bfloat16)
+        assert len(encoder._graphs) == 2
+        masks = make_inputs(SMALL, 2, seed=24, dtype=torch.bfloat16, device=device, mask_size=(192, 128))[1]
+        wide = (torch.randn(2, SMALL.in_dim, 12, 8, device=device, dtype=torch.bfloat16), masks)
+        _check(encoder(*wide), encoder, *wide, torch.bfloat16)
+
+        other = build_encoder(SMALL, seed=25, dtype=torch.bfloat16, device=device)
+        encoder.load_state_dict(other.state_dict())
+        _check(encoder(*inputs[0]), other, *inputs[0], torch.bfloat16)
+        assert len(encoder._graphs) == 1  # the old weights' graphs were dropped
+
+        for parameter in encoder.fuser.parameters():
+            parameter.mul_(0.75)
+        _check(encoder(*inputs[0]), encoder, *inputs[0], torch.bfloat16)
+
+        encoder.float()
+        as_fp32 = [t.float() for t in inputs[2]]
+        out = encoder(*as_fp32)
+        assert out["vision_features"].dtype == torch.float32
+        _check(out, encoder, *as_fp32, torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_graphs_on_a_side_stream_and_with_grad_left_alone(backend):
+    encoder, inputs = _gpu_case(backend, seed=30)
+    stream = torch.cuda.Stream()
+    with torch.no_grad(), mf.use_backend(backend):
+        with torch.cuda.stream(stream):
+            out = encoder(*inputs[0])
+        stream.synchronize()
+    _check(out, encoder, *inputs[0], torch.bfloat16)
+    graphs_before = len(encoder._graphs)
+    pix_feat = inputs[1][0].clone().requires_grad_()
+    with mf.use_backend("auto"):
+        encoder(pix_feat, inputs[1][1])["vision_features"].float().sum().backward()
+    assert len(encoder._graphs) == graphs_before and pix_feat.grad is not None  # training never replays
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_forward_captured_by_the_caller_replays_correctly(backend):
+    """What a caller (or torch.compile's cudagraph trees) does: capture the whole forward once,
+    copy new inputs into the captured ones, replay."""
+    encoder, inputs = _gpu_case(backend, seed=40)
+    encoder.cuda_graphs = False
+    static_pix, static_masks = (t.clone() for t in inputs[0])
+    with torch.no_grad(), mf.use_backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                encoder(static_pix, static_masks)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = encoder(static_pix, static_masks)
+    for pair in inputs[1:]:
+        static_pix.copy_(pair[0])
+        static_masks.copy_(pair[1])
+        graph.replay()
+        _check(static_out, encoder, *pair, torch.bfloat16)
