@@ -2,23 +2,39 @@
 # One command on a GPU machine: build, test, check, benchmark, inspect and sanitize memenc-fast,
 # and write everything into OUTDIR with a SUMMARY.md ready to paste into benchmarks/RESULTS.md.
 #
-#   benchmarks/gpu_campaign.sh OUTDIR
+#   benchmarks/gpu_campaign.sh OUTDIR [STEP ...]
 #
-# Uses the machine's own python and torch (PYTHON picks another interpreter) and no network.
+# STEPs (default: all, in this order): build deps tests check bench ops kernels video memcheck
+# racecheck initcheck. env (the machine's facts) and worktree (no untracked build products) always
+# run. Uses the machine's own python and torch (PYTHON picks another interpreter) and no network.
 # Never prompts. Every step runs under a time limit, its output goes to OUTDIR/<step>.log, and its
 # status, exit code and duration go to OUTDIR/steps.tsv; a failing step never stops the next one.
-# The limits add up to 535 s, under 9 minutes; MEMENC_FAST_CAMPAIGN_T_<STEP>=SECONDS changes one
-# (e.g. MEMENC_FAST_CAMPAIGN_T_TESTS=300). Exit status: 0 when no step failed or timed out.
+# MEMENC_FAST_CAMPAIGN_T_<STEP>=SECONDS changes a limit (e.g. MEMENC_FAST_CAMPAIGN_T_TESTS=300).
+# The limits add up to about 19 minutes; where one command may run 10 at most, split the steps
+# over two runs (README, "GPU campaign"). Exit status: 0 when no step failed or timed out.
+#
+# deps installs what the video benchmark and the sam2 tests import (sam2, hydra-core, omegaconf,
+# antlr4-python3-runtime, iopath), with no network, from the wheels and source archives in
+# MEMENC_FAST_CAMPAIGN_WHEELS (default: the repository's .whl/), when there are any.
 #
 # Without a CUDA GPU (torch.cuda.is_available() false) the GPU steps are skipped with that reason
 # and the rest still runs. MEMENC_FAST_CAMPAIGN_DRY_RUN=1 records every step's command without
 # running it (the environment facts, the GPU probe and the git check still run).
 set -uo pipefail
 
-if (($# != 1)); then
-    echo "usage: $0 OUTDIR (expected one argument, got $#)" >&2
+ALL_STEPS=(build deps tests check bench ops kernels video memcheck racecheck initcheck)
+if (($# < 1)); then
+    echo "usage: $0 OUTDIR [STEP ...] (STEPs: ${ALL_STEPS[*]}; default all)" >&2
     exit 2
 fi
+for step in "${@:2}"; do
+    if [[ " ${ALL_STEPS[*]} " != *" $step "* ]]; then
+        echo "$0: unknown step '$step'; expected some of: ${ALL_STEPS[*]}" >&2
+        exit 2
+    fi
+done
+SELECTED=" ${*:2} "
+[[ -n "${SELECTED// /}" ]] || SELECTED=" ${ALL_STEPS[*]} "
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$1" || exit 2
@@ -31,8 +47,8 @@ cd "$REPO" || exit 2
 
 # A reused OUTDIR must not show an earlier run's results as this one's.
 rm -rf "$OUT/cubins" "$OUT"/{SUMMARY.md,steps.tsv,facts.txt,junit.xml,bench.png} \
-    "$OUT"/{env,build,tests,check,bench,ops,kernels,memcheck,racecheck,worktree}.log \
-    "$OUT"/{check,bench,ops,kernels}.json
+    "$OUT"/{env,build,deps,tests,check,bench,ops,kernels,video,memcheck,racecheck,initcheck,worktree}.log \
+    "$OUT"/{check,bench,ops,kernels,video}.json
 : >"$STEPS"
 
 # No network and no questions: pip never reaches an index, no step reads a terminal.
@@ -48,7 +64,13 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 shown() { # a command as SUMMARY.md shows it: $OUTDIR for this run's folder, no machine paths
-    local text="${SHOW:-$*}"
+    local text="${SHOW:-}" arg
+    if [[ -z "$text" ]]; then
+        for arg in "$@"; do
+            [[ "$arg" != *[[:space:]]* ]] || arg="'$arg'"
+            text+="${text:+ }$arg"
+        done
+    fi
     # shellcheck disable=SC2016 # a literal $OUTDIR is the point
     text="${text//"$OUT"/'$OUTDIR'}"
     [[ -z "${PYTHON:-}" ]] || text="${text//"$PY"/python}"
@@ -71,8 +93,11 @@ skip() { # skip STEP REASON COMMAND...
     record "$step" "skipped: $reason" "-" "0" "$@"
 }
 
+selected() { [[ "$SELECTED" == *" $1 "* ]]; }
+
 run_step() { # run_step STEP SECONDS COMMAND...: run under a time limit, log, record
     local step="$1" seconds="$2" start code status
+    selected "$step" || return 0
     shift 2
     if [[ "$DRY_RUN" == 1 ]]; then
         echo "dry run: $(shown "$@")" >"$OUT/$step.log"
@@ -165,6 +190,7 @@ if timeout 15 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available
 fi
 
 gpu_step() { # gpu_step STEP SECONDS COMMAND...: run_step, or skip where there is no GPU
+    selected "$1" || return 0
     if [[ -n "$NO_GPU" ]]; then
         local step="$1"
         shift 2
@@ -194,9 +220,28 @@ SHOW="MEMENC_FAST_CUDA_ARCHS=90a $PY -m pip install --no-build-isolation --no-de
 || MEMENC_FAST_CUDA_ARCHS=90a $PY setup.py build_ext --inplace" \
     run_step build "$(limit build 95)" bash -c build
 
+# ---------------------------------------------------------------------------- deps
+
+WHEELS="${MEMENC_FAST_CAMPAIGN_WHEELS:-$REPO/.whl}"
+if selected deps; then
+    shopt -s nullglob
+    archives=("$WHEELS"/*.whl "$WHEELS"/*.tar.gz "$WHEELS"/*.zip)
+    shopt -u nullglob
+    SHOW="SAM2_BUILD_CUDA=0 $PY -m pip install --no-deps --no-build-isolation \
+${MEMENC_FAST_CAMPAIGN_WHEELS:-.whl}/*"
+    if ((${#archives[@]} == 0)); then
+        skip deps "no wheel or source archive in ${MEMENC_FAST_CAMPAIGN_WHEELS:-.whl/}" true
+    else
+        run_step deps "$(limit deps 60)" env SAM2_BUILD_CUDA=0 "$PY" -m pip install --no-deps \
+            --no-build-isolation "${archives[@]}"
+    fi
+    unset SHOW
+fi
+
 # ---------------------------------------------------------------------------- tests, check, bench
 
-gpu_step tests "$(limit tests 95)" "$PY" -m pytest tests -q -rs -p no:cacheprovider \
+# The GPU tests (marker gpu): the CPU tests are CI's, on every commit.
+gpu_step tests "$(limit tests 240)" "$PY" -m pytest tests -q -rs -p no:cacheprovider -m gpu \
     --junitxml "$OUT/junit.xml"
 gpu_step check "$(limit check 40)" "$PY" -m memenc_fast check --json "$OUT/check.json"
 # torch.compile in its default mode: max-autotune tunes for minutes per shape, past the budget.
@@ -206,6 +251,16 @@ gpu_step ops "$(limit ops 40)" "$PY" -m memenc_fast bench --ops --batch 1,64 --d
     --json "$OUT/ops.json"
 run_step kernels "$(limit kernels 75)" "$PY" -m memenc_fast kernels \
     --json "$OUT/kernels.json" --cubin-dir "$OUT/cubins"
+
+# ---------------------------------------------------------------------------- video
+
+VIDEO=("$PY" benchmarks/bench_video.py --objects "1,8,32" --frames 8 --json "$OUT/video.json")
+if selected video && [[ -z "$NO_GPU" && "$DRY_RUN" != 1 ]] &&
+    ! timeout 60 "$PY" -c 'import sam2' >/dev/null 2>&1 </dev/null; then
+    skip video "sam2 is not importable (put its archives in .whl/ and run the deps step)" "${VIDEO[@]}"
+else
+    gpu_step video "$(limit video 150)" "${VIDEO[@]}"
+fi
 
 # ---------------------------------------------------------------------------- sanitizers
 
@@ -227,17 +282,19 @@ find_sanitizer() { # PATH, then the CUDA toolkit that holds nvcc, then the usual
 }
 
 SANITIZER="$(find_sanitizer)"
-for tool in memcheck racecheck; do
-    # Without torch's caching allocator every tensor is an allocation of its own, so memcheck
-    # sees an out-of-bounds access that would otherwise land inside a pooled block.
+for tool in memcheck racecheck initcheck; do
+    selected "$tool" || continue
+    # The GPU test suite but its heavy tests (over 20 GiB, or a whole SAM 2 model). Without torch's
+    # caching allocator every tensor is an allocation of its own, so memcheck sees an
+    # out-of-bounds access that would otherwise land inside a pooled block.
     command=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SANITIZER:-compute-sanitizer}"
-             --tool "$tool" --error-exitcode 1 "$PY" -m memenc_fast check --batch 1
-             --preset small)
+             --tool "$tool" --error-exitcode 1 "$PY" -m pytest tests -q -p no:cacheprovider
+             -m "gpu and not heavy")
     if [[ -z "$SANITIZER" && -z "$NO_GPU" ]]; then
         skip "$tool" "compute-sanitizer not found (PATH, nvcc's CUDA root, CUDA_HOME, \
 /usr/local/cuda)" "${command[@]}"
     else
-        gpu_step "$tool" "$(limit "$tool" 40)" "${command[@]}"
+        gpu_step "$tool" "$(limit "$tool" 150)" "${command[@]}"
     fi
 done
 
@@ -284,7 +341,7 @@ log_block() { # log_block STEP LINES: the step's log (its last LINES lines) as a
     echo '```'
 }
 
-TABLES=" check bench ops kernels "
+TABLES=" check bench ops kernels video "
 {
     echo "## GPU campaign: $(fact device)"
     echo

@@ -15,7 +15,7 @@ import copy
 import os
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,21 +64,61 @@ def build_predictor(config: str, device: str, image_size: int = 1024, seed: int 
                                       hydra_overrides_extra=[f"++model.image_size={image_size}", *overrides])
 
 
-def track(predictor, video_dir: str, clicks: List[Tuple[float, float]]) -> Tuple[Dict[int, np.ndarray], float]:
-    """Clicks once on each object in frame 0 and propagates; returns {frame: (objects, H, W)
-    mask logits} and the seconds per propagated frame."""
-    with torch.inference_mode():
+class EncoderTimer:
+    """Time spent inside ``module``'s forward while active: CUDA events on a GPU (no extra
+    synchronisation inside the loop), wall-clock on the CPU."""
+
+    def __init__(self, module: torch.nn.Module, device: str) -> None:
+        self.module, self.cuda = module, torch.device(device).type == "cuda"
+        self.spans: List[Tuple[object, object]] = []
+
+    def _stamp(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __enter__(self) -> "EncoderTimer":
+        self._hooks = [self.module.register_forward_pre_hook(lambda *_: self.spans.append((self._stamp(), None))),
+                       self.module.register_forward_hook(lambda *_: self._close())]
+        return self
+
+    def _close(self) -> None:
+        self.spans[-1] = (self.spans[-1][0], self._stamp())
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+        return sum(end - start for start, end in self.spans)
+
+
+def track(predictor, video_dir: str, clicks: List[Tuple[float, float]], autocast: Optional[torch.dtype] = None
+          ) -> Tuple[Dict[int, np.ndarray], float, float]:
+    """Clicks once on each object in frame 0 and propagates (under ``autocast`` if given, as sam2's
+    README runs it); returns {frame: (objects, H, W) mask logits}, the seconds per propagated frame
+    and the memory encoder's share of them."""
+    device = str(predictor.device)
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=autocast,
+                                                 enabled=autocast is not None):
         state = predictor.init_state(video_path=video_dir)
         for obj_id, (x, y) in enumerate(clicks, start=1):
             predictor.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id,
                                             points=np.array([[x, y]], dtype=np.float32),
                                             labels=np.array([1], dtype=np.int32))
         masks: Dict[int, np.ndarray] = {}
-        begin = time.perf_counter()
-        for frame_idx, _, mask_logits in predictor.propagate_in_video(state):
-            masks[frame_idx] = mask_logits[:, 0].float().cpu().numpy()
-        seconds = (time.perf_counter() - begin) / max(1, len(masks))
-    return masks, seconds
+        with EncoderTimer(predictor.memory_encoder, device) as encoder_timer:
+            begin = time.perf_counter()
+            for frame_idx, _, mask_logits in predictor.propagate_in_video(state):
+                masks[frame_idx] = mask_logits[:, 0].float().cpu().numpy()  # waits for the frame
+            seconds = time.perf_counter() - begin
+    frames = max(1, len(masks))
+    return masks, seconds / frames, encoder_timer.seconds() / frames
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,9 +135,11 @@ def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
 
 
 def compare(config: str, device: str, frames: int, objects: int, backend: str = "auto",
-            image_size: int = 1024, via_hydra: bool = False) -> Dict[str, object]:
+            image_size: int = 1024, via_hydra: bool = False, autocast: Optional[torch.dtype] = None,
+            repeats: int = 1) -> Dict[str, object]:
     """Tracks the same synthetic video with sam2 as is and with memenc-fast (``patch_sam2``, or
-    the hydra config naming memenc_fast's classes); per-frame agreement and timings."""
+    the hydra config naming memenc_fast's classes); per-frame agreement and timings (the fastest of
+    ``repeats`` runs each: the first pays for one-off compilation and autotuning)."""
     predictor = build_predictor(config, device, image_size)
     if via_hydra:
         patched = build_predictor(config, device, image_size, overrides=MEMENC_FAST_OVERRIDES)
@@ -109,16 +151,19 @@ def compare(config: str, device: str, frames: int, objects: int, backend: str = 
         raise RuntimeError("the memory encoder was not replaced")
     with tempfile.TemporaryDirectory() as video_dir:
         clicks = write_synthetic_video(video_dir, frames, objects=objects)
-        baseline, baseline_seconds = track(predictor, video_dir, clicks)
+        runs = [track(predictor, video_dir, clicks, autocast) for _ in range(repeats)]
         with mf.use_backend(backend):
-            fast, fast_seconds = track(patched, video_dir, clicks)
+            fast_runs = [track(patched, video_dir, clicks, autocast) for _ in range(repeats)]
+    baseline, fast = runs[0][0], fast_runs[0][0]
     ious = {f: min(agreement(baseline[f][o], fast[f][o]) for o in range(objects)) for f in baseline}
     foreground = {f: float((baseline[f] > 0).mean()) for f in baseline}
     logit_error = {f: float(np.linalg.norm(fast[f] - baseline[f]) / np.linalg.norm(baseline[f])) for f in baseline}
     encoder = patched.memory_encoder
     return dict(ious=ious, foreground=foreground, logit_error=logit_error,
-                mask_transform=(encoder.mask_scale, encoder.mask_bias), baseline_seconds=baseline_seconds, patched_seconds=fast_seconds,
-                patched_backend=patched.memory_encoder.last_backend)
+                mask_transform=(encoder.mask_scale, encoder.mask_bias),
+                baseline_seconds=min(r[1] for r in runs), patched_seconds=min(r[1] for r in fast_runs),
+                baseline_encoder_seconds=min(r[2] for r in runs),
+                patched_encoder_seconds=min(r[2] for r in fast_runs), patched_backend=encoder.last_backend)
 
 
 def main() -> None:
@@ -137,8 +182,10 @@ def main() -> None:
         print(f"frame {frame}: min IoU (foreground and background) {iou:.4f}, "
               f"foreground {100 * result['foreground'][frame]:.1f}% of pixels, "
               f"mask logits rel. difference {result['logit_error'][frame]:.2e}")
-    print(f"per frame: sam2 {result['baseline_seconds'] * 1e3:.1f} ms, "
-          f"patched ({result['patched_backend']}) {result['patched_seconds'] * 1e3:.1f} ms")
+    print(f"per frame: sam2 {result['baseline_seconds'] * 1e3:.1f} ms "
+          f"(memory encoder {result['baseline_encoder_seconds'] * 1e3:.2f} ms), "
+          f"patched ({result['patched_backend']}) {result['patched_seconds'] * 1e3:.1f} ms "
+          f"(memory encoder {result['patched_encoder_seconds'] * 1e3:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (`pytest -m gpu` runs only these)")
-    config.addinivalue_line("markers", "large: a GPU test needing over 16 GiB of device memory, left out of "
-                                       "the compute-sanitizer runs")
+    config.addinivalue_line("markers", "heavy: a GPU test too big for the compute-sanitizer runs (over 20 GiB "
+                                       "of device memory, or a whole SAM 2 model)")
 
 
 @pytest.fixture(autouse=True)

@@ -19,15 +19,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_campaign.sh"
-STEPS = ["env", "build", "tests", "check", "bench", "ops", "kernels", "memcheck", "racecheck",
-         "worktree"]
+STEPS = ["env", "build", "deps", "tests", "check", "bench", "ops", "kernels", "video", "memcheck",
+         "racecheck", "initcheck", "worktree"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
 
-# Plays python on a GPU machine. Each call is appended to $FAKE_CALLS; pip fails (so the build
-# falls back to setup.py), the test suite has a failure, `bench --ops` hangs past its limit and
-# `kernels` reports a violation.
+# Plays python on a GPU machine. Each call is appended to $FAKE_CALLS; pip fails to install the
+# project (so the build falls back to setup.py) but installs the carried archives, the GPU test
+# suite has a failure, `bench --ops` hangs past its limit and `kernels` reports a violation.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >>"$FAKE_CALLS"
 case "$1 $2" in
@@ -35,13 +35,17 @@ case "$1 $2" in
         printf 'python: 3.12.3\ntorch: 2.11.0+cu128\ntorch CUDA: 12.8\n'
         printf 'device: NVIDIA H100 80GB HBM3 (sm_90)\ntriton: 3.6.0\n' ;;
     "-c "*) exit 0 ;;
-    "-m pip") echo "ERROR: no setup.py build backend"; exit 1 ;;
+    "-m pip")
+        if [[ "$*" == *" -e ."* ]]; then echo "ERROR: no setup.py build backend"; exit 1; fi
+        echo "Successfully installed sam2-1.1.0" ;;
     "setup.py build_ext") echo "built memenc_fast/_lib/libmemenc_fast_cuda.so" ;;
     "-m pytest")
+        [[ "$*" == *--junitxml* ]] || { echo "4 passed"; exit 0; }  # under a sanitizer
         while [[ "$1" != --junitxml ]]; do shift; done
         echo '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="2"' \
              'tests="5" time="1.0"></testsuite></testsuites>' >"$2"
         echo "1 failed, 2 passed, 2 skipped"; exit 1 ;;
+    "benchmarks/bench_video.py --objects") printf '| objects | backend |\n| 8 | cuda |\n' ;;
     "-m memenc_fast")
         case "$3 $4" in
             "check "*) printf 'backend  dtype  rel_err\ntriton   bf16   2.1e-03\n' ;;
@@ -87,13 +91,14 @@ def test_without_a_gpu_the_gpu_steps_skip_and_the_summary_comes_out(tmp_path: Pa
     out = tmp_path / "out"
     # No GPU visible even on a GPU machine; the dry run keeps build and kernels from running.
     env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
-               MEMENC_FAST_CAMPAIGN_DRY_RUN="1")
+               MEMENC_FAST_CAMPAIGN_DRY_RUN="1", MEMENC_FAST_CAMPAIGN_WHEELS=str(tmp_path / "none"))
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = _steps(out)
-    for step in ("tests", "check", "bench", "ops", "memcheck", "racecheck"):
+    for step in ("tests", "check", "bench", "ops", "video", "memcheck", "racecheck", "initcheck"):
         assert steps[step][0].startswith("skipped: no CUDA GPU"), steps[step]
+    assert steps["deps"][0].startswith("skipped: no wheel or source archive in ")
     assert steps["build"][0] == steps["kernels"][0] == "dry-run"
     assert steps["env"][0] == "ok"
     summary = (out / "SUMMARY.md").read_text()
@@ -112,8 +117,12 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path: 
         (fake / name).chmod(0o755)
     out = tmp_path / "out"
     calls = tmp_path / "calls.txt"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "sam2-1.1.0.tar.gz").write_bytes(b"")
     env = dict(os.environ, PYTHON=str(fake / "python"), FAKE_CALLS=str(calls),
-               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", MEMENC_FAST_CAMPAIGN_T_OPS="1")
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", MEMENC_FAST_CAMPAIGN_T_OPS="1",
+               MEMENC_FAST_CAMPAIGN_WHEELS=str(wheels))
     env.pop("MEMENC_FAST_CAMPAIGN_DRY_RUN", None)
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
@@ -127,16 +136,20 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path: 
     assert steps["ops"][0] == "timeout (1s)" and steps["ops"][1] in ("124", "137")
     assert float(steps["ops"][2]) < 10
     assert steps["kernels"][:2] == ["failed", "3"]
-    assert steps["memcheck"][:2] == ["ok", "0"]
+    assert steps["deps"][:2] == ["ok", "0"] and steps["video"][:2] == ["ok", "0"]
+    assert steps["memcheck"][:2] == steps["initcheck"][:2] == ["ok", "0"]
     assert steps["racecheck"][:2] == ["failed", "1"]
 
     # Every step after the first failure ran, in order.
     ran = calls.read_text().splitlines()
     order = [next(i for i, line in enumerate(ran) if pattern in line) for pattern in (
-        "-m pytest", "memenc_fast check --json", "memenc_fast bench --batch 1,8,32,64",
-        "memenc_fast bench --ops", "memenc_fast kernels", "--tool memcheck", "--tool racecheck")]
+        "sam2-1.1.0.tar.gz", "-m pytest", "memenc_fast check --json", "memenc_fast bench --batch 1,8,32,64",
+        "memenc_fast bench --ops", "memenc_fast kernels", "bench_video.py", "--tool memcheck",
+        "--tool racecheck", "--tool initcheck")]
     assert order == sorted(order)
-    assert "compute-sanitizer caching=1 --tool memcheck --error-exitcode 1" in calls.read_text()
+    assert "-m pytest tests -q -rs -p no:cacheprovider -m gpu --junitxml" in calls.read_text()
+    assert re.search(r"compute-sanitizer caching=1 --tool memcheck --error-exitcode 1 \S*python -m pytest "
+                     r"tests -q -p no:cacheprovider -m gpu and not heavy", calls.read_text())
 
     summary = (out / "SUMMARY.md").read_text()
     assert _summary_rows(summary) == {step: status[0] for step, status in steps.items()}
@@ -150,6 +163,25 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path: 
     assert "### bench (ok)" in summary and "cuda     64  1234" in summary
     assert "### kernels (failed)" in summary and "VIOLATION hot kernel spills" in summary
     assert "### racecheck (failed)" in summary and "ERROR SUMMARY: 1 error" in summary
+    assert "### video (ok)" in summary and "| 8 | cuda |" in summary
     assert ("`env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
-            "--error-exitcode 1 python -m memenc_fast check --batch 1 --preset small`" in summary)
+            "--error-exitcode 1 python -m pytest tests -q -p no:cacheprovider -m 'gpu and not heavy'`"
+            in summary)
+    assert "`SAM2_BUILD_CUDA=0 python -m pip install --no-deps --no-build-isolation " in summary
     assert str(out) not in summary and str(fake) not in summary
+
+
+def test_named_steps_run_alone_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", MEMENC_FAST_CAMPAIGN_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), "kernels", "initcheck"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["env", "kernels", "initcheck", "worktree"]
+    assert set(_summary_rows((out / "SUMMARY.md").read_text())) == {"env", "kernels", "initcheck", "worktree"}
+
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), "tests", "benchmark"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "unknown step 'benchmark'; expected some of: build deps tests" in proc.stderr

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import memenc_fast as mf
 from memenc_fast.numerics import judge, relative_error, tolerance
 
-from helpers import TINY, build_encoder, make_inputs, reference_outputs
+from helpers import TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 FUSED = [b for b in mf.available_backends() if b != "reference"]
 
@@ -185,3 +185,37 @@ def test_sam2_sized_launches_stay_under_2_to_the_31():
     packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
     chunk = modules.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
     assert chunk == (2**31 - 1) // (4096 * 1024) == 511
+
+
+@requires_cuda
+@pytest.mark.heavy
+@pytest.mark.parametrize("backend", FUSED)
+def test_gpu_masks_past_2_to_the_31_elements(backend):
+    """2049 SAM 2-sized bf16 masks, one tensor of 2^31 + 2^20 elements (the last object starts at
+    element 2^31), against a broadcast pix_feat: the objects at both ends, at the first launch
+    boundary and past 2^31 match the reference run on them alone."""
+    from memenc_fast import modules
+
+    device = torch.device("cuda")
+    if torch.cuda.mem_get_info(device)[0] < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    preset = mf.presets.PRESETS["sam2"]
+    encoder = build_encoder(preset, seed=61, dtype=torch.bfloat16, device=device)
+    batch = 2**31 // preset.mask_size**2 + 1
+    generator = torch.Generator(device).manual_seed(62)
+    masks = torch.randn((batch, 1, preset.mask_size, preset.mask_size), generator=generator, device=device,
+                        dtype=torch.bfloat16).mul_(2.0)
+    assert masks.numel() > 2**31
+    pix_feat = make_inputs(preset, 1, seed=63, dtype=torch.bfloat16, device=device)[0]
+    with torch.no_grad(), mf.use_backend(backend):
+        features = encoder(pix_feat, masks)["vision_features"]
+    assert encoder.last_backend == backend and features.shape[0] == batch
+    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.bfloat16, device)
+    chunk = modules.objects_per_launch(packed, masks.shape[-2:], pix_feat.shape[-2:], encoder.max_elements_per_launch)
+    assert chunk < batch
+    for index in sorted({0, chunk - 1, chunk, batch - 2, batch - 1}):
+        one = masks[index:index + 1]
+        oracle = reference_outputs(encoder, pix_feat, one, torch.float64)["vision_features"]
+        same = reference_outputs(encoder, pix_feat, one, torch.bfloat16)["vision_features"]
+        verdict = judge(features[index:index + 1], oracle, torch.bfloat16, "cuda", same_dtype_ref=same)
+        assert verdict.passed, f"object {index}: {verdict.describe()}"
