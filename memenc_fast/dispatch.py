@@ -36,6 +36,7 @@ __all__ = [
     "select_backend",
     "BackendUnavailableError",
     "log_once",
+    "op_table",
 ]
 
 logger = logging.getLogger("memenc_fast")
@@ -72,6 +73,9 @@ class Backend:
     structure_reason: Callable[[EncoderStructure], Optional[str]] = lambda structure: None
     differentiable: bool = False
     exportable: bool = False  # its ops trace under torch.export (ATen or custom ops with fakes)
+    # torch.compile traces its ops (ATen, or custom ops with fakes); otherwise compiled code runs
+    # the whole fused forward as one custom op (pipeline.opaque_forward).
+    traceable: bool = True
     auto_device_types: Optional[FrozenSet[str]] = None  # where ``auto`` may pick it; None: device_types
     _ops: Dict[str, Callable] = field(default_factory=dict, compare=False, repr=False)
     _import_errors: List[str] = field(default_factory=list, compare=False, repr=False)
@@ -92,7 +96,7 @@ class Backend:
     def serve_reason(self, device: torch.device, dtype: torch.dtype, structure: EncoderStructure,
                      needs_grad: bool) -> Optional[str]:
         """None when this backend can run these inputs, else why not."""
-        reason = self.availability()
+        reason = _availability_at_trace(self.name) if torch.compiler.is_compiling() else self.availability()
         if reason is not None:
             return reason
         if self.device_types is not None and device.type not in self.device_types:
@@ -111,6 +115,7 @@ class Selection:
 
     name: str
     ops: Optional[Mapping[str, Callable]]  # None means: run the reference forward
+    traceable: bool = True  # see Backend.traceable
 
     @property
     def is_reference(self) -> bool:
@@ -189,15 +194,31 @@ def current_backend() -> str:
 _current_backend_at_trace = torch._dynamo.assume_constant_result(current_backend)
 
 
-def log_once(message: str) -> None:
-    """Logs ``message`` at INFO on the ``memenc_fast`` logger, the first time only."""
+def _log_once_now(message: str) -> bool:
     if message not in _logged_reasons:
         _logged_reasons.add(message)
         logger.info(message)
+    return True
 
 
-def _op_table(backend: Backend) -> Mapping[str, Callable]:
-    if backend.name == "torch":
+# Dynamo cannot trace logging: compiled code logs while it is traced, and never again.
+_log_once_at_trace = torch._dynamo.assume_constant_result(_log_once_now)
+
+
+def log_once(message: str) -> None:
+    """Logs ``message`` at INFO on the ``memenc_fast`` logger, the first time only."""
+    (_log_once_at_trace if torch.compiler.is_compiling() else _log_once_now)(message)
+
+
+# Availability asks importlib, the CUDA runtime or a ctypes library, none of which dynamo traces:
+# compiled code bakes in the answer at trace time.
+_availability_at_trace = torch._dynamo.assume_constant_result(lambda name: _registry[name].availability())
+
+
+def op_table(name: str) -> Mapping[str, Callable]:
+    """Backend ``name``'s ops, with the ``torch`` backend's for the ops it lacks."""
+    backend = _registry[name]
+    if name == "torch":
         return backend.ops()
     table = dict(_registry["torch"].ops())
     table.update(backend.ops())
@@ -234,7 +255,7 @@ def select_backend(
         reason = structure_error if structure is None else backend.serve_reason(device, dtype, structure, needs_grad)
         if reason is not None:
             raise BackendUnavailableError(f"memenc_fast backend {name!r} cannot run this forward: {reason}")
-        return Selection(name, _op_table(backend))
+        return Selection(name, op_table(name), backend.traceable)
     if structure is None:
         log_once(f"memenc_fast: running the reference forward: {structure_error}")
         return Selection(REFERENCE, None)
@@ -249,6 +270,6 @@ def select_backend(
         if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
             device, dtype, structure, needs_grad
         ) is None:
-            return Selection(candidate, _op_table(backend))
+            return Selection(candidate, op_table(candidate), backend.traceable)
     log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
     return Selection(REFERENCE, None)

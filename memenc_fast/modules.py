@@ -19,7 +19,8 @@ from . import reference
 from . import backends as _backends  # noqa: F401  (registers the shipped backends)
 from .dispatch import Selection, available_backends, select_backend
 from .graphs import GraphCache
-from .packing import EncoderStructure, PackCache, PackedEncoder, UnsupportedStructure, pack_weights, read_structure
+from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
+from .pipeline import opaque_forward, run_in_chunks, run_ops
 from .position import cached_position_encoding
 from .validation import autocast_dtype, check_encoder_inputs, downsampled_size
 
@@ -224,17 +225,18 @@ class MemoryEncoder(reference.MemoryEncoder):
                 masks = masks.expand(batch, -1, -1, -1)
                 pix_feat = pix_feat.expand(batch, -1, -1, -1)
             options = (not skip_mask_sigmoid, self.mask_scale, self.mask_bias)
+            limit = self.max_elements_per_launch
 
             def run(pix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                chunk = objects_per_launch(packed, tuple(mask.shape[-2:]), tuple(pix.shape[-2:]),
-                                           self.max_elements_per_launch)
-                if torch.compiler.is_compiling() or mask.shape[0] <= chunk:
-                    return _run_ops(ops, packed, pix, mask, *options)
-                return torch.cat([_run_ops(ops, packed, pix[i:i + chunk], mask[i:i + chunk], *options)
-                                  for i in range(0, mask.shape[0], chunk)])
+                return run_in_chunks(ops, packed, pix, mask, options, limit)
 
-            if (self.cuda_graphs and device.type == "cuda" and not needs_grad
-                    and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
+            if torch.compiler.is_compiling():
+                if selection.traceable:
+                    x = run_ops(ops, packed, pix_feat, masks, *options)
+                else:
+                    x = opaque_forward(selection.name, packed, pix_feat, masks, options, limit)
+            elif (self.cuda_graphs and device.type == "cuda" and not needs_grad
+                    and not torch.cuda.is_current_stream_capturing()):
                 signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name)
                 x = self._graphs.run(signature, packed, run, pix_feat, masks)
             else:
@@ -242,37 +244,6 @@ class MemoryEncoder(reference.MemoryEncoder):
         pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
                                        x.dtype, device)
         return {"vision_features": x, "vision_pos_enc": [pos]}
-
-
-def _run_ops(ops, packed: PackedEncoder, pix_feat: torch.Tensor, masks: torch.Tensor, apply_sigmoid: bool,
-             scale: float, bias: float) -> torch.Tensor:
-    """The fused pipeline: mask path, concatenated-K projection + add, CXBlocks, output projection."""
-    mask_features = ops["mask_downsample"](masks, packed, apply_sigmoid, scale, bias)
-    x = ops["proj_add"](mask_features, pix_feat, packed)
-    blocks = packed.blocks
-    fused_last = "cxblock_out_proj" in ops and len(blocks) > 0
-    for block in blocks[:-1] if fused_last else blocks:
-        x = ops["cxblock"](x, block)
-    if fused_last:
-        return ops["cxblock_out_proj"](x, blocks[-1], packed)
-    return ops["out_proj"](x, packed)
-
-
-def objects_per_launch(packed: PackedEncoder, mask_size: Tuple[int, int], feature_size: Tuple[int, int],
-                       max_elements: int) -> int:
-    """How many objects one pass of the fused ops may take so that no tensor a kernel indexes
-    (the mask, each stage's output, the 4x-wide MLP hidden) exceeds ``max_elements``."""
-    mask_elements = mask_size[0] * mask_size[1]
-    if packed.interpol_size is not None:
-        mask_elements = max(mask_elements, packed.interpol_size[0] * packed.interpol_size[1])
-    tokens = feature_size[0] * feature_size[1]
-    sizes = [mask_elements, tokens * packed.proj_weight.shape[1]]  # the mask; [mask ; pix_feat] tokens
-    pixels = mask_elements
-    for stage in packed.stages:
-        pixels = -(-pixels // (stage.stride[0] * stage.stride[1]))
-        sizes.append(pixels * stage.weight.shape[0])
-    sizes += [tokens * block.w1.shape[0] for block in packed.blocks]
-    return max(1, max_elements // max(sizes))
 
 
 def swap_memory_encoder(

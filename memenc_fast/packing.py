@@ -19,7 +19,7 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,8 @@ __all__ = [
     "UnsupportedStructure",
     "read_structure",
     "pack_weights",
+    "flatten_packed",
+    "unflatten_packed",
     "PackCache",
     "is_exact_gelu",
     "derived",
@@ -260,6 +262,61 @@ class PackedEncoder:
     all_activations_exact_gelu: bool
 
 
+def flatten_packed(packed: PackedEncoder) -> Tuple[List[torch.Tensor], List[int], List[float]]:
+    """``packed`` as (tensors, ints, floats): what a custom op's schema can carry.
+
+    Only for exact-GELU encoders (the activations are not carried); ``unflatten_packed`` inverts it.
+    """
+    if not packed.all_activations_exact_gelu:
+        raise ValueError("flatten_packed: expected an encoder whose activations are all exact GELU")
+    tensors: List[torch.Tensor] = []
+    ints: List[int] = [len(packed.stages)]
+    floats: List[float] = []
+    for stage in packed.stages:
+        tensors += [stage.weight, stage.bias, stage.norm_weight, stage.norm_bias]
+        ints += [*stage.kernel_size, *stage.stride, *stage.padding]
+        floats.append(stage.norm_eps)
+    ints += [0] if packed.interpol_size is None else [1, *packed.interpol_size]
+    tensors += [packed.proj_weight, packed.proj_bias]
+    ints += [packed.mask_channels, len(packed.blocks)]
+    for block in packed.blocks:
+        tensors += [block.dw_weight, block.dw_bias, block.w1, block.b1, block.w2, block.b2]
+        ints += [*block.padding, block.groups]
+        floats.append(block.norm_eps)
+    if packed.out_weight is None:
+        ints.append(0)
+    else:
+        ints.append(1)
+        tensors += [packed.out_weight, packed.out_bias]
+    return tensors, ints, floats
+
+
+def unflatten_packed(tensors: Sequence[torch.Tensor], ints: Sequence[int], floats: Sequence[float]) -> PackedEncoder:
+    """The PackedEncoder that ``flatten_packed`` gave these (exact GELU activations)."""
+    tensor_at, int_at, float_at = iter(tensors), iter(ints), iter(floats)
+
+    def take(values: Iterator, count: int) -> tuple:
+        return tuple(next(values) for _ in range(count))
+
+    stages = []
+    for _ in range(next(int_at)):
+        weight, bias, norm_weight, norm_bias = take(tensor_at, 4)
+        kernel_size, stride, padding = take(int_at, 2), take(int_at, 2), take(int_at, 2)
+        stages.append(PackedStage(weight, bias, norm_weight, norm_bias, next(float_at), kernel_size, stride,
+                                  padding, nn.GELU()))
+    interpol_size = list(take(int_at, 2)) if next(int_at) else None
+    proj_weight, proj_bias = take(tensor_at, 2)
+    mask_channels = next(int_at)
+    blocks = []
+    for _ in range(next(int_at)):
+        dw_weight, dw_bias, w1, b1, w2, b2 = take(tensor_at, 6)
+        padding, groups = take(int_at, 2), next(int_at)
+        blocks.append(PackedBlock(dw_weight, dw_bias, padding, groups, next(float_at), w1, b1, w2, b2, nn.GELU()))
+    out_weight, out_bias = take(tensor_at, 2) if next(int_at) else (None, None)
+    return PackedEncoder(tuple(stages), interpol_size, proj_weight, proj_bias, mask_channels, tuple(blocks),
+                         out_weight, out_bias, True)
+
+
 def _fold_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -412,6 +469,11 @@ def derived(owner: object, key: str, sources: Sequence[torch.Tensor], build: Cal
     Packed weights can alias module parameters (packing a parameter already in the compute
     dtype returns it unchanged), so the cache also keys on the sources' version counters.
     """
+    if torch.compiler.is_compiling():
+        # Traced code holds what it derives itself; a cache with a lock and weak references is
+        # neither traceable nor needed there.
+        with torch.no_grad():
+            return build()
     slot = (id(owner), key)
     versions = tuple(t._version for t in sources)
     hit = _derived.get(slot)

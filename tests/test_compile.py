@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) traces the drop-in on every backend that runs here."""
+"""torch.compile(fullgraph=True) traces the drop-in on every backend that runs here (the triton
+backend as one opaque custom op, memenc_fast::fused_forward)."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from memenc_fast.numerics import judge
 
 from helpers import PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
 
-CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch")]
+# The triton backend runs on the CPU under Triton's interpreter (which the tests set without a GPU).
+CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch", "triton")]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -48,3 +50,25 @@ def test_gpu_fullgraph_compile_matches_reference(backend, mode):
             same = reference_outputs(encoder, pix_feat, masks, torch.bfloat16)["vision_features"]
             verdict = judge(out, oracle, torch.bfloat16, "cuda", same_dtype_ref=same)
             assert verdict.passed, verdict.describe()
+
+
+def test_untraceable_backends_compile_to_one_custom_op():
+    """The triton launchers stay out of the graph: compiled code calls memenc_fast::fused_forward,
+    whose eager implementation still splits batches past the per-launch element limit."""
+    if "triton" not in mf.available_backends():
+        pytest.skip("the triton backend cannot run here")
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm
+
+    encoder = build_encoder(TINY, seed=47)
+    encoder.max_elements_per_launch = 2 * 16 * (256 + 32)  # two TINY objects per launch
+    pix_feat, masks = make_inputs(TINY, 5, seed=48)
+    with torch.no_grad(), mf.use_backend("triton"):
+        expected = encoder(pix_feat, masks)["vision_features"]
+        out = torch.compile(encoder, fullgraph=True, backend=recording)(pix_feat, masks)["vision_features"]
+    assert len(graphs) == 1 and graphs[0].count("memenc_fast.fused_forward") == 1, graphs
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

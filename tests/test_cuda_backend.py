@@ -28,6 +28,7 @@ from memenc_fast.backends import cuda_lib, torch_ops
 from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import BackendUnavailableError
 from memenc_fast.numerics import judge, relative_error
+from memenc_fast import pipeline
 from memenc_fast.packing import pack_weights, read_structure
 
 from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda
@@ -300,12 +301,8 @@ def test_emulated_proj_add_reads_every_layout(emulated, dtype: torch.dtype) -> N
 
 
 def _fused(ops, encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype):
-    """MemoryEncoder._fused_forward's op chain with the cuda ops (out_proj: the torch op)."""
-    packed = _packed(encoder, dtype)
-    x = ops.proj_add(ops.mask_downsample(masks, packed, True), pix_feat, packed)
-    for block in packed.blocks:
-        x = ops.cxblock(x, block)
-    return torch_ops.out_proj(x, packed)
+    """The fused pipeline on the cuda backend's op table (``ops``: the emulated cuda_ops module)."""
+    return pipeline.run_ops(mf.dispatch.op_table("cuda"), _packed(encoder, dtype), pix_feat, masks, True, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -321,6 +318,22 @@ def test_emulated_pipeline_matches_float64_reference(emulated, dtype: torch.dtyp
     assert out.shape == (2, 64, 4, 4) and out.dtype == dtype
     verdict = judge(out, oracle, dtype, same_dtype_ref=same, allow_tf32=False)
     assert verdict.passed, verdict.describe()
+
+
+def test_emulated_pipeline_compiles_to_one_graph(emulated) -> None:
+    """fullgraph torch.compile of the cuda pipeline: kernel availability is asked at trace time,
+    each kernel is a custom op whose fake gives its output (AOT autograd checks them)."""
+    encoder = build_encoder(SMALL, seed=12)
+    packed = _packed(encoder, torch.bfloat16)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=13, dtype=torch.bfloat16)
+    ops = mf.dispatch.op_table("cuda")
+    with torch.no_grad():
+        expected = pipeline.run_ops(ops, packed, pix_feat, masks, True, 20.0, -10.0)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda p, m: pipeline.run_ops(ops, packed, p, m, True, 20.0, -10.0),
+                                 fullgraph=True, backend="aot_eager")
+        out = compiled(pix_feat, masks)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_emulated_tf32_mode_when_torch_allows_it(emulated) -> None:

@@ -1,6 +1,7 @@
 """Backend selection, the env var, per-op fallback, and the weight / position-encoding caches."""
 
 import copy
+import dataclasses
 import logging
 import pickle
 
@@ -214,3 +215,28 @@ def test_judge_applies_the_same_dtype_rule_only_to_large_outputs():
         assert verdict.passed == expect_pass, verdict.describe()
     nan = torch.full((4,), float("nan"))
     assert not judge(nan, torch.ones(4, dtype=torch.float64), torch.float32).passed
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sam3"])
+@pytest.mark.parametrize("identity_out_proj", [False, True])
+def test_packed_weights_flatten_and_unflatten_to_the_same_encoder(preset, identity_out_proj):
+    from memenc_fast.packing import flatten_packed, pack_weights, read_structure, unflatten_packed
+
+    encoder = build_encoder(TINY if preset == "tiny" else mf.presets.PRESETS["sam3"], seed=71)
+    if identity_out_proj:
+        encoder.out_proj = torch.nn.Identity()
+    packed = pack_weights(read_structure(encoder), torch.float32, torch.device("cpu"))
+    rebuilt = unflatten_packed(*flatten_packed(packed))
+    for field in dataclasses.fields(packed):
+        ours, theirs = getattr(packed, field.name), getattr(rebuilt, field.name)
+        if field.name in ("stages", "blocks"):
+            assert len(ours) == len(theirs)
+            for a, b in zip(ours, theirs):
+                for sub in dataclasses.fields(a):
+                    x, y = getattr(a, sub.name), getattr(b, sub.name)
+                    if sub.name == "activation":
+                        assert mf.packing.is_exact_gelu(x) and mf.packing.is_exact_gelu(y)
+                    else:
+                        assert x is y if isinstance(x, torch.Tensor) else x == y, (field.name, sub.name)
+        else:
+            assert ours is theirs if isinstance(ours, torch.Tensor) else ours == theirs, field.name

@@ -150,7 +150,7 @@ def test_random_configs_match_reference(config, dtype):
 def test_large_batches_are_split_below_the_element_limit(backend, monkeypatch):
     """The splitting logic that keeps every launch under 2**31 elements, exercised with a small
     limit: each launch must stay under it, and the split result must equal the unsplit one."""
-    from memenc_fast import modules
+    from memenc_fast import pipeline
 
     encoder = build_encoder(TINY, seed=53)
     pix_feat, masks = make_inputs(TINY, 5, seed=54)
@@ -159,15 +159,15 @@ def test_large_batches_are_split_below_the_element_limit(backend, monkeypatch):
     packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
     # TINY's largest per-object tensor: the 16 tokens x (256 mask + 32 feature) channels of proj+add
     per_object = 16 * (256 + 32)
-    assert modules.objects_per_launch(packed, (64, 64), (4, 4), 2 * per_object) == 2
+    assert pipeline.objects_per_launch(packed, (64, 64), (4, 4), 2 * per_object) == 2
     launches = []
-    real_run_ops = modules._run_ops
+    real_run_ops = pipeline.run_ops
 
     def recording_run_ops(ops, packed, pix, mask, *options):
         launches.append(mask.shape[0])
         return real_run_ops(ops, packed, pix, mask, *options)
 
-    monkeypatch.setattr(modules, "_run_ops", recording_run_ops)
+    monkeypatch.setattr(pipeline, "run_ops", recording_run_ops)
     monkeypatch.setattr(encoder, "max_elements_per_launch", 2 * per_object)
     with torch.no_grad(), mf.use_backend(backend):
         split = encoder(pix_feat, masks)["vision_features"]
@@ -178,12 +178,12 @@ def test_large_batches_are_split_below_the_element_limit(backend, monkeypatch):
 def test_sam2_sized_launches_stay_under_2_to_the_31():
     """At SAM 2's size the largest per-object tensor is the MLP hidden (4096 tokens x 1024), so
     one launch takes at most 511 objects: B=512 masks (2^29 elements) already split."""
-    from memenc_fast import modules
+    from memenc_fast import pipeline
 
     preset = mf.presets.PRESETS["sam2"]
     encoder = build_encoder(preset)
     packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
-    chunk = modules.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
+    chunk = pipeline.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
     assert chunk == (2**31 - 1) // (4096 * 1024) == 511
 
 
@@ -194,7 +194,7 @@ def test_gpu_masks_past_2_to_the_31_elements(backend):
     """2049 SAM 2-sized bf16 masks, one tensor of 2^31 + 2^20 elements (the last object starts at
     element 2^31), against a broadcast pix_feat: the objects at both ends, at the first launch
     boundary and past 2^31 match the reference run on them alone."""
-    from memenc_fast import modules
+    from memenc_fast import pipeline
 
     device = torch.device("cuda")
     if torch.cuda.mem_get_info(device)[0] < 20 * 2**30:
@@ -211,7 +211,7 @@ def test_gpu_masks_past_2_to_the_31_elements(backend):
         features = encoder(pix_feat, masks)["vision_features"]
     assert encoder.last_backend == backend and features.shape[0] == batch
     packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.bfloat16, device)
-    chunk = modules.objects_per_launch(packed, masks.shape[-2:], pix_feat.shape[-2:], encoder.max_elements_per_launch)
+    chunk = pipeline.objects_per_launch(packed, masks.shape[-2:], pix_feat.shape[-2:], encoder.max_elements_per_launch)
     assert chunk < batch
     for index in sorted({0, chunk - 1, chunk, batch - 2, batch - 1}):
         one = masks[index:index + 1]

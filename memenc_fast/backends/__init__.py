@@ -65,8 +65,10 @@ register_backend(
         ops_module=".backends.triton_ops",
         unavailable_reason=_triton_unavailable_reason,
         structure_reason=_kernel_structure_reason,
-        # Plain kernel launches: torch.export (non-strict) cannot trace them; exports use torch ops.
+        # Plain kernel launches: torch.export (non-strict) cannot trace them; exports use torch ops,
+        # and torch.compile runs the forward as one custom op.
         exportable=False,
+        traceable=False,
     )
 )
 

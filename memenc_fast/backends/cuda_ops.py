@@ -54,8 +54,21 @@ _T = TypeVar("_T")
 # checks, outputs, caches
 
 
+def _kernel_exists_now(op: str, *sizes: int) -> bool:
+    return cuda_lib.load().supported(op, *sizes)
+
+
+# The library answers through ctypes, which dynamo cannot trace: compiled code asks at trace time.
+_kernel_exists_at_trace = torch._dynamo.assume_constant_result(_kernel_exists_now)
+
+
+def _kernel_exists(op: str, *sizes: int) -> bool:
+    """Whether the library has a kernel ``op`` for these sizes."""
+    return (_kernel_exists_at_trace if torch.compiler.is_compiling() else _kernel_exists_now)(op, *sizes)
+
+
 def _supported(op: str, what: str, *sizes: int) -> None:
-    if not cuda_lib.load().supported(op, *sizes):
+    if not _kernel_exists(op, *sizes):
         raise ValueError(f"{op}: no CUDA kernel for {what}")
 
 
@@ -271,11 +284,10 @@ def _mask_path_reason(packed: PackedEncoder) -> Optional[str]:
         if not is_exact_gelu(stage.activation):
             return f"mask stage {i + 1} does not use exact GELU"
     channels = [stages[0].weight.shape[1]] + [stage.weight.shape[0] for stage in stages]
-    lib = cuda_lib.load()
-    if not lib.supported("mask_stem", *channels[:3]):
+    if not _kernel_exists("mask_stem", *channels[:3]):
         return f"no CUDA kernel for mask stages 1-2 with channels {' -> '.join(map(str, channels[:3]))}"
     for i in range(2, len(stages)):
-        if not lib.supported("conv3x3s2_ln_gelu", channels[i], channels[i + 1]):
+        if not _kernel_exists("conv3x3s2_ln_gelu", channels[i], channels[i + 1]):
             return f"no CUDA kernel for mask stage {i + 1} with channels {channels[i]} -> {channels[i + 1]}"
     return None
 
@@ -307,7 +319,7 @@ def proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, packed: Packed
     """``torch_ops.proj_add`` as one CUDA GEMM over the concatenated channels -> tokens (B, H, W, C)."""
     out_channels, in_channels = packed.proj_weight.shape
     mask_channels = packed.mask_channels
-    if not cuda_lib.load().supported("proj_add", mask_channels, in_channels - mask_channels, out_channels):
+    if not _kernel_exists("proj_add", mask_channels, in_channels - mask_channels, out_channels):
         _log_fallback("proj_add", f"no CUDA kernel for channels {mask_channels} + "
                                   f"{in_channels - mask_channels} -> {out_channels}")
         return torch_ops.proj_add(mask_features, pix_feat, packed)
@@ -322,7 +334,7 @@ def _block_reason(block: PackedBlock) -> Optional[str]:
         return f"the dwconv is {height}x{width} with padding {block.padding}; the kernel runs square 'same' convs"
     if not is_exact_gelu(block.activation):
         return "the MLP does not use exact GELU"
-    if not cuda_lib.load().supported("dwconv_ln", channels, height):
+    if not _kernel_exists("dwconv_ln", channels, height):
         return f"no CUDA kernel for {channels} channels and a {height}x{width} dwconv"
     return None
 
