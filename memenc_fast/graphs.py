@@ -4,13 +4,16 @@ SAM 2's video predictor calls the memory encoder once per object (B=1), where la
 a large share of the time: replaying a captured graph removes it. One graph is captured per
 input signature (shapes, dtypes, device, options, backend) and per packed-weight version; a
 change of any of those captures anew, and a weight change drops the graphs of the old weights.
+Each graph keeps its own memory pool, so only the ``MAX_GRAPHS`` most recently used are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Hashable, Tuple
 
 import torch
 
@@ -19,6 +22,9 @@ from .packing import PackedEncoder
 __all__ = ["GraphCache"]
 
 _WARMUP_CALLS = 2  # lets lazy work (Triton compilation, cuBLAS handles) happen before capture
+
+MAX_GRAPHS = 8
+"""Captured graphs kept per module (least recently used dropped first)."""
 
 
 @dataclass
@@ -33,7 +39,7 @@ class GraphCache:
     """Captured forwards keyed by input signature, for one module."""
 
     def __init__(self) -> None:
-        self._entries: Dict[Hashable, _Captured] = {}
+        self._entries: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -62,13 +68,16 @@ class GraphCache:
         Returns a fresh tensor (the graph's output buffer is reused by the next replay).
         """
         key = (signature, id(packed))
-        with self._lock:
+        with self._lock, _on_device(masks.device):
             entry = self._entries.get(key)
             if entry is None:
                 # Graphs of replaced weights read freed memory if replayed: drop them.
-                self._entries = {k: e for k, e in self._entries.items() if e.packed is packed}
+                self._entries = OrderedDict((k, e) for k, e in self._entries.items() if e.packed is packed)
                 entry = self._capture(packed, forward, pix_feat, masks)
                 self._entries[key] = entry
+                while len(self._entries) > MAX_GRAPHS:
+                    self._entries.popitem(last=False)
+            self._entries.move_to_end(key)
             entry.static_inputs[0].copy_(pix_feat)
             entry.static_inputs[1].copy_(masks)
             entry.graph.replay()
@@ -87,3 +96,8 @@ class GraphCache:
         with torch.cuda.graph(graph):
             static_output = forward(static_pix, static_masks)
         return _Captured(graph, (static_pix, static_masks), static_output, packed)
+
+
+def _on_device(device: torch.device):
+    """``device`` made current: a graph is captured and replayed on the current device's streams."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -73,6 +73,23 @@ def test_graph_cache_captures_once_per_signature_and_drops_old_weights(monkeypat
     assert len(cache) == 0
 
 
+def test_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
+    captures: List[graphs._Captured] = []
+    monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    packed = pack_weights(read_structure(build_encoder(SMALL, seed=5)), torch.float32, torch.device("cpu"))
+    forward = lambda pix, mask: pix * mask.mean()  # noqa: E731
+    cache = graphs.GraphCache()
+    inputs = make_inputs(SMALL, 1, seed=6)
+    for signature in ("a", "b", "a", "c"):  # "a" was used after "b": "b" goes when "c" comes
+        cache.run(signature, packed, forward, *inputs)
+    assert len(captures) == 3 and len(cache) == 2
+    cache.run("a", packed, forward, *inputs)
+    assert len(captures) == 3
+    cache.run("b", packed, forward, *inputs)
+    assert len(captures) == 4 and len(cache) == 2
+
+
 def _gpu_case(backend: str, dtype: torch.dtype = torch.bfloat16, seed: int = 10):
     device = torch.device("cuda")
     encoder = build_encoder(SMALL, seed=seed, dtype=dtype, device=device)
@@ -149,6 +166,20 @@ def test_gpu_graphs_on_a_side_stream_and_with_grad_left_alone(backend):
     with mf.use_backend("auto"):
         encoder(pix_feat, inputs[1][1])["vision_features"].float().sum().backward()
     assert len(encoder._graphs) == graphs_before and pix_feat.grad is not None  # training never replays
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_graphs_on_the_last_device_while_another_is_current(backend):
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    encoder = build_encoder(SMALL, seed=35, dtype=torch.bfloat16, device=device)
+    encoder.cuda_graphs = True
+    inputs = [make_inputs(SMALL, 2, seed=s, dtype=torch.bfloat16, device=device) for s in (36, 37)]
+    with torch.cuda.device(0), torch.no_grad(), mf.use_backend(backend):
+        outs = [encoder(*pair) for pair in inputs]
+    for out, pair in zip(outs, inputs):
+        assert out["vision_features"].device == device
+        _check(out, encoder, *pair, torch.bfloat16)
 
 
 @requires_cuda
