@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         backends = args.backends.split(",")
     else:
         # The interpreted Triton backend is a correctness tool: timing it says nothing.
-        backends = [b for b in available_backends()
+        backends = [b for b in available_backends(device)
                     if b != "reference" and not (b == "triton" and not on_gpu and triton_interpreted())]
     repeats = args.repeats or (50 if on_gpu else 3)
     rows = []

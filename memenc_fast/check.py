@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     default = "fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16"
     dtypes = parse_dtypes(args.dtypes or default)
-    backends = args.backends.split(",") if args.backends else available_backends()
+    backends = args.backends.split(",") if args.backends else available_backends(device)
     rows = check_backends(device, dtypes, args.batch, args.preset, backends)
     print_table(
         rows,

@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional
+from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Union
 
 import torch
 
@@ -137,17 +137,21 @@ def registered_backends() -> List[str]:
     return [REFERENCE] + sorted(_registry, key=lambda n: -_registry[n].priority)
 
 
-def available_backends() -> List[str]:
-    """The backends that can run on this machine (a subset of reference, torch, triton, cuda).
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """The backends that can run on this machine (a subset of reference, torch, triton, cuda);
+    with ``device``, those of them that serve tensors on that device's type.
 
     Imports the ops of each one that can (a backend whose ops fail to import is disabled, with
     the reason logged once), so that compiled code never meets a first-use import: dynamo does
     not trace ``importlib``.
     """
+    device_type = None if device is None else torch.device(device).type
     names = [REFERENCE]
     for name in registered_backends()[1:]:
         backend = _registry[name]
         if backend.availability() is not None:
+            continue
+        if device_type is not None and backend.device_types is not None and device_type not in backend.device_types:
             continue
         try:
             backend.ops()

@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (`pytest -m gpu` runs only these)")
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device where there is one, skips or runs on the CPU "
+                                       "without (`pytest -m gpu` runs only these)")
     config.addinivalue_line("markers", "heavy: a GPU test too big for the compute-sanitizer runs (over 20 GiB "
                                        "of device memory, or a whole SAM 2 model)")
 

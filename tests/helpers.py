@@ -30,6 +30,15 @@ def requires_cuda(test):
     return test
 
 
+def backend_device_params(fused_only: bool = False) -> List[object]:
+    """(backend, device) pytest params: each backend that serves CPU tensors on "cpu", and each that
+    serves CUDA tensors on "cuda" (GPU tests, skipped without a CUDA device)."""
+    on_cuda = mf.available_backends("cuda") if torch.cuda.is_available() else ["reference", "torch", "triton", "cuda"]
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in mf.available_backends("cpu")]
+    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=CUDA_MARKS) for b in on_cuda]
+    return [p for p in params if not (fused_only and p.values[0] == "reference")]
+
+
 # A preset small enough for many CPU runs, with every sam2 structural feature (4 stages, 2 blocks).
 TINY = Preset("tiny", mask_size=64, feature_size=4, in_dim=32, out_dim=16)
 

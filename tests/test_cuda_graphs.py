@@ -23,7 +23,7 @@ from memenc_fast.packing import pack_weights, read_structure
 from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 SMALL = PRESETS["small"]
-GPU_BACKENDS = [b for b in mf.available_backends() if b != "reference"]
+GPU_BACKENDS = [b for b in mf.available_backends("cuda") if b != "reference"]
 
 
 class _EagerGraph:

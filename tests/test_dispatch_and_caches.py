@@ -10,6 +10,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast import dispatch
+from memenc_fast.backends import triton_interpreted
 from memenc_fast.numerics import judge
 
 from helpers import TINY, build_encoder, make_inputs, reference_outputs
@@ -25,6 +26,10 @@ def test_available_backends_and_context_manager(monkeypatch):
     names = mf.available_backends()
     assert names[0] == "reference" and "torch" in names
     assert set(names) <= {"reference", "torch", "triton", "cuda"}
+    on_cpu = mf.available_backends("cpu")
+    assert on_cpu == mf.available_backends(torch.device("cpu")) and on_cpu[0] == "reference" and "torch" in on_cpu
+    assert "cuda" not in on_cpu and set(on_cpu) <= set(names)
+    assert ("triton" in on_cpu) == ("triton" in names and triton_interpreted())
     assert mf.current_backend() == "auto"
     with mf.use_backend("reference"):
         assert mf.current_backend() == "reference"

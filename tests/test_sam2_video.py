@@ -57,7 +57,7 @@ def test_video_benchmark_times_each_object_count():
 
 @requires_cuda
 @pytest.mark.heavy
-@pytest.mark.parametrize("backend", [b for b in mf.available_backends() if b in ("triton", "cuda")])
+@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cuda") if b in ("triton", "cuda")])
 def test_gpu_video_tracking_agrees_with_sam2(backend):
     result = _example().compare("configs/sam2.1/sam2.1_hiera_t.yaml", "cuda", frames=4, objects=3, backend=backend)
     assert result["patched_backend"] == backend

@@ -62,7 +62,7 @@ def test_tracker_config_loads_strictly_and_matches(mask_size):
     assert verdict.passed, verdict.describe()
 
 
-@pytest.mark.parametrize("backend", [b for b in mf.available_backends() if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cpu") if b != "reference"])
 @pytest.mark.parametrize("mask_size", [48, 40])
 def test_every_backend_at_a_small_sam3_like_shape(backend, mask_size):
     """interpol_size 48 -> 3x3 features (not a power of two); mask 40 triggers the resize."""

@@ -40,6 +40,7 @@ from memenc_fast.kernels import proj_add as pa  # noqa: E402
 from memenc_fast.backends.kernel_args import poison_outputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.gpu  # every test here runs its kernels on the GPU where there is one
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
