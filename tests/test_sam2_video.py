@@ -5,8 +5,10 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 import memenc_fast as mf
+from memenc_fast.numerics import judge
 
 from helpers import requires_cuda, requires_sam2
 
@@ -64,3 +66,29 @@ def test_gpu_video_tracking_agrees_with_sam2(backend):
     for frame, iou in result["ious"].items():
         assert iou >= 0.99, f"frame {frame}: IoU {iou}"
         assert result["logit_error"][frame] < 1e-2
+
+
+def test_vos_optimized_predictor_takes_the_patch_and_ours_compiles_the_same_way():
+    """SAM 2.1's fast predictor (``vos_optimized=True``) compiles its memory encoder's forward in
+    place (max-autotune, fullgraph, static shapes). patch_sam2 swaps in ours, uncompiled (its
+    kernels are already fused); compiled with the predictor's settings it gives the same result."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(0)
+    predictor = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+                                           vos_optimized=True, hydra_overrides_extra=["++model.image_size=256"])
+    original = predictor.memory_encoder
+    assert "forward" in vars(original)  # the predictor's compiled forward, bound to its own module
+    encoder = mf.patch_sam2(predictor)
+    assert predictor.memory_encoder is encoder and "forward" not in vars(encoder)
+    generator = torch.Generator().manual_seed(1)
+    pix_feat = torch.randn(2, 256, 16, 16, generator=generator)
+    probabilities = torch.sigmoid(3 * torch.randn(2, 1, 256, 256, generator=generator))
+    with torch.no_grad():
+        expected = type(original).forward(original, pix_feat, probabilities * 20.0 - 10.0, skip_mask_sigmoid=True)
+    encoder.forward = torch.compile(encoder.forward, mode="max-autotune", fullgraph=True, dynamic=False)
+    with torch.no_grad(), mf.use_backend("torch"):
+        out = encoder(pix_feat, probabilities, skip_mask_sigmoid=True)
+    verdict = judge(out["vision_features"], expected["vision_features"].double(), torch.float32)
+    assert verdict.passed, verdict.describe()
+    torch.testing.assert_close(out["vision_pos_enc"][0], expected["vision_pos_enc"][0])
