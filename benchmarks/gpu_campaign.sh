@@ -254,7 +254,7 @@ run_step kernels "$(limit kernels 75)" "$PY" -m memenc_fast kernels \
 
 # ---------------------------------------------------------------------------- video
 
-VIDEO=("$PY" benchmarks/bench_video.py --objects "1,8,32" --frames 8 --json "$OUT/video.json")
+VIDEO=("$PY" benchmarks/bench_video.py --objects "1,8,32" --frames 8 --cuda-graphs --json "$OUT/video.json")
 if selected video && [[ -z "$NO_GPU" && "$DRY_RUN" != 1 ]] &&
     ! timeout 60 "$PY" -c 'import sam2' >/dev/null 2>&1 </dev/null; then
     skip video "sam2 is not importable (put its archives in .whl/ and run the deps step)" "${VIDEO[@]}"

@@ -136,10 +136,11 @@ def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
 
 def compare(config: str, device: str, frames: int, objects: int, backend: str = "auto",
             image_size: int = 1024, via_hydra: bool = False, autocast: Optional[torch.dtype] = None,
-            repeats: int = 1) -> Dict[str, object]:
+            repeats: int = 1, cuda_graphs: bool = False) -> Dict[str, object]:
     """Tracks the same synthetic video with sam2 as is and with memenc-fast (``patch_sam2``, or
     the hydra config naming memenc_fast's classes); per-frame agreement and timings (the fastest of
-    ``repeats`` runs each: the first pays for one-off compilation and autotuning)."""
+    ``repeats`` runs each: the first pays for one-off compilation and autotuning). With
+    ``cuda_graphs``, memenc-fast also tracks with ``cuda_graphs = True`` (``graphs_*`` entries)."""
     predictor = build_predictor(config, device, image_size)
     if via_hydra:
         patched = build_predictor(config, device, image_size, overrides=MEMENC_FAST_OVERRIDES)
@@ -154,8 +155,12 @@ def compare(config: str, device: str, frames: int, objects: int, backend: str = 
         runs = [track(predictor, video_dir, clicks, autocast) for _ in range(repeats)]
         with mf.use_backend(backend):
             fast_runs = [track(patched, video_dir, clicks, autocast) for _ in range(repeats)]
+            patched.memory_encoder.cuda_graphs = cuda_graphs
+            graph_runs = [track(patched, video_dir, clicks, autocast) for _ in range(repeats if cuda_graphs else 0)]
+            patched.memory_encoder.cuda_graphs = False
     baseline, fast = runs[0][0], fast_runs[0][0]
-    ious = {f: min(agreement(baseline[f][o], fast[f][o]) for o in range(objects)) for f in baseline}
+    ious = {f: min(agreement(baseline[f][o], other[0][f][o]) for other in fast_runs[:1] + graph_runs[:1]
+                   for o in range(objects)) for f in baseline}
     foreground = {f: float((baseline[f] > 0).mean()) for f in baseline}
     logit_error = {f: float(np.linalg.norm(fast[f] - baseline[f]) / np.linalg.norm(baseline[f])) for f in baseline}
     encoder = patched.memory_encoder
@@ -163,7 +168,9 @@ def compare(config: str, device: str, frames: int, objects: int, backend: str = 
                 mask_transform=(encoder.mask_scale, encoder.mask_bias),
                 baseline_seconds=min(r[1] for r in runs), patched_seconds=min(r[1] for r in fast_runs),
                 baseline_encoder_seconds=min(r[2] for r in runs),
-                patched_encoder_seconds=min(r[2] for r in fast_runs), patched_backend=encoder.last_backend)
+                patched_encoder_seconds=min(r[2] for r in fast_runs), patched_backend=encoder.last_backend,
+                **({} if not cuda_graphs else dict(graphs_seconds=min(r[1] for r in graph_runs),
+                                                   graphs_encoder_seconds=min(r[2] for r in graph_runs))))
 
 
 def main() -> None:
