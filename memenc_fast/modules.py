@@ -109,7 +109,7 @@ class MemoryEncoder(reference.MemoryEncoder):
         self.cuda_graphs = False
         self._pack_cache = PackCache()
         self._graphs = GraphCache()
-        self._structure: Optional[Tuple[Tuple[int, ...], Optional[EncoderStructure], Optional[str]]] = None
+        self._structure: Optional[Tuple[bool, _ModuleTree, Optional[EncoderStructure], Optional[str]]] = None
         self.last_backend: Optional[str] = None
 
     @classmethod
@@ -136,14 +136,14 @@ class MemoryEncoder(reference.MemoryEncoder):
         if torch.compiler.is_compiling():
             # The compiler guards on the modules it reads; no cache needed (nor traceable).
             return self._structure_uncached()
-        # Keyed on the identity of every submodule, so replacing one anywhere re-reads the structure
-        # (the old modules stay referenced by the cached structure, so their ids cannot be reused).
-        key = tuple(id(m) for m in self.modules()) + (self.training,)
+        # Valid while no submodule anywhere was replaced, added or removed (this runs on every
+        # forward: comparing each module's children with a snapshot is cheaper than walking them).
         cached = self._structure
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        if cached is not None and cached[0] == self.training and _tree_unchanged(cached[1]):
+            return cached[2], cached[3]
+        tree = _module_tree(self)
         structure, error = self._structure_uncached()
-        self._structure = (key, structure, error)
+        self._structure = (self.training, tree, structure, error)
         return structure, error
 
     def _structure_uncached(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
@@ -244,6 +244,19 @@ class MemoryEncoder(reference.MemoryEncoder):
         pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
                                        x.dtype, device)
         return {"vision_features": x, "vision_pos_enc": [pos]}
+
+
+_ModuleTree = Tuple[Tuple[Dict[str, Optional[nn.Module]], Tuple[Optional[nn.Module], ...]], ...]
+
+
+def _module_tree(root: nn.Module) -> _ModuleTree:
+    """Every module's children dict under ``root``, with the children it holds now."""
+    return tuple((m._modules, tuple(m._modules.values())) for m in root.modules())
+
+
+def _tree_unchanged(tree: _ModuleTree) -> bool:
+    # Tuple equality tests identity first: no nn.Module.__eq__ runs for unchanged children.
+    return all(tuple(children.values()) == held for children, held in tree)
 
 
 def swap_memory_encoder(

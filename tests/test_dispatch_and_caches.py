@@ -187,6 +187,16 @@ def test_replacing_a_submodule_is_seen():
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     assert judge(out, oracle, torch.float32).passed
 
+    # Deeper down, an added layer, and an activation the kernels do not fuse.
+    conv = encoder.mask_downsampler.encoder[0]
+    encoder.mask_downsampler.encoder[0] = torch.nn.Conv2d(1, conv.out_channels, 3, stride=2, padding=1)
+    encoder.fuser.layers.append(copy.deepcopy(fresh))
+    encoder.fuser.layers[1].act = torch.nn.GELU(approximate="tanh")
+    with torch.no_grad(), mf.use_backend("torch"):
+        out = encoder(pix_feat, masks)["vision_features"]
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+    assert judge(out, oracle, torch.float32).passed
+
 
 def test_deepcopy_and_pickle_keep_working():
     encoder = build_encoder(TINY, seed=6)
