@@ -16,6 +16,7 @@ keeps a reference to the parameters it was built from together with their versio
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import weakref
 from dataclasses import dataclass
@@ -396,24 +397,25 @@ def pack_weights(structure: EncoderStructure, dtype: torch.dtype, device: torch.
     )
 
 
+_version_of = operator.attrgetter("_version")
+
+
+def _fingerprint(params: Sequence[torch.Tensor]) -> Tuple[tuple, ...]:
+    """What must not change for packed weights to stay valid: each parameter's storage address,
+    version counter (bumped by in-place updates), dtype and shape (``param.data = ...`` changes
+    these without a version bump). Tuples of each, since this runs on every forward."""
+    return (tuple(map(torch.Tensor.data_ptr, params)), tuple(map(_version_of, params)),
+            tuple([p.dtype for p in params]), tuple([p.shape for p in params]))
+
+
 @dataclass(frozen=True)
 class _CachedPack:
-    sources: Tuple[torch.Tensor, ...]  # detached aliases: keep storage alive, share version counters
-    versions: Tuple[int, ...]
+    sources: Tuple[torch.Tensor, ...]  # detached aliases: keep the storages (and so their addresses) alive
+    fingerprint: Tuple[tuple, ...]
     packed: PackedEncoder
 
     def is_current(self, params: Sequence[torch.Tensor]) -> bool:
-        if len(params) != len(self.sources):
-            return False
-        for param, source, version in zip(params, self.sources, self.versions):
-            if (
-                param.data_ptr() != source.data_ptr()
-                or param._version != version
-                or param.dtype != source.dtype
-                or param.shape != source.shape
-            ):
-                return False
-        return True
+        return _fingerprint(params) == self.fingerprint
 
 
 class PackCache:
@@ -442,7 +444,7 @@ class PackCache:
             sources = tuple(p.detach() for p in params)
             # Stale entries would keep replaced parameters alive; drop them with the rebuild.
             self._entries = {k: e for k, e in self._entries.items() if e.is_current(params)}
-            self._entries[key] = _CachedPack(sources, tuple(p._version for p in params), packed)
+            self._entries[key] = _CachedPack(sources, _fingerprint(params), packed)
             return packed
 
     def __getstate__(self) -> dict:
