@@ -19,7 +19,7 @@ PRESET = PRESETS[os.environ.get("MEMENC_FAST_BENCH_PRESET", "sam2")]
 BATCHES = parse_ints(os.environ.get("MEMENC_FAST_BENCH_BATCHES", "1,8" if DEVICE.type == "cuda" else "1"))
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
 # Interpreted Triton runs on the CPU for correctness only; timing it means nothing.
-BACKENDS = [b for b in mf.available_backends()
+BACKENDS = [b for b in mf.available_backends(DEVICE)
             if b != "reference" and not (b == "triton" and DEVICE.type != "cuda" and triton_interpreted())]
 
 
