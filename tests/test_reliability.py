@@ -14,7 +14,6 @@ from memenc_fast.numerics import judge, relative_error, tolerance
 from helpers import CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 
-
 @pytest.mark.parametrize(("backend", "device"), backend_device_params())
 def test_empty_batch_gives_empty_outputs(backend, device):
     encoder = build_encoder(TINY, device=device)
