@@ -5,56 +5,53 @@ import torch
 
 import memenc_fast as mf
 
-from helpers import TINY, build_encoder, make_inputs
-
-BACKENDS = mf.available_backends("cpu")  # the Triton interpreter too, where it is on
-
-
-@pytest.fixture
-def encoder():
-    return build_encoder(TINY)
-
+from helpers import TINY, backend_device_params, build_encoder, make_inputs
 
 def _call(encoder, backend, pix_feat, masks):
     with torch.no_grad(), mf.use_backend(backend):
         return encoder(pix_feat, masks)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_wrong_rank(encoder, backend):
-    pix_feat, masks = make_inputs(TINY, 1)
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_wrong_rank(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, masks = make_inputs(TINY, 1, device=device)
     with pytest.raises(ValueError, match=r"masks must be 4-D .* got shape \(64, 64\)"):
         _call(encoder, backend, pix_feat, masks[0, 0])
     with pytest.raises(ValueError, match=r"pix_feat must be 4-D .* got shape \(32, 4, 4\)"):
         _call(encoder, backend, pix_feat[0], masks)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_wrong_channels(encoder, backend):
-    pix_feat, masks = make_inputs(TINY, 1)
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_wrong_channels(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, masks = make_inputs(TINY, 1, device=device)
     with pytest.raises(ValueError, match=r"pix_feat must have 32 channels .* got shape \(1, 31, 4, 4\)"):
         _call(encoder, backend, pix_feat[:, :31], masks)
     with pytest.raises(ValueError, match=r"masks must have 1 channel.* got shape \(1, 2, 64, 64\)"):
         _call(encoder, backend, pix_feat, masks.expand(1, 2, 64, 64))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mask_size_not_matching_features(encoder, backend):
-    pix_feat, _ = make_inputs(TINY, 1)
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_mask_size_not_matching_features(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, _ = make_inputs(TINY, 1, device=device)
     with pytest.raises(ValueError, match=r"masks of size 48x64 downsample to 3x4, but pix_feat is 4x4"):
-        _call(encoder, backend, pix_feat, torch.randn(1, 1, 48, 64))
+        _call(encoder, backend, pix_feat, torch.randn(1, 1, 48, 64, device=device))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_mismatch(encoder, backend):
-    pix_feat, masks = make_inputs(TINY, 3)
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_batch_mismatch(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, masks = make_inputs(TINY, 3, device=device)
     with pytest.raises(ValueError, match="same batch size"):
         _call(encoder, backend, pix_feat[:2], masks)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_unsupported_dtypes(encoder, backend):
-    pix_feat, masks = make_inputs(TINY, 1)
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_unsupported_dtypes(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, masks = make_inputs(TINY, 1, device=device)
     with pytest.raises(TypeError, match=r"masks must be a floating tensor .* got bool"):
         _call(encoder, backend, pix_feat, masks > 0)
     with pytest.raises(TypeError, match=r"pix_feat must be a floating tensor .* got int64"):
@@ -65,14 +62,15 @@ def test_unsupported_dtypes(encoder, backend):
         _call(encoder, backend, pix_feat, [1.0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mismatched_devices(encoder, backend):
-    pix_feat, masks = make_inputs(TINY, 1)
-    with pytest.raises(ValueError, match=r"mismatched devices: masks are on meta but the module's parameters are on cpu"):
+@pytest.mark.parametrize(("backend", "device"), backend_device_params())
+def test_mismatched_devices(backend, device):
+    encoder = build_encoder(TINY, device=device)
+    pix_feat, masks = make_inputs(TINY, 1, device=device)
+    with pytest.raises(ValueError, match=f"mismatched devices: masks are on meta but the module's parameters are on {device}"):
         _call(encoder, backend, pix_feat, masks.to("meta"))
 
 
-def test_pix_feat_on_another_device_is_moved_like_sam2(encoder):
+def test_pix_feat_on_another_device_is_moved_like_sam2():
     """sam2 moves pix_feat to the masks' device; the meta device stands in for 'elsewhere' here."""
     pix_feat, masks = make_inputs(TINY, 1)
     encoder_meta = build_encoder(TINY).to("meta")
