@@ -7,6 +7,7 @@ import memenc_fast as mf
 
 from helpers import TINY, backend_device_params, build_encoder, make_inputs
 
+
 def _call(encoder, backend, pix_feat, masks):
     with torch.no_grad(), mf.use_backend(backend):
         return encoder(pix_feat, masks)
