@@ -9,7 +9,7 @@ from torch.export import Dim
 import memenc_fast as mf
 from memenc_fast.numerics import judge
 
-from helpers import TINY, build_encoder, make_inputs, reference_outputs, requires_sam2
+from helpers import PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda, requires_sam2
 
 CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch")]
 # Backends that run here (the Triton interpreter included), exported as they declare.
@@ -104,3 +104,23 @@ def test_onnx_export_of_a_patched_sam2_memory_encoder(tmp_path):
     pix_feat, masks = make_inputs(TINY, 2, seed=71)
     out = _onnx_round_trip(patched, pix_feat, masks, tmp_path / "patched.onnx")
     _assert_matches_reference(patched, out, pix_feat, masks)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cuda") if b != "reference"])
+def test_gpu_torch_export_runs_on_the_gpu(backend):
+    """The cuda backend exports its kernels as custom ops; the others export the torch ops."""
+    device = torch.device("cuda")
+    preset = PRESETS["small"]
+    encoder = build_encoder(preset, seed=68, dtype=torch.bfloat16, device=device)
+    pix_feat, masks = make_inputs(preset, 2, seed=69, dtype=torch.bfloat16, device=device)
+    with mf.use_backend(backend):
+        program = torch.export.export(encoder, (pix_feat, masks))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("memenc_fast.cuda_") for t in targets) == (backend == "cuda"), targets
+    pix_feat, masks = make_inputs(preset, 2, seed=70, dtype=torch.bfloat16, device=device)
+    out = program.module()(pix_feat, masks)["vision_features"]
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+    same = reference_outputs(encoder, pix_feat, masks, torch.bfloat16)["vision_features"]
+    verdict = judge(out, oracle, torch.bfloat16, "cuda", same_dtype_ref=same)
+    assert verdict.passed, verdict.describe()
