@@ -336,6 +336,26 @@ def test_emulated_pipeline_compiles_to_one_graph(emulated) -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_emulated_pipeline_exports_with_the_kernels_as_custom_ops(emulated) -> None:
+    encoder = build_encoder(SMALL, seed=14)
+    packed = _packed(encoder, torch.float32)
+    ops = mf.dispatch.op_table("cuda")
+
+    class Pipeline(torch.nn.Module):
+        def forward(self, pix_feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            return pipeline.run_ops(ops, packed, pix_feat, masks, True, 1.0, 0.0)
+
+    pix_feat, masks = make_inputs(SMALL, 2, seed=15)
+    program = torch.export.export(Pipeline(), (pix_feat, masks))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"memenc_fast.cuda_mask_stem.default", "memenc_fast.cuda_proj_add.default",
+            "memenc_fast.cuda_dwconv_ln.default"} <= targets, targets
+    pix_feat, masks = make_inputs(SMALL, 2, seed=16)
+    with torch.no_grad():
+        expected = pipeline.run_ops(ops, packed, pix_feat, masks, True, 1.0, 0.0)
+    torch.testing.assert_close(program.module()(pix_feat, masks), expected, rtol=0, atol=0)
+
+
 def test_emulated_tf32_mode_when_torch_allows_it(emulated) -> None:
     encoder = build_encoder(SMALL, seed=9)
     pix_feat, masks = make_inputs(SMALL, 1, seed=10)
