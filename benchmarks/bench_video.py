@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16" if cuda else "none",
                         help="dtype of torch.autocast around tracking, as sam2's README runs it on a GPU")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cuda-graphs", action="store_true", help="also time the patched encoder with cuda_graphs = True")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the patched encoder with cuda_graphs = True")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     try:

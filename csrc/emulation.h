@@ -245,16 +245,22 @@ float half_bits_to_float(uint16_t bits) {
   return static_cast<float>(value);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: A 16x16, B 16x8, C/D 16x8, per PTX ISA
-// "Matrix Fragments for mma.m16n8k16 with floating point type".
-template <typename T>
-void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-  const int lane = lane_id();
+// Every lane's A (4 registers) and B (2 registers) fragments in its exchange slot, so each lane
+// can rebuild the whole warp's matrices (the mma emulations below).
+inline void publish_mma_fragments(int lane, const uint32_t a[4], const uint32_t b[2]) {
   uint32_t* slot = exchange_slot(lane);
   for (int i = 0; i < 4; ++i) slot[i] = a[i];
   slot[4] = b[0];
   slot[5] = b[1];
   syncwarp();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: A 16x16, B 16x8, C/D 16x8, per PTX ISA
+// "Matrix Fragments for mma.m16n8k16 with floating point type".
+template <typename T>
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  const int lane = lane_id();
+  publish_mma_fragments(lane, a, b);
   float A[16][16], B[16][8];
   for (int l = 0; l < 32; ++l) {
     const uint32_t* s = exchange_slot(l);
@@ -286,11 +292,7 @@ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
 // (.tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (k t, n g), b1 (k t+4, n g).
 inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
   const int lane = lane_id();
-  uint32_t* slot = exchange_slot(lane);
-  for (int i = 0; i < 4; ++i) slot[i] = a[i];
-  slot[4] = b[0];
-  slot[5] = b[1];
-  syncwarp();
+  publish_mma_fragments(lane, a, b);
   float A[16][8], B[8][8];
   for (int l = 0; l < 32; ++l) {
     const uint32_t* s = exchange_slot(l);

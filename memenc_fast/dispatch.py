@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Union
+from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, TypeVar, Union
 
 import torch
 
@@ -37,9 +38,11 @@ __all__ = [
     "BackendUnavailableError",
     "log_once",
     "op_table",
+    "constant_while_tracing",
 ]
 
 logger = logging.getLogger("memenc_fast")
+_R = TypeVar("_R")
 
 OPS = ("mask_downsample", "proj_add", "cxblock", "out_proj", "cxblock_out_proj")
 """The op vocabulary: the signatures are those of ``memenc_fast.backends.torch_ops``, except the
@@ -96,7 +99,7 @@ class Backend:
     def serve_reason(self, device: torch.device, dtype: torch.dtype, structure: EncoderStructure,
                      needs_grad: bool) -> Optional[str]:
         """None when this backend can run these inputs, else why not."""
-        reason = _availability_at_trace(self.name) if torch.compiler.is_compiling() else self.availability()
+        reason = _availability(self.name)
         if reason is not None:
             return reason
         if self.device_types is not None and device.type not in self.device_types:
@@ -115,7 +118,11 @@ class Selection:
 
     name: str
     ops: Optional[Mapping[str, Callable]]  # None means: run the reference forward
-    traceable: bool = True  # see Backend.traceable
+
+    @property
+    def traceable(self) -> bool:
+        """Whether torch.compile traces this selection's ops (see ``Backend.traceable``)."""
+        return self.is_reference or _registry[self.name].traceable
 
     @property
     def is_reference(self) -> bool:
@@ -193,30 +200,39 @@ def current_backend() -> str:
     return AUTO
 
 
-# Compiled code bakes the backend in force at trace time into the graph (dynamo cannot trace
-# ContextVar.get); a later use_backend change does not recompile.
-_current_backend_at_trace = torch._dynamo.assume_constant_result(current_backend)
+def constant_while_tracing(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """``fn``, except inside torch.compile, where it runs once while tracing and the compiled code
+    keeps its result: for answers dynamo cannot trace (ContextVars, importlib, ctypes, logging).
+    Its arguments must be constants (names, sizes)."""
+    at_trace = torch._dynamo.assume_constant_result(fn)
+
+    @functools.wraps(fn)
+    def call(*args: object) -> _R:
+        return (at_trace if torch.compiler.is_compiling() else fn)(*args)
+
+    return call
 
 
-def _log_once_now(message: str) -> bool:
+# The backend in force at trace time is baked into compiled code; a later use_backend change does
+# not recompile.
+_backend_in_force = constant_while_tracing(current_backend)
+
+
+@constant_while_tracing
+def _log_once(message: str) -> bool:
     if message not in _logged_reasons:
         _logged_reasons.add(message)
         logger.info(message)
     return True
 
 
-# Dynamo cannot trace logging: compiled code logs while it is traced, and never again.
-_log_once_at_trace = torch._dynamo.assume_constant_result(_log_once_now)
-
-
 def log_once(message: str) -> None:
-    """Logs ``message`` at INFO on the ``memenc_fast`` logger, the first time only."""
-    (_log_once_at_trace if torch.compiler.is_compiling() else _log_once_now)(message)
+    """Logs ``message`` at INFO on the ``memenc_fast`` logger, the first time only (compiled code:
+    while it is traced)."""
+    _log_once(message)
 
 
-# Availability asks importlib, the CUDA runtime or a ctypes library, none of which dynamo traces:
-# compiled code bakes in the answer at trace time.
-_availability_at_trace = torch._dynamo.assume_constant_result(lambda name: _registry[name].availability())
+_availability = constant_while_tracing(lambda name: _registry[name].availability())
 
 
 def op_table(name: str) -> Mapping[str, Callable]:
@@ -246,7 +262,7 @@ def select_backend(
         # ONNX has none of our kernels: export the torch backend's standard ops.
         name = "torch" if structure is not None and not needs_grad else REFERENCE
     elif name is None:
-        name = _current_backend_at_trace() if torch.compiler.is_compiling() else current_backend()
+        name = _backend_in_force()
     else:
         name = _check_name(name)
     if name == REFERENCE:
@@ -259,7 +275,7 @@ def select_backend(
         reason = structure_error if structure is None else backend.serve_reason(device, dtype, structure, needs_grad)
         if reason is not None:
             raise BackendUnavailableError(f"memenc_fast backend {name!r} cannot run this forward: {reason}")
-        return Selection(name, op_table(name), backend.traceable)
+        return Selection(name, op_table(name))
     if structure is None:
         log_once(f"memenc_fast: running the reference forward: {structure_error}")
         return Selection(REFERENCE, None)
@@ -274,6 +290,6 @@ def select_backend(
         if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
             device, dtype, structure, needs_grad
         ) is None:
-            return Selection(candidate, op_table(candidate), backend.traceable)
+            return Selection(candidate, op_table(candidate))
     log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
     return Selection(REFERENCE, None)

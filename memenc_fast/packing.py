@@ -292,6 +292,9 @@ def flatten_packed(packed: PackedEncoder) -> Tuple[List[torch.Tensor], List[int]
     return tensors, ints, floats
 
 
+_EXACT_GELU = nn.GELU()  # stateless: one instance serves every rebuilt encoder (built per call)
+
+
 def unflatten_packed(tensors: Sequence[torch.Tensor], ints: Sequence[int], floats: Sequence[float]) -> PackedEncoder:
     """The PackedEncoder that ``flatten_packed`` gave these (exact GELU activations)."""
     tensor_at, int_at, float_at = iter(tensors), iter(ints), iter(floats)
@@ -304,7 +307,7 @@ def unflatten_packed(tensors: Sequence[torch.Tensor], ints: Sequence[int], float
         weight, bias, norm_weight, norm_bias = take(tensor_at, 4)
         kernel_size, stride, padding = take(int_at, 2), take(int_at, 2), take(int_at, 2)
         stages.append(PackedStage(weight, bias, norm_weight, norm_bias, next(float_at), kernel_size, stride,
-                                  padding, nn.GELU()))
+                                  padding, _EXACT_GELU))
     interpol_size = list(take(int_at, 2)) if next(int_at) else None
     proj_weight, proj_bias = take(tensor_at, 2)
     mask_channels = next(int_at)
@@ -312,7 +315,7 @@ def unflatten_packed(tensors: Sequence[torch.Tensor], ints: Sequence[int], float
     for _ in range(next(int_at)):
         dw_weight, dw_bias, w1, b1, w2, b2 = take(tensor_at, 6)
         padding, groups = take(int_at, 2), next(int_at)
-        blocks.append(PackedBlock(dw_weight, dw_bias, padding, groups, next(float_at), w1, b1, w2, b2, nn.GELU()))
+        blocks.append(PackedBlock(dw_weight, dw_bias, padding, groups, next(float_at), w1, b1, w2, b2, _EXACT_GELU))
     out_weight, out_bias = take(tensor_at, 2) if next(int_at) else (None, None)
     return PackedEncoder(tuple(stages), interpol_size, proj_weight, proj_bias, mask_channels, tuple(blocks),
                          out_weight, out_bias, True)

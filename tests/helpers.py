@@ -30,12 +30,17 @@ def requires_cuda(test):
     return test
 
 
+# The backends that serve CUDA tensors; without a GPU every registered one, so that the skipped GPU
+# tests still name them all.
+CUDA_BACKENDS = mf.available_backends("cuda") if torch.cuda.is_available() else mf.dispatch.registered_backends()
+CUDA_FUSED_BACKENDS = [b for b in CUDA_BACKENDS if b != "reference"]
+
+
 def backend_device_params(fused_only: bool = False) -> List[object]:
     """(backend, device) pytest params: each backend that serves CPU tensors on "cpu", and each that
     serves CUDA tensors on "cuda" (GPU tests, skipped without a CUDA device)."""
-    on_cuda = mf.available_backends("cuda") if torch.cuda.is_available() else ["reference", "torch", "triton", "cuda"]
     params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in mf.available_backends("cpu")]
-    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=CUDA_MARKS) for b in on_cuda]
+    params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=CUDA_MARKS) for b in CUDA_BACKENDS]
     return [p for p in params if not (fused_only and p.values[0] == "reference")]
 
 

@@ -67,7 +67,8 @@ def test_unsupported_dtypes(backend, device):
 def test_mismatched_devices(backend, device):
     encoder = build_encoder(TINY, device=device)
     pix_feat, masks = make_inputs(TINY, 1, device=device)
-    with pytest.raises(ValueError, match=f"mismatched devices: masks are on meta but the module's parameters are on {device}"):
+    expected = f"mismatched devices: masks are on meta but the module's parameters are on {device}"
+    with pytest.raises(ValueError, match=expected):
         _call(encoder, backend, pix_feat, masks.to("meta"))
 
 

@@ -7,7 +7,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast.numerics import judge
 
-from helpers import PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import CUDA_FUSED_BACKENDS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 # The triton backend runs on the CPU under Triton's interpreter (which the tests set without a GPU).
 CPU_BACKENDS = mf.available_backends("cpu")
@@ -28,12 +28,9 @@ def test_fullgraph_compile_matches_reference(backend):
     torch.testing.assert_close(out["vision_pos_enc"][0], oracle["vision_pos_enc"][0].float(), rtol=0, atol=1e-5)
 
 
-GPU_BACKENDS = [b for b in mf.available_backends("cuda") if b != "reference"]
-
-
 @requires_cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_fullgraph_compile_matches_reference(backend, mode):
     """As SAM 2.1's fast video predictor compiles the encoder (fullgraph, static shapes), on every
     GPU backend; ``reduce-overhead`` also replays the kernels inside torch's CUDA graphs."""

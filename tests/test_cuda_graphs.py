@@ -20,10 +20,9 @@ from memenc_fast import graphs
 from memenc_fast.numerics import judge
 from memenc_fast.packing import pack_weights, read_structure
 
-from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import CUDA_FUSED_BACKENDS, PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 SMALL = PRESETS["small"]
-GPU_BACKENDS = [b for b in mf.available_backends("cuda") if b != "reference"]
 
 
 class _EagerGraph:
@@ -108,7 +107,7 @@ def _check(out: dict, encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: t
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_graph_replays_match_the_reference(backend):
     encoder, inputs = _gpu_case(backend)
     with torch.no_grad(), mf.use_backend(backend):
@@ -122,7 +121,7 @@ def test_gpu_graph_replays_match_the_reference(backend):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_graphs_follow_shape_dtype_and_weight_changes(backend):
     encoder, inputs = _gpu_case(backend, seed=20)
     device = torch.device("cuda")
@@ -152,7 +151,7 @@ def test_gpu_graphs_follow_shape_dtype_and_weight_changes(backend):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_graphs_on_a_side_stream_and_with_grad_left_alone(backend):
     encoder, inputs = _gpu_case(backend, seed=30)
     stream = torch.cuda.Stream()
@@ -169,7 +168,7 @@ def test_gpu_graphs_on_a_side_stream_and_with_grad_left_alone(backend):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_graphs_on_the_last_device_while_another_is_current(backend):
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     encoder = build_encoder(SMALL, seed=35, dtype=torch.bfloat16, device=device)
@@ -183,7 +182,7 @@ def test_gpu_graphs_on_the_last_device_while_another_is_current(backend):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_forward_captured_by_the_caller_replays_correctly(backend):
     """What a caller (or torch.compile's cudagraph trees) does: capture the whole forward once,
     copy new inputs into the captured ones, replay."""

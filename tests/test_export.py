@@ -9,7 +9,8 @@ from torch.export import Dim
 import memenc_fast as mf
 from memenc_fast.numerics import judge
 
-from helpers import PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda, requires_sam2
+from helpers import (CUDA_FUSED_BACKENDS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda,
+                     requires_sam2)
 
 CPU_BACKENDS = [b for b in mf.available_backends() if b in ("reference", "torch")]
 # Backends that run here (the Triton interpreter included), exported as they declare.
@@ -107,7 +108,7 @@ def test_onnx_export_of_a_patched_sam2_memory_encoder(tmp_path):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cuda") if b != "reference"])
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_torch_export_runs_on_the_gpu(backend):
     """The cuda backend exports its kernels as custom ops; the others export the torch ops."""
     device = torch.device("cuda")

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import memenc_fast as mf
 from memenc_fast.numerics import judge, relative_error, tolerance
 
-from helpers import CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import (CUDA_FUSED_BACKENDS, CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs,
+                     reference_outputs, requires_cuda)
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_device_params())
@@ -190,7 +191,7 @@ def test_sam2_sized_launches_stay_under_2_to_the_31():
 
 @requires_cuda
 @pytest.mark.heavy
-@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cuda") if b != "reference"])
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
 def test_gpu_masks_past_2_to_the_31_elements(backend):
     """2049 SAM 2-sized bf16 masks, one tensor of 2^31 + 2^20 elements (the last object starts at
     element 2^31), against a broadcast pix_feat: the objects at both ends, at the first launch

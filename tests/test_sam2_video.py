@@ -10,7 +10,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast.numerics import judge
 
-from helpers import requires_cuda, requires_sam2
+from helpers import CUDA_FUSED_BACKENDS, requires_cuda, requires_sam2
 
 pytestmark = requires_sam2
 
@@ -63,7 +63,7 @@ def test_video_benchmark_times_each_object_count():
 
 @requires_cuda
 @pytest.mark.heavy
-@pytest.mark.parametrize("backend", [b for b in mf.available_backends("cuda") if b in ("triton", "cuda")])
+@pytest.mark.parametrize("backend", [b for b in CUDA_FUSED_BACKENDS if b in ("triton", "cuda")])
 def test_gpu_video_tracking_agrees_with_sam2(backend):
     result = _example().compare("configs/sam2.1/sam2.1_hiera_t.yaml", "cuda", frames=4, objects=3, backend=backend)
     assert result["patched_backend"] == backend

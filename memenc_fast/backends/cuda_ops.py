@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import log_once
+from ..dispatch import constant_while_tracing, log_once
 from .kernel_args import check_same_device, check_tensor, new_output
 from ..packing import PackedBlock, PackedEncoder, derived, is_exact_gelu
 from . import cuda_lib, torch_ops
@@ -54,17 +54,10 @@ _T = TypeVar("_T")
 # checks, outputs, caches
 
 
-def _kernel_exists_now(op: str, *sizes: int) -> bool:
-    return cuda_lib.load().supported(op, *sizes)
-
-
-# The library answers through ctypes, which dynamo cannot trace: compiled code asks at trace time.
-_kernel_exists_at_trace = torch._dynamo.assume_constant_result(_kernel_exists_now)
-
-
+@constant_while_tracing
 def _kernel_exists(op: str, *sizes: int) -> bool:
-    """Whether the library has a kernel ``op`` for these sizes."""
-    return (_kernel_exists_at_trace if torch.compiler.is_compiling() else _kernel_exists_now)(op, *sizes)
+    """Whether the library has a kernel ``op`` for these sizes (asked through ctypes)."""
+    return cuda_lib.load().supported(op, *sizes)
 
 
 def _supported(op: str, what: str, *sizes: int) -> None:
