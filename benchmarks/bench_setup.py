@@ -11,8 +11,8 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast.backends import triton_interpreted
-from memenc_fast.presets import PRESETS
-from memenc_fast.reporting import parse_ints
+from memenc_fast.tools.presets import PRESETS
+from memenc_fast.tools.reporting import parse_ints
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = PRESETS[os.environ.get("MEMENC_FAST_BENCH_PRESET", "sam2")]

@@ -5,7 +5,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast import reference
-from memenc_fast.presets import build_encoder, make_inputs
+from memenc_fast.tools.presets import build_encoder, make_inputs
 
 from bench_setup import BACKENDS, DEVICE, PRESET, synchronized
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from memenc_fast.bench import op_calls
+from memenc_fast.tools.bench import op_calls
 from memenc_fast.dispatch import select_backend
 from memenc_fast.packing import PackCache, read_structure
-from memenc_fast.presets import build_encoder, make_inputs
+from memenc_fast.tools.presets import build_encoder, make_inputs
 
 from bench_setup import BACKENDS, DEVICE, PRESET, synchronized
 

@@ -8,7 +8,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast import pipeline
-from memenc_fast.presets import PRESETS, build_encoder, make_inputs
+from memenc_fast.tools.presets import PRESETS, build_encoder, make_inputs
 
 from bench_setup import BACKENDS, DEVICE
 

@@ -153,7 +153,7 @@ class Launch:
 
     def spec(self) -> Any:
         """The kernel report's TritonKernelSpec of this launch, typed as Triton types it."""
-        from memenc_fast.kernel_report import TritonKernelSpec
+        from memenc_fast.tools.kernel_report import TritonKernelSpec
 
         signature: Dict[str, str] = {}
         constexprs = dict(self.constexprs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.presets import PRESETS, Preset, build_encoder, make_inputs, randomize_parameters  # noqa: F401
+from memenc_fast.tools.presets import PRESETS, Preset, build_encoder, make_inputs, randomize_parameters  # noqa: F401
 
 requires_sam2 = pytest.mark.skipif(
     importlib.util.find_spec("sam2") is None, reason="sam2 is not installed (see README: tests)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memenc_fast.kernel_report import TritonKernelSpec
+from memenc_fast.tools.kernel_report import TritonKernelSpec
 
 # str(torch.dtype) names, so this module needs no torch import of its own.
 _TRITON_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memenc_fast import dispatch
-from memenc_fast.cli import main
+from memenc_fast.tools.cli import main
 
 
 def test_check_passes_and_writes_json(tmp_path, capsys):

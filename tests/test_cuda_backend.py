@@ -27,7 +27,7 @@ import memenc_fast as mf
 from memenc_fast.backends import cuda_lib, torch_ops
 from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import BackendUnavailableError
-from memenc_fast.numerics import judge, relative_error
+from memenc_fast.tools.numerics import judge, relative_error
 from memenc_fast import pipeline
 from memenc_fast.packing import pack_weights, read_structure
 
@@ -116,7 +116,7 @@ def test_backend_reports_no_device_here() -> None:
 def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path: Path) -> None:
     """The CI gate: every csrc kernel compiles for both targets, hot kernels do not spill, shared
     memory fits, and the matrix kernels run on tensor cores (the kernel report's rules)."""
-    from memenc_fast import kernel_report as kr
+    from memenc_fast.tools import kernel_report as kr
 
     options = kr.Options(targets=("sm_80", "sm_90a"), batches=(1,), dtypes=kr.DTYPES, cubin_dir=tmp_path,
                          csrc_dir=CSRC)
@@ -375,7 +375,7 @@ def test_emulated_unsupported_configs_fall_back_per_op(emulated) -> None:
     block = mf.CXBlock(256, kernel_size=9, padding=4)
     encoder = mf.MemoryEncoder(64, mf.MaskDownSampler(embed_dim=256, kernel_size=4, stride=4, padding=0),
                                mf.Fuser(block, 1), mf.PositionEmbeddingSine(64), in_dim=256)
-    mf.presets.randomize_parameters(encoder, seed=11)
+    mf.tools.presets.randomize_parameters(encoder, seed=11)
     packed = _packed(encoder.eval(), torch.float32)
     masks, tokens = torch.randn(1, 1, 32, 32), torch.randn(1, 2, 2, 256)
     torch.testing.assert_close(emulated.mask_downsample(masks, packed, True),

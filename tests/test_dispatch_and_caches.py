@@ -11,7 +11,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast import dispatch
 from memenc_fast.backends import triton_interpreted
-from memenc_fast.numerics import judge
+from memenc_fast.tools.numerics import judge
 
 from helpers import TINY, build_encoder, make_inputs, reference_outputs
 
@@ -181,7 +181,7 @@ def test_replacing_a_submodule_is_seen():
     pix_feat, masks = make_inputs(TINY, 2)
     _features(encoder, pix_feat, masks)
     fresh = mf.CXBlock(TINY.in_dim)
-    mf.presets.randomize_parameters(fresh, seed=5)
+    mf.tools.presets.randomize_parameters(fresh, seed=5)
     encoder.fuser.layers[0] = fresh
     out = _features(encoder, pix_feat, masks)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
@@ -218,7 +218,7 @@ def test_position_encoding_is_cached_and_expanded():
 
 
 def test_judge_applies_the_same_dtype_rule_only_to_large_outputs():
-    from memenc_fast.numerics import SAME_DTYPE_MIN_ELEMENTS
+    from memenc_fast.tools.numerics import SAME_DTYPE_MIN_ELEMENTS
 
     generator = torch.Generator().manual_seed(7)
     for numel, expect_pass in ((SAME_DTYPE_MIN_ELEMENTS, False), (8, True)):
@@ -237,7 +237,7 @@ def test_judge_applies_the_same_dtype_rule_only_to_large_outputs():
 def test_packed_weights_flatten_and_unflatten_to_the_same_encoder(preset, identity_out_proj):
     from memenc_fast.packing import flatten_packed, pack_weights, read_structure, unflatten_packed
 
-    encoder = build_encoder(TINY if preset == "tiny" else mf.presets.PRESETS["sam3"], seed=71)
+    encoder = build_encoder(TINY if preset == "tiny" else mf.tools.presets.PRESETS["sam3"], seed=71)
     if identity_out_proj:
         encoder.out_proj = torch.nn.Identity()
     packed = pack_weights(read_structure(encoder), torch.float32, torch.device("cpu"))

@@ -7,7 +7,7 @@ import torch
 from torch.export import Dim
 
 import memenc_fast as mf
-from memenc_fast.numerics import judge
+from memenc_fast.tools.numerics import judge
 
 from helpers import (CUDA_FUSED_BACKENDS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda,
                      requires_sam2)
@@ -94,7 +94,7 @@ def test_onnx_export_of_a_patched_sam2_memory_encoder(tmp_path):
     original = sam2_me.MemoryEncoder(
         16, sam2_me.MaskDownSampler(embed_dim=32, kernel_size=3, stride=2, padding=1),
         sam2_me.Fuser(sam2_me.CXBlock(32), 2), sam2_pe.PositionEmbeddingSine(16), in_dim=32).eval()
-    mf.presets.randomize_parameters(original, seed=70)
+    mf.tools.presets.randomize_parameters(original, seed=70)
 
     class Holder:
         pass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memenc_fast import kernel_report as kr
+from memenc_fast.tools import kernel_report as kr
 
 HERE = Path(__file__).resolve().parent
 KERNEL_REPORT_PY = HERE.parent / "memenc_fast" / "kernel_report.py"
@@ -231,7 +231,7 @@ BROKEN_KERNELS = """
 import triton
 import triton.language as tl
 
-from memenc_fast.kernel_report import TritonKernelSpec
+from memenc_fast.tools.kernel_report import TritonKernelSpec
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import memenc_fast as mf
-from memenc_fast.numerics import judge, relative_error, tolerance
+from memenc_fast.tools.numerics import judge, relative_error, tolerance
 
 from helpers import (CUDA_FUSED_BACKENDS, CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs,
                      reference_outputs, requires_cuda)
@@ -127,7 +127,7 @@ def test_random_configs_match_reference(device, config, dtype):
         mf.PositionEmbeddingSine(config["out_dim"]),
         in_dim=dim,
     )
-    mf.presets.randomize_parameters(encoder, seed=config["seed"])
+    mf.tools.presets.randomize_parameters(encoder, seed=config["seed"])
     encoder = encoder.to(device, dtype).eval()
     generator = torch.Generator().manual_seed(config["seed"])
     pix_feat = torch.randn((config["batch"], dim) + config["feat"], generator=generator).to(device, dtype)
@@ -182,7 +182,7 @@ def test_sam2_sized_launches_stay_under_2_to_the_31():
     one launch takes at most 511 objects: B=512 masks (2^29 elements) already split."""
     from memenc_fast import pipeline
 
-    preset = mf.presets.PRESETS["sam2"]
+    preset = mf.tools.presets.PRESETS["sam2"]
     encoder = build_encoder(preset)
     packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
     chunk = pipeline.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
@@ -201,7 +201,7 @@ def test_gpu_masks_past_2_to_the_31_elements(backend):
     device = torch.device("cuda")
     if torch.cuda.mem_get_info(device)[0] < 20 * 2**30:
         pytest.skip("needs 20 GiB of free GPU memory")
-    preset = mf.presets.PRESETS["sam2"]
+    preset = mf.tools.presets.PRESETS["sam2"]
     encoder = build_encoder(preset, seed=61, dtype=torch.bfloat16, device=device)
     batch = 2**31 // preset.mask_size**2 + 1
     generator = torch.Generator(device).manual_seed(62)

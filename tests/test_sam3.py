@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.numerics import judge
-from memenc_fast.presets import Preset
+from memenc_fast.tools.numerics import judge
+from memenc_fast.tools.presets import Preset
 
 from helpers import load_sam3_modules, randomize_parameters, reference_outputs
 
@@ -136,5 +136,5 @@ def test_precompute_resolution_warms_without_cuda():
 
 
 def test_sam3_preset_shapes():
-    preset: Preset = mf.presets.PRESETS["sam3"]
+    preset: Preset = mf.tools.presets.PRESETS["sam3"]
     assert (preset.mask_size, preset.feature_size, preset.interpol_size) == (1152, 72, (1152, 1152))

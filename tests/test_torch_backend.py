@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.numerics import judge, relative_error
+from memenc_fast.tools.numerics import judge, relative_error
 
 from helpers import CUDA_MARKS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs
 
@@ -54,7 +54,7 @@ def test_other_downsampler_configs(downsampler):
     encoder = mf.MemoryEncoder(
         16, mf.MaskDownSampler(embed_dim=32, **downsampler), mf.Fuser(mf.CXBlock(32), 1),
         mf.PositionEmbeddingSine(16), in_dim=32)
-    mf.presets.randomize_parameters(encoder, seed=15)
+    mf.tools.presets.randomize_parameters(encoder, seed=15)
     encoder.eval()
     feat = 5
     mask = feat * downsampler["total_stride"]
@@ -69,7 +69,7 @@ def test_input_projection_identity_out_proj_no_gamma_and_other_activation():
     encoder = mf.MemoryEncoder(
         32, mf.MaskDownSampler(embed_dim=32, kernel_size=3, stride=2, padding=1, activation=torch.nn.SiLU),
         mf.Fuser(block, 2, dim=32, input_projection=True), mf.PositionEmbeddingSine(32), in_dim=32)
-    mf.presets.randomize_parameters(encoder, seed=16)
+    mf.tools.presets.randomize_parameters(encoder, seed=16)
     encoder.eval()
     assert block.gamma is None and isinstance(encoder.out_proj, torch.nn.Identity)
     pix_feat, masks = torch.randn(2, 32, 3, 5), torch.randn(2, 1, 48, 80)
@@ -186,7 +186,7 @@ def test_gradcheck_through_the_torch_backend():
     encoder = mf.MemoryEncoder(
         4, mf.MaskDownSampler(embed_dim=8, kernel_size=3, stride=2, padding=1, total_stride=4),
         mf.Fuser(mf.CXBlock(8, kernel_size=3, padding=1), 1), mf.PositionEmbeddingSine(4), in_dim=8)
-    mf.presets.randomize_parameters(encoder, seed=27)
+    mf.tools.presets.randomize_parameters(encoder, seed=27)
     encoder = encoder.double().eval()
     generator = torch.Generator().manual_seed(28)
     pix_feat = torch.randn(2, 8, 2, 3, dtype=torch.float64, generator=generator, requires_grad=True)

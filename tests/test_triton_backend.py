@@ -24,7 +24,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast.backends import torch_ops, triton_interpreted
-from memenc_fast.numerics import judge
+from memenc_fast.tools.numerics import judge
 from memenc_fast.packing import PackedEncoder, pack_weights, read_structure
 
 from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
@@ -67,7 +67,7 @@ def _encoder(dim: int = 32, out_dim: int = 16, seed: int = 0, downsampler: Optio
         out_dim, mf.MaskDownSampler(embed_dim=dim, **(downsampler or SAM2_DOWNSAMPLER)),
         mf.Fuser(block, 2, dim=dim, input_projection=bool(fuser.get("input_projection", False))),
         mf.PositionEmbeddingSine(16), in_dim=dim)
-    mf.presets.randomize_parameters(encoder, seed)
+    mf.tools.presets.randomize_parameters(encoder, seed)
     return encoder.eval()
 
 

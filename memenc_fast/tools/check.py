@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import torch
 
-from .dispatch import available_backends, use_backend
+from ..dispatch import available_backends, use_backend
 from .numerics import judge
 from .presets import PRESETS, build_encoder, make_inputs
 from .reporting import dtype_name, parse_dtypes, print_table, progress

@@ -1,6 +1,6 @@
 """Compile every GPU kernel for real targets on any machine and report what the compiler made.
 
-``python -m memenc_fast kernels`` (or ``python -m memenc_fast.kernel_report``) builds each kernel
+``python -m memenc_fast kernels`` (or ``python -m memenc_fast.tools.kernel_report``) builds each kernel
 that the ``triton`` and ``cuda`` backends launch for the SAM 2 shapes into a cubin for ``sm_80``
 (A100) and ``sm_90a`` (H100) without a GPU, then reads the cubins back with ``cuobjdump``:
 registers, local memory (spills), shared memory, and tensor-core instructions (``HGMMA`` =
@@ -639,7 +639,7 @@ def triton_worker(task_file: str) -> None:
 # The child takes this process's sys.path first, so it imports the very same memenc_fast (a
 # checkout run from its root, an editable install, or an installed copy) and kernel modules.
 _WORKER_CODE = ("import json, sys; sys.path[:] = json.load(open(sys.argv[1]))['sys_path']; "
-                "from memenc_fast.kernel_report import triton_worker; triton_worker(sys.argv[1])")
+                "from memenc_fast.tools.kernel_report import triton_worker; triton_worker(sys.argv[1])")
 
 
 def _kernels_package_missing(report: Report) -> bool:
@@ -1049,8 +1049,8 @@ def run(args: argparse.Namespace, extra_modules: Sequence[Path] = (),
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``python -m memenc_fast.kernel_report``."""
-    parser = argparse.ArgumentParser(prog="python -m memenc_fast.kernel_report",
+    """Entry point for ``python -m memenc_fast.tools.kernel_report``."""
+    parser = argparse.ArgumentParser(prog="python -m memenc_fast.tools.kernel_report",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -17,10 +17,10 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from . import reference
-from .backends import triton_interpreted
-from .dispatch import Selection, available_backends, select_backend, use_backend
-from .packing import PackCache, PackedEncoder, read_structure
+from .. import reference
+from ..backends import triton_interpreted
+from ..dispatch import Selection, available_backends, select_backend, use_backend
+from ..packing import PackCache, PackedEncoder, read_structure
 from .presets import PRESETS, Preset, build_encoder, encoder_flops, flop_breakdown, make_inputs
 from .reporting import dtype_name, parse_dtypes, parse_ints, print_table, progress
 
