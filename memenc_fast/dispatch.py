@@ -1,29 +1,32 @@
 """Backend registry and selection.
 
-Every backend implements some of the ops in ``OPS`` over the same packed weights (see
-``packing.py``); an op a backend lacks falls back, per op, to the ``torch`` backend. ``reference``
-is special: it runs the unfused reference forward and serves everything.
+Every backend implements some of the ops in ``OPS`` over the module's live weights (see
+``structure.py``); an op a backend lacks, or cannot run for a given structure, falls back per op
+to the ``torch`` backend. ``reference`` is special: it runs the unfused reference forward and
+serves everything.
 
 The backend in force is, by precedence: the innermost ``use_backend(...)`` block, the environment
 variable ``MEMENC_FAST_BACKEND``, then ``"auto"``. ``auto`` picks the highest-priority backend
 that serves the inputs' device and dtype and the module's structure; it runs the reference for
-training with grad, and logs each such fallback reason once.
+training with grad, and logs each such fallback reason once. Whether and how a backend runs a
+structure is decided once per (structure, backend in force, device, dtype, grad) and kept with
+the structure.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, TypeVar, Union
+from types import ModuleType
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 
-from .packing import EncoderStructure
+from .structure import Structure
 
 __all__ = [
     "OPS",
@@ -35,9 +38,10 @@ __all__ = [
     "use_backend",
     "current_backend",
     "select_backend",
+    "select_cached",
+    "BackendName",
     "BackendUnavailableError",
     "log_once",
-    "op_table",
     "constant_while_tracing",
 ]
 
@@ -46,7 +50,7 @@ _R = TypeVar("_R")
 
 OPS = ("mask_downsample", "proj_add", "cxblock", "out_proj", "cxblock_out_proj")
 """The op vocabulary: the signatures are those of ``memenc_fast.backends.torch_ops``, except the
-optional ``cxblock_out_proj(x, block, packed)`` = ``out_proj(cxblock(x, block), packed)`` in one
+optional ``cxblock_out_proj(x, block, layer)`` = ``out_proj(cxblock(x, block), layer)`` in one
 step, which a backend may offer for the last block; without it the pipeline composes the two."""
 
 ENV_VAR = "MEMENC_FAST_BACKEND"
@@ -64,7 +68,9 @@ class Backend:
 
     ``ops_module`` is imported only when the backend is first used, so registering a backend
     never imports its toolchain. ``unavailable_reason`` returns None when the backend can run on
-    this machine. ``structure_reason`` returns None when it can run a module's structure.
+    this machine. The ops module may define ``unsupported_ops(structure, device, dtype)``, the
+    one place where it says which of its ops cannot run a structure (op name -> reason); those
+    run the torch op instead.
     """
 
     name: str
@@ -73,22 +79,21 @@ class Backend:
     dtypes: FrozenSet[torch.dtype]
     ops_module: str
     unavailable_reason: Callable[[], Optional[str]]
-    structure_reason: Callable[[EncoderStructure], Optional[str]] = lambda structure: None
     differentiable: bool = False
-    exportable: bool = False  # its ops trace under torch.export (ATen or custom ops with fakes)
-    # torch.compile traces its ops (ATen, or custom ops with fakes); otherwise compiled code runs
-    # the whole fused forward as one custom op (pipeline.opaque_forward).
-    traceable: bool = True
     auto_device_types: Optional[FrozenSet[str]] = None  # where ``auto`` may pick it; None: device_types
-    _ops: Dict[str, Callable] = field(default_factory=dict, compare=False, repr=False)
+    _module: List[ModuleType] = field(default_factory=list, compare=False, repr=False)
     _import_errors: List[str] = field(default_factory=list, compare=False, repr=False)
 
-    def ops(self) -> Mapping[str, Callable]:
-        """The ops this backend implements, imported on first use."""
-        if not self._ops:
-            module = importlib.import_module(self.ops_module, package=__package__)
-            self._ops.update({name: getattr(module, name) for name in OPS if hasattr(module, name)})
-        return self._ops
+    def module(self) -> ModuleType:
+        """The ops module, imported on first use."""
+        if not self._module:
+            self._module.append(importlib.import_module(self.ops_module, package=__package__))
+        return self._module[0]
+
+    def ops(self) -> Dict[str, Callable]:
+        """The ops this backend implements."""
+        module = self.module()
+        return {name: getattr(module, name) for name in OPS if hasattr(module, name)}
 
     def availability(self) -> Optional[str]:
         """None when this backend can run on this machine, else why not."""
@@ -96,9 +101,8 @@ class Backend:
             return self._import_errors[0]
         return self.unavailable_reason()
 
-    def serve_reason(self, device: torch.device, dtype: torch.dtype, structure: EncoderStructure,
-                     needs_grad: bool) -> Optional[str]:
-        """None when this backend can run these inputs, else why not."""
+    def serve_reason(self, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
+        """None when this backend can run inputs on ``device`` in ``dtype``, else why not."""
         reason = _availability(self.name)
         if reason is not None:
             return reason
@@ -109,24 +113,55 @@ class Backend:
             return f"serves dtypes {served}, got {str(dtype).replace('torch.', '')}"
         if needs_grad and not self.differentiable:
             return "has no backward; run with torch.no_grad() or use the reference backend for training"
-        return self.structure_reason(structure)
+        return None
+
+    def op_table(self, structure: Structure, device: torch.device,
+                 dtype: torch.dtype) -> Tuple[Optional[Dict[str, Callable]], str]:
+        """The ops that run ``structure`` here: this backend's where it can, torch's elsewhere
+        (each such fallback logged once, and said in the second item); None and why when it can
+        run none of its ops."""
+        ops = self.ops()
+        unsupported = getattr(self.module(), "unsupported_ops", None)
+        refused = unsupported(structure, device, dtype) if unsupported is not None else {}
+        if self.name != "torch" and refused and all(op in refused for op in ops):
+            return None, "; ".join(f"{op}: {why}" for op, why in refused.items())
+        table = dict(_registry["torch"].ops())
+        for op, fn in ops.items():
+            if op in refused:
+                log_once(f"memenc_fast: {self.name} {op} runs the torch op: {refused[op]}")
+            else:
+                table[op] = fn
+        return table, "; ".join(f"{op} runs the torch op: {why}" for op, why in refused.items())
+
+
+class BackendName(str):
+    """A backend's name (``MemoryEncoder.last_backend``) with ``reason``: why the reference ran
+    instead of a fused backend, or which ops a fused backend left to the torch backend (None when
+    there is nothing to say)."""
+
+    reason: Optional[str]
+
+    def __new__(cls, name: str, reason: Optional[str] = None) -> "BackendName":
+        self = super().__new__(cls, name)
+        self.reason = reason
+        return self
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The outcome of backend selection for one forward: a name and the op table to run."""
+    """The outcome of backend selection for one forward: a name (with the reason for any
+    fallback) and the op table to run."""
 
-    name: str
+    name: BackendName
     ops: Optional[Mapping[str, Callable]]  # None means: run the reference forward
-
-    @property
-    def traceable(self) -> bool:
-        """Whether torch.compile traces this selection's ops (see ``Backend.traceable``)."""
-        return self.is_reference or _registry[self.name].traceable
 
     @property
     def is_reference(self) -> bool:
         return self.ops is None
+
+
+def _reference(reason: str) -> Selection:
+    return Selection(BackendName(REFERENCE, reason), None)
 
 
 _registry: Dict[str, Backend] = {}
@@ -171,19 +206,28 @@ def available_backends(device: Union[str, torch.device, None] = None) -> List[st
 
 
 def _check_name(name: str) -> str:
-    if name != AUTO and name not in registered_backends():
+    if name not in _registry and name not in (AUTO, REFERENCE):
         raise ValueError(f"unknown memenc_fast backend {name!r}; expected one of {[AUTO] + registered_backends()}")
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Runs the enclosed forwards with backend ``name`` ("auto" restores automatic choice)."""
-    token = _forced.set(_check_name(name))
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+class use_backend:  # noqa: N801 (used as a function: ``with use_backend("torch"): ...``)
+    """Runs the enclosed forwards with backend ``name`` ("auto" restores automatic choice).
+
+    A plain class rather than a generator-based context manager: entering and leaving one costs
+    a third as much, and SAM 2's predictor may enter one per object per frame.
+    """
+
+    __slots__ = ("_name", "_token")
+
+    def __init__(self, name: str) -> None:
+        self._name = _check_name(name)
+
+    def __enter__(self) -> None:
+        self._token = _forced.set(self._name)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _forced.reset(self._token)
 
 
 def current_backend() -> str:
@@ -235,61 +279,74 @@ def log_once(message: str) -> None:
 _availability = constant_while_tracing(lambda name: _registry[name].availability())
 
 
-def op_table(name: str) -> Mapping[str, Callable]:
-    """Backend ``name``'s ops, with the ``torch`` backend's for the ops it lacks."""
-    backend = _registry[name]
-    if name == "torch":
-        return backend.ops()
-    table = dict(_registry["torch"].ops())
-    table.update(backend.ops())
-    return table
-
-
 def select_backend(
     device: torch.device,
     dtype: torch.dtype,
-    structure: Optional[EncoderStructure],
+    structure: Optional[Structure],
     structure_error: Optional[str],
     needs_grad: bool,
     name: Optional[str] = None,
 ) -> Selection:
     """Chooses the backend for one forward.
 
-    ``structure`` is None (with ``structure_error`` saying why) for modules the fused pipeline
-    cannot run. A backend named explicitly that cannot serve raises BackendUnavailableError.
+    ``structure`` is None (with ``structure_error`` saying why) for modules whose submodules the
+    fused path cannot tell apart; a Structure with a ``reason`` is one it cannot run. A backend
+    named explicitly that cannot serve raises BackendUnavailableError.
     """
+    refusal = structure_error if structure is None else structure.reason
     if torch.onnx.is_in_onnx_export():
         # ONNX has none of our kernels: export the torch backend's standard ops.
-        name = "torch" if structure is not None and not needs_grad else REFERENCE
+        name = "torch" if refusal is None and not needs_grad else REFERENCE
     elif name is None:
         name = _backend_in_force()
     else:
         name = _check_name(name)
     if name == REFERENCE:
-        return Selection(REFERENCE, None)
-    if torch.compiler.is_exporting() and name != AUTO and not _registry[name].exportable:
-        log_once(f"memenc_fast: backend {name!r} cannot be exported; exporting the torch backend's ops")
-        name = "torch"
+        return _reference("the reference backend was asked for")
     if name != AUTO:
         backend = _registry[name]
-        reason = structure_error if structure is None else backend.serve_reason(device, dtype, structure, needs_grad)
-        if reason is not None:
+        reason = refusal or backend.serve_reason(device, dtype, needs_grad)
+        table = None
+        if reason is None:
+            table, reason = backend.op_table(structure, device, dtype)
+        if table is None:
             raise BackendUnavailableError(f"memenc_fast backend {name!r} cannot run this forward: {reason}")
-        return Selection(name, op_table(name))
-    if structure is None:
-        log_once(f"memenc_fast: running the reference forward: {structure_error}")
-        return Selection(REFERENCE, None)
+        return Selection(BackendName(name, reason or None), table)
+    if refusal is not None:
+        log_once(f"memenc_fast: running the reference forward: {refusal}")
+        return _reference(refusal)
     if needs_grad:
         log_once("memenc_fast: running the reference forward for training (grad enabled)")
-        return Selection(REFERENCE, None)
+        return _reference("training (grad enabled)")
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
         auto_devices = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
-        if torch.compiler.is_exporting() and not backend.exportable:
-            continue
         if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
-            device, dtype, structure, needs_grad
-        ) is None:
-            return Selection(candidate, op_table(candidate))
-    log_once(f"memenc_fast: no fused backend serves {device.type}/{dtype}; running the reference forward")
-    return Selection(REFERENCE, None)
+                device, dtype, needs_grad) is None:
+            table, reason = backend.op_table(structure, device, dtype)
+            if table is not None:
+                return Selection(BackendName(candidate, reason or None), table)
+            log_once(f"memenc_fast: auto skips backend {candidate!r}: {reason}")
+    reason = f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
+    log_once(f"memenc_fast: {reason}; running the reference forward")
+    return _reference(reason)
+
+
+def select_cached(
+    structure: Optional[Structure],
+    structure_error: Optional[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    needs_grad: bool,
+) -> Selection:
+    """``select_backend`` for the backend in force, remembered with ``structure`` per (backend in
+    force, device, dtype, grad) outside compiled, exported and ONNX-exported code."""
+    # (ONNX export runs under torch.export or the JIT tracer.)
+    if structure is None or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return select_backend(device, dtype, structure, structure_error, needs_grad)
+    key = (current_backend(), device, dtype, needs_grad)
+    selection = structure.selections.get(key)
+    if selection is None:
+        selection = select_backend(device, dtype, structure, None, needs_grad, key[0])
+        structure.selections[key] = selection
+    return selection

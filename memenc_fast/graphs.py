@@ -1,10 +1,12 @@
 """Opt-in CUDA graphs for the fused forward (``MemoryEncoder.cuda_graphs = True``).
 
 SAM 2's video predictor calls the memory encoder once per object (B=1), where launch overhead is
-a large share of the time: replaying a captured graph removes it. One graph is captured per
-input signature (shapes, dtypes, device, options, backend) and per packed-weight version; a
-change of any of those captures anew, and a weight change drops the graphs of the old weights.
-Each graph keeps its own memory pool, so only the ``MAX_GRAPHS`` most recently used are kept.
+a large share of the time: replaying a captured graph removes it. A graph reads the parameters'
+memory when it replays, so in-place weight updates reach it; one graph is captured per input
+signature (shapes, dtypes, device, options, backend), structure and set of parameter addresses,
+and a replaced parameter tensor (its address changes) or structure captures anew and drops the
+graphs that read the old ones. Each graph keeps its own memory pool, so only the ``MAX_GRAPHS``
+most recently used are kept.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable, Hashable, Tuple
 
 import torch
 
-from .packing import PackedEncoder
+from .structure import Structure
 
 __all__ = ["GraphCache"]
 
@@ -32,7 +34,7 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     static_inputs: Tuple[torch.Tensor, torch.Tensor]
     static_output: torch.Tensor
-    packed: PackedEncoder  # keeps the weights the graph reads alive (and its id unique)
+    structure: Structure  # keeps the structure (and so its id) and the parameters it read alive
 
 
 class GraphCache:
@@ -58,22 +60,24 @@ class GraphCache:
     def run(
         self,
         signature: Hashable,
-        packed: PackedEncoder,
+        structure: Structure,
         forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         pix_feat: torch.Tensor,
         masks: torch.Tensor,
     ) -> torch.Tensor:
-        """``forward(pix_feat, masks)`` through a graph captured for ``signature`` and ``packed``.
+        """``forward(pix_feat, masks)`` through a graph captured for ``signature``, ``structure``
+        and the current addresses of its parameters.
 
         Returns a fresh tensor (the graph's output buffer is reused by the next replay).
         """
-        key = (signature, id(packed))
+        weights = (id(structure), tuple(map(torch.Tensor.data_ptr, structure.parameters())))
+        key = (signature, weights)
         with self._lock, _on_device(masks.device):
             entry = self._entries.get(key)
             if entry is None:
                 # Graphs of replaced weights read freed memory if replayed: drop them.
-                self._entries = OrderedDict((k, e) for k, e in self._entries.items() if e.packed is packed)
-                entry = self._capture(packed, forward, pix_feat, masks)
+                self._entries = OrderedDict((k, e) for k, e in self._entries.items() if k[1] == weights)
+                entry = self._capture(structure, forward, pix_feat, masks)
                 self._entries[key] = entry
                 while len(self._entries) > MAX_GRAPHS:
                     self._entries.popitem(last=False)
@@ -84,7 +88,7 @@ class GraphCache:
             return entry.static_output.clone()
 
     @staticmethod
-    def _capture(packed: PackedEncoder, forward, pix_feat: torch.Tensor, masks: torch.Tensor) -> _Captured:
+    def _capture(structure: Structure, forward, pix_feat: torch.Tensor, masks: torch.Tensor) -> _Captured:
         static_pix, static_masks = pix_feat.clone(), masks.clone()
         side = torch.cuda.Stream(device=masks.device)
         side.wait_stream(torch.cuda.current_stream(masks.device))
@@ -95,7 +99,7 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_output = forward(static_pix, static_masks)
-        return _Captured(graph, (static_pix, static_masks), static_output, packed)
+        return _Captured(graph, (static_pix, static_masks), static_output, structure)
 
 
 def _on_device(device: torch.device):

@@ -1,9 +1,10 @@
 """The drop-in modules: sam2's constructors, parameter names and outputs, with fused backends.
 
-``MemoryEncoder`` runs the whole fused pipeline of the backend in force (see ``dispatch``); the
-submodule classes keep the reference math and add what the pipeline needs from them (a cached
-position encoding). A MemoryEncoder holding sam2's or sam3's own submodules (a hydra config
-that only swaps the top-level ``_target_``, or ``from_sam2``) runs fused as well.
+``MemoryEncoder`` runs the whole fused pipeline of the backend in force (see ``dispatch``) over its
+submodules' live parameters (see ``structure``); the submodule classes keep the reference math and
+add what the pipeline needs from them (a cached position encoding). A MemoryEncoder holding
+sam2's or sam3's own submodules (a hydra config that only swaps the top-level ``_target_``, or
+``from_sam2``) runs fused as well.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch.nn as nn
 
 from . import reference
 from . import backends as _backends  # noqa: F401  (registers the shipped backends)
-from .dispatch import Selection, available_backends, select_backend
+from .dispatch import Selection, available_backends, select_cached
 from .graphs import GraphCache
-from .packing import EncoderStructure, PackCache, UnsupportedStructure, pack_weights, read_structure
-from .pipeline import opaque_forward, run_in_chunks, run_ops
+from .pipeline import run_in_chunks
 from .position import cached_position_encoding
-from .validation import autocast_dtype, check_encoder_inputs, downsampled_size
+from .structure import Structure, UnsupportedStructure, read_structure
+from .validation import check_encoder_inputs
 
 __all__ = [
     "LayerNorm2d",
@@ -40,12 +41,12 @@ Fuser = reference.Fuser
 
 
 class PositionEmbeddingSine(reference.PositionEmbeddingSine):
-    """sam2's / sam3's PositionEmbeddingSine, cached per (H, W, dtype, device), returned expanded.
+    """sam2's / sam3's PositionEmbeddingSine, computed once per (H, W, dtype, device).
 
     ``precompute_resolution`` (sam3) fills the cache for ``resolution // stride`` (strides 4, 8,
     16, 32) on the default device at construction; sam2's ``warmup_cache`` does the same for
-    ``image_size`` on the current CUDA device when one exists, as sam2 does. The returned tensor
-    is a read-only view shared across calls: clone it before writing to it.
+    ``image_size`` on the current CUDA device when one exists, as sam2 does. Every call returns a
+    fresh tensor, as sam2's does.
     """
 
     def __init__(
@@ -107,9 +108,8 @@ class MemoryEncoder(reference.MemoryEncoder):
         self.mask_scale = 1.0
         self.mask_bias = 0.0
         self.cuda_graphs = False
-        self._pack_cache = PackCache()
         self._graphs = GraphCache()
-        self._structure: Optional[Tuple[bool, _ModuleTree, Optional[EncoderStructure], Optional[str]]] = None
+        self._structure: Optional[Structure] = None
         self.last_backend: Optional[str] = None
 
     @classmethod
@@ -132,57 +132,45 @@ class MemoryEncoder(reference.MemoryEncoder):
         encoder._init_fused_state()
         return encoder
 
-    def _read_structure(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
-        if torch.compiler.is_compiling():
-            # The compiler guards on the modules it reads; no cache needed (nor traceable).
-            return self._structure_uncached()
-        # Valid while no submodule anywhere was replaced, added or removed (this runs on every
-        # forward: comparing each module's children with a snapshot is cheaper than walking them).
+    def _current_structure(self) -> Tuple[Optional[Structure], Optional[str]]:
+        """This module's structure as of now (re-read when anything it rests on changed), or None
+        and why its submodules cannot be told apart."""
         cached = self._structure
-        if cached is not None and cached[0] == self.training and _tree_unchanged(cached[1]):
-            return cached[2], cached[3]
-        tree = _module_tree(self)
-        structure, error = self._structure_uncached()
-        self._structure = (self.training, tree, structure, error)
-        return structure, error
-
-    def _structure_uncached(self) -> Tuple[Optional[EncoderStructure], Optional[str]]:
+        if cached is not None and not torch.compiler.is_compiling() and cached.is_current():
+            return cached, None
         try:
-            return read_structure(self), None
+            structure = read_structure(self)
         except UnsupportedStructure as err:
+            self._structure = None
             return None, str(err)
+        if not torch.compiler.is_compiling():
+            self._structure = structure
+        return structure, None
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state["_structure"] = None
+        state["_structure"] = None  # it holds references into this very module's dicts
         return state
-
-    @staticmethod
-    def _feature_size_of(structure: EncoderStructure) -> Callable[[Tuple[int, int]], Tuple[int, int]]:
-        stages = [(c.kernel_size, c.stride, c.padding) for c in structure.stage_convs]
-        return lambda mask_size: downsampled_size(mask_size, structure.interpol_size, stages)
 
     def forward(
         self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool = False
     ) -> Dict[str, object]:
-        structure, structure_error = self._read_structure()
-        param = self.pix_feat_proj.weight
-        if structure is not None and structure.stage_convs:
-            mask_channels: Optional[int] = structure.stage_convs[0].in_channels
-        else:
-            mask_channels = structure.mask_final_conv.in_channels if structure is not None else None
-        check_encoder_inputs(pix_feat, masks, self.pix_feat_proj.in_channels, mask_channels, param,
-                             None if structure is None else self._feature_size_of(structure))
-        device = masks.device
-        dtype = autocast_dtype(device.type) or param.dtype
+        structure, structure_error = self._current_structure()
+        fusable = structure if structure is not None and structure.reason is None else None
+        dtype, autocast = check_encoder_inputs(pix_feat, masks, self, fusable)
         needs_grad = torch.is_grad_enabled() and (
             masks.requires_grad or pix_feat.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        selection = select_backend(device, dtype, structure, structure_error, needs_grad)
-        self.last_backend = selection.name
+        selection = select_cached(structure, structure_error, masks.device, dtype, needs_grad)
+        # A plain attribute: nn.Module.__setattr__'s checks cost more than the rest of this line.
+        self.__dict__["last_backend"] = selection.name
         if selection.is_reference:
             return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
-        return self._fused_forward(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype, needs_grad)
+        with torch.autocast(masks.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            x = self._fused_features(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype, needs_grad)
+        pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
+                                       x.dtype, masks.device)
+        return {"vision_features": x, "vision_pos_enc": [pos]}
 
     def take_mask_transform(self, caller: object) -> None:
         """Moves a SAM 2 / SAM 3 caller's ``sigmoid(m) * scale + bias`` transform (its
@@ -207,56 +195,29 @@ class MemoryEncoder(reference.MemoryEncoder):
             skip_mask_sigmoid = True
         return super().forward(pix_feat, masks, skip_mask_sigmoid)
 
-    def _fused_forward(self, selection: Selection, structure: EncoderStructure, pix_feat: torch.Tensor,
-                       masks: torch.Tensor, skip_mask_sigmoid: bool, dtype: torch.dtype, needs_grad: bool):
+    def _fused_features(self, selection: Selection, structure: Structure, pix_feat: torch.Tensor,
+                        masks: torch.Tensor, skip_mask_sigmoid: bool, dtype: torch.dtype,
+                        needs_grad: bool) -> torch.Tensor:
         device = masks.device
-        ops = selection.ops
-        if needs_grad or torch.compiler.is_compiling():
-            packed = pack_weights(structure, dtype, device)
-        else:
-            packed = self._pack_cache.get(structure, dtype, device)
-        with contextlib.ExitStack() as stack:
-            if autocast_dtype(device.type) is not None:
-                stack.enter_context(torch.autocast(device.type, enabled=False))
+        if masks.dtype != dtype:
             masks = masks.to(dtype)
+        if pix_feat.dtype != dtype or pix_feat.device != device:
             pix_feat = pix_feat.to(device=device, dtype=dtype)
-            if masks.shape[0] != pix_feat.shape[0]:  # one of them has batch 1: broadcast it
-                batch = max(masks.shape[0], pix_feat.shape[0])
-                masks = masks.expand(batch, -1, -1, -1)
-                pix_feat = pix_feat.expand(batch, -1, -1, -1)
-            options = (not skip_mask_sigmoid, self.mask_scale, self.mask_bias)
-            limit = self.max_elements_per_launch
-
-            def run(pix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                return run_in_chunks(ops, packed, pix, mask, options, limit)
-
-            if torch.compiler.is_compiling():
-                if selection.traceable:
-                    x = run_ops(ops, packed, pix_feat, masks, *options)
-                else:
-                    x = opaque_forward(selection.name, packed, pix_feat, masks, options, limit)
-            elif (self.cuda_graphs and device.type == "cuda" and not needs_grad
-                    and not torch.cuda.is_current_stream_capturing()):
-                signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name)
-                x = self._graphs.run(signature, packed, run, pix_feat, masks)
-            else:
-                x = run(pix_feat, masks)
-        pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
-                                       x.dtype, device)
-        return {"vision_features": x, "vision_pos_enc": [pos]}
-
-
-_ModuleTree = Tuple[Tuple[Dict[str, Optional[nn.Module]], Tuple[Optional[nn.Module], ...]], ...]
-
-
-def _module_tree(root: nn.Module) -> _ModuleTree:
-    """Every module's children dict under ``root``, with the children it holds now."""
-    return tuple((m._modules, tuple(m._modules.values())) for m in root.modules())
-
-
-def _tree_unchanged(tree: _ModuleTree) -> bool:
-    # Tuple equality tests identity first: no nn.Module.__eq__ runs for unchanged children.
-    return all(tuple(children.values()) == held for children, held in tree)
+        mask_batch, pix_batch = masks.shape[0], pix_feat.shape[0]
+        if mask_batch != pix_batch:  # one of them has batch 1: broadcast it, as sam2's add does
+            batch = pix_batch if mask_batch == 1 else mask_batch
+            masks = masks.expand(batch, -1, -1, -1)
+            pix_feat = pix_feat.expand(batch, -1, -1, -1)
+        options = (not skip_mask_sigmoid, float(self.mask_scale), float(self.mask_bias))
+        ops, limit = selection.ops, self.max_elements_per_launch
+        if (self.cuda_graphs and device.type == "cuda" and not needs_grad
+                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
+            signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name,
+                         structure.interpol_size())
+            return self._graphs.run(signature, structure,
+                                    lambda pix, mask: run_in_chunks(ops, structure, pix, mask, options, limit),
+                                    pix_feat, masks)
+        return run_in_chunks(ops, structure, pix_feat, masks, options, limit)
 
 
 def swap_memory_encoder(

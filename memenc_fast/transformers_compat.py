@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import CXBlock, Fuser, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
-from .packing import is_exact_gelu
+from .structure import is_exact_gelu
 
 __all__ = [
     "TransformersMemoryEncoder",

@@ -3,29 +3,16 @@ raised before any backend runs (where sam2 would fail deep inside a conv, or not
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 
-__all__ = ["check_encoder_inputs", "downsampled_size", "autocast_dtype", "describe_tensor"]
+from .structure import Structure
+
+__all__ = ["check_encoder_inputs", "module_parameter", "autocast_dtype", "describe_tensor"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def downsampled_size(
-    mask_size: Tuple[int, int],
-    interpol_size: Optional[Sequence[int]],
-    stages: Sequence[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]],
-) -> Tuple[int, int]:
-    """The spatial size the mask downsampler produces from ``mask_size``.
-
-    ``stages`` lists (kernel_size, stride, padding) of each strided conv.
-    """
-    height, width = tuple(interpol_size) if interpol_size is not None else mask_size
-    for kernel, stride, padding in stages:
-        height = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
-        width = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    return height, width
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -44,20 +31,22 @@ def describe_tensor(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
 
 
-def check_encoder_inputs(
-    pix_feat: object,
-    masks: object,
-    in_dim: int,
-    mask_channels: Optional[int],
-    param: torch.Tensor,
-    feature_size_of: Optional[Callable[[Tuple[int, int]], Tuple[int, int]]],
-) -> None:
-    """Validates a MemoryEncoder forward's inputs against the module.
+def module_parameter(encoder: nn.Module, structure: Optional[Structure]) -> Optional[torch.Tensor]:
+    """The parameter whose device and dtype are the module's: ``pix_feat_proj``'s weight."""
+    if structure is not None:
+        return structure.projection.pix_weight
+    weight = getattr(encoder.pix_feat_proj, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else next(encoder.parameters(), None)
 
-    ``param`` is any parameter of the module (its device and dtype are the module's);
-    ``feature_size_of`` maps a mask (H, W) to the downsampled (h, w). Checks that need the
-    module's structure (``mask_channels``, ``feature_size_of``) are skipped when those are None.
-    Raises TypeError for wrong types/dtypes and ValueError for wrong shapes/devices.
+
+def check_encoder_inputs(pix_feat: object, masks: object, encoder: nn.Module,
+                         structure: Optional[Structure]) -> Tuple[torch.dtype, bool]:
+    """Validates a MemoryEncoder forward's inputs against the module; returns the dtype the
+    forward computes in and whether that is autocast's.
+
+    ``structure`` is the module's structure where the fused path can run it, else None: checks
+    that need it (mask channels, the feature size the masks make) are then left to the reference
+    forward. Raises TypeError for wrong types/dtypes and ValueError for wrong shapes/devices.
     """
     for name, t in (("pix_feat", pix_feat), ("masks", masks)):
         if not isinstance(t, torch.Tensor):
@@ -71,11 +60,15 @@ def check_encoder_inputs(
         if t.dim() != 4:
             raise ValueError(f"MemoryEncoder: {name} must be 4-D (B, C, H, W); got {describe_tensor(t)}")
     assert isinstance(pix_feat, torch.Tensor) and isinstance(masks, torch.Tensor)
+    param = module_parameter(encoder, structure)
+    in_dim = structure.in_dim if structure is not None else getattr(encoder.pix_feat_proj, "in_channels",
+                                                                     pix_feat.shape[1])
     if pix_feat.shape[1] != in_dim:
         raise ValueError(f"MemoryEncoder: pix_feat must have {in_dim} channels (in_dim); got {describe_tensor(pix_feat)}")
-    if mask_channels is not None and masks.shape[1] != mask_channels:
-        raise ValueError(f"MemoryEncoder: masks must have {mask_channels} channel(s); got {describe_tensor(masks)}")
-    if masks.device != param.device:
+    if structure is not None and masks.shape[1] != structure.mask_channels:
+        raise ValueError(f"MemoryEncoder: masks must have {structure.mask_channels} channel(s); "
+                         f"got {describe_tensor(masks)}")
+    if param is not None and masks.device != param.device:
         raise ValueError(
             f"MemoryEncoder: mismatched devices: masks are on {masks.device} but the module's parameters "
             f"are on {param.device}; move one to the other (pix_feat may stay elsewhere: it is moved to masks)"
@@ -86,18 +79,24 @@ def check_encoder_inputs(
             f"MemoryEncoder: pix_feat and masks must have the same batch size (or one of them 1); "
             f"got pix_feat {describe_tensor(pix_feat)} and masks {describe_tensor(masks)}"
         )
-    expected = feature_size_of((masks.shape[-2], masks.shape[-1])) if feature_size_of else None
-    if expected is not None and tuple(pix_feat.shape[-2:]) != expected:
-        raise ValueError(
-            f"MemoryEncoder: masks of size {masks.shape[-2]}x{masks.shape[-1]} downsample to "
-            f"{expected[0]}x{expected[1]}, but pix_feat is {pix_feat.shape[-2]}x{pix_feat.shape[-1]}; "
-            f"the mask size must be the feature size times the downsampler's total stride"
-        )
-    if autocast_dtype(masks.device.type) is None:
-        for name, t in (("pix_feat", pix_feat), ("masks", masks)):
-            if t.dtype != param.dtype:
-                raise TypeError(
-                    f"MemoryEncoder: {name} dtype {str(t.dtype).replace('torch.', '')} does not match the "
-                    f"module's parameter dtype {str(param.dtype).replace('torch.', '')}; cast the input, "
-                    f"the module, or run under torch.autocast"
-                )
+    if structure is not None:
+        expected = structure.feature_size((masks.shape[-2], masks.shape[-1]))
+        if tuple(pix_feat.shape[-2:]) != expected:
+            raise ValueError(
+                f"MemoryEncoder: masks of size {masks.shape[-2]}x{masks.shape[-1]} downsample to "
+                f"{expected[0]}x{expected[1]}, but pix_feat is {pix_feat.shape[-2]}x{pix_feat.shape[-1]}; "
+                f"the mask size must be the feature size times the downsampler's total stride"
+            )
+    autocast = autocast_dtype(masks.device.type)
+    if autocast is not None:
+        return autocast, True
+    if param is None:
+        return masks.dtype, False
+    for name, t in (("pix_feat", pix_feat), ("masks", masks)):
+        if t.dtype != param.dtype:
+            raise TypeError(
+                f"MemoryEncoder: {name} dtype {str(t.dtype).replace('torch.', '')} does not match the "
+                f"module's parameter dtype {str(param.dtype).replace('torch.', '')}; cast the input, "
+                f"the module, or run under torch.autocast"
+            )
+    return param.dtype, False

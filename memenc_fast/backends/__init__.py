@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 
 from ..dispatch import Backend, register_backend
-from ..packing import EncoderStructure
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -32,15 +31,6 @@ def _triton_unavailable_reason() -> Optional[str]:
     return None
 
 
-def _kernel_structure_reason(structure: EncoderStructure) -> Optional[str]:
-    if not structure.all_activations_exact_gelu:
-        return "the kernels fuse exact GELU only; this module uses another activation"
-    for i, block in enumerate(structure.blocks):
-        if block.dwconv.groups != block.dwconv.in_channels:
-            return f"fuser.layers[{i}] uses a dense (not depthwise) conv"
-    return None
-
-
 register_backend(
     Backend(
         name="torch",
@@ -50,7 +40,6 @@ register_backend(
         ops_module=".backends.torch_ops",
         unavailable_reason=lambda: None,
         differentiable=True,
-        exportable=True,
     )
 )
 
@@ -62,13 +51,8 @@ register_backend(
         device_types=frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"}),
         auto_device_types=frozenset({"cuda"}),
         dtypes=_KERNEL_DTYPES,
-        ops_module=".backends.triton_ops",
+        ops_module=".backends.triton",
         unavailable_reason=_triton_unavailable_reason,
-        structure_reason=_kernel_structure_reason,
-        # Plain kernel launches: torch.export (non-strict) cannot trace them; exports use torch ops,
-        # and torch.compile runs the forward as one custom op.
-        exportable=False,
-        traceable=False,
     )
 )
 
@@ -85,12 +69,7 @@ register_backend(
         priority=30,
         device_types=frozenset({"cuda"}),
         dtypes=_KERNEL_DTYPES,
-        ops_module=".backends.cuda_ops",
+        ops_module=".backends.cuda",
         unavailable_reason=_cuda_unavailable_reason,
-        # Configurations the kernels do not cover (other mask-stage shapes or channel counts, dwconv
-        # sizes) fall back per op to the torch op inside cuda_ops, logged once.
-        structure_reason=_kernel_structure_reason,
-        # Traced code calls the memenc_fast::cuda_* custom ops, which have fake implementations.
-        exportable=True,
     )
 )

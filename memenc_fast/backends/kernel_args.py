@@ -1,22 +1,27 @@
-"""Argument checks and output buffers shared by the kernel backends (Triton and CUDA).
+"""Argument checks, output buffers and the custom-op switch shared by the kernel backends
+(Triton and CUDA).
 
 Every kernel wrapper validates its tensors before a launch with the same messages (what the op
 expected of which argument, and what it got) and allocates its outputs through ``new_output``,
 so tests can fill every output with NaN (``poison_outputs``) to catch elements a kernel never
-writes.
+writes. Each wrapper also has a ``torch.library`` custom op with a fake implementation, which
+compiled and exported code traces; eager calls skip it (``eager_or_custom_op``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
 from ..validation import describe_tensor
 
-__all__ = ["KERNEL_DTYPES", "check_tensor", "check_same_device", "poison_outputs", "new_output"]
+__all__ = ["KERNEL_DTYPES", "check_tensor", "check_same_device", "poison_outputs", "new_output",
+           "eager_or_custom_op"]
+
+_T = TypeVar("_T")
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -84,3 +89,9 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
     if getattr(_poison, "on", False):
         out.fill_(float("nan"))
     return out
+
+
+def eager_or_custom_op(eager: Callable[..., _T], custom_op: Callable[..., _T]) -> Callable[..., _T]:
+    """``custom_op`` while torch.compile or torch.export traces, else the plain wrapper ``eager``:
+    a custom op's dispatch costs about 10 us per call, as much as a whole B=1 kernel."""
+    return custom_op if torch.compiler.is_compiling() else eager
