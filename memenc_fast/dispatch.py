@@ -39,7 +39,6 @@ __all__ = [
     "current_backend",
     "select_backend",
     "select_cached",
-    "BackendName",
     "BackendUnavailableError",
     "log_once",
     "constant_while_tracing",
@@ -134,26 +133,15 @@ class Backend:
         return table, "; ".join(f"{op} runs the torch op: {why}" for op, why in refused.items())
 
 
-class BackendName(str):
-    """A backend's name (``MemoryEncoder.last_backend``) with ``reason``: why the reference ran
-    instead of a fused backend, or which ops a fused backend left to the torch backend (None when
-    there is nothing to say)."""
-
-    reason: Optional[str]
-
-    def __new__(cls, name: str, reason: Optional[str] = None) -> "BackendName":
-        self = super().__new__(cls, name)
-        self.reason = reason
-        return self
-
-
 @dataclass(frozen=True)
 class Selection:
-    """The outcome of backend selection for one forward: a name (with the reason for any
-    fallback) and the op table to run."""
+    """The outcome of backend selection for one forward: a name, the op table to run, and
+    ``reason``: why the reference runs instead of a fused backend, or which ops a fused backend
+    leaves to the torch backend (None when there is nothing to say)."""
 
-    name: BackendName
+    name: str
     ops: Optional[Mapping[str, Callable]]  # None means: run the reference forward
+    reason: Optional[str] = None
 
     @property
     def is_reference(self) -> bool:
@@ -161,7 +149,7 @@ class Selection:
 
 
 def _reference(reason: str) -> Selection:
-    return Selection(BackendName(REFERENCE, reason), None)
+    return Selection(REFERENCE, None, reason)
 
 
 _registry: Dict[str, Backend] = {}
@@ -311,7 +299,7 @@ def select_backend(
             table, reason = backend.op_table(structure, device, dtype)
         if table is None:
             raise BackendUnavailableError(f"memenc_fast backend {name!r} cannot run this forward: {reason}")
-        return Selection(BackendName(name, reason or None), table)
+        return Selection(name, table, reason or None)
     if refusal is not None:
         log_once(f"memenc_fast: running the reference forward: {refusal}")
         return _reference(refusal)
@@ -325,7 +313,7 @@ def select_backend(
                 device, dtype, needs_grad) is None:
             table, reason = backend.op_table(structure, device, dtype)
             if table is not None:
-                return Selection(BackendName(candidate, reason or None), table)
+                return Selection(candidate, table, reason or None)
             log_once(f"memenc_fast: auto skips backend {candidate!r}: {reason}")
     reason = f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
     log_once(f"memenc_fast: {reason}; running the reference forward")

@@ -111,6 +111,7 @@ class MemoryEncoder(reference.MemoryEncoder):
         self._graphs = GraphCache()
         self._structure: Optional[Structure] = None
         self.last_backend: Optional[str] = None
+        self.last_backend_reason: Optional[str] = None
 
     @classmethod
     def wrap(
@@ -135,15 +136,15 @@ class MemoryEncoder(reference.MemoryEncoder):
     def _current_structure(self) -> Tuple[Optional[Structure], Optional[str]]:
         """This module's structure as of now (re-read when anything it rests on changed), or None
         and why its submodules cannot be told apart."""
+        compiling = torch.compiler.is_compiling()
         cached = self._structure
-        if cached is not None and not torch.compiler.is_compiling() and cached.is_current():
+        if cached is not None and not compiling and cached.is_current():
             return cached, None
         try:
-            structure = read_structure(self)
+            structure = read_structure(self, snapshot=not compiling)
         except UnsupportedStructure as err:
-            self._structure = None
             return None, str(err)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._structure = structure
         return structure, None
 
@@ -162,8 +163,9 @@ class MemoryEncoder(reference.MemoryEncoder):
             masks.requires_grad or pix_feat.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         selection = select_cached(structure, structure_error, masks.device, dtype, needs_grad)
-        # A plain attribute: nn.Module.__setattr__'s checks cost more than the rest of this line.
+        # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of the line.
         self.__dict__["last_backend"] = selection.name
+        self.__dict__["last_backend_reason"] = selection.reason
         if selection.is_reference:
             return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
         with torch.autocast(masks.device.type, enabled=False) if autocast else contextlib.nullcontext():

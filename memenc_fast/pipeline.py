@@ -59,12 +59,15 @@ def objects_per_launch(structure: Structure, mask_size: Tuple[int, int], feature
 def run_in_chunks(ops: Mapping[str, Callable], structure: Structure, pix_feat: torch.Tensor, masks: torch.Tensor,
                   options: Options, max_elements: int) -> torch.Tensor:
     """``run_ops`` over as few batch chunks as keep every launch within ``max_elements``."""
-    key = (masks.shape[-2:], pix_feat.shape[-2:], structure.interpol_size(), max_elements)
-    chunk = structure.objects_per_launch.get(key)
-    if chunk is None:
-        chunk = objects_per_launch(structure, tuple(masks.shape[-2:]), tuple(pix_feat.shape[-2:]), max_elements)
-        if not torch.compiler.is_compiling():
-            structure.objects_per_launch[key] = chunk
+    mask_size, feature_size = tuple(masks.shape[-2:]), tuple(pix_feat.shape[-2:])
+    if torch.compiler.is_compiling():  # sizes may be symbolic (unhashable) there
+        chunk = objects_per_launch(structure, mask_size, feature_size, max_elements)
+    else:
+        key = (mask_size, feature_size, structure.interpol_size(), max_elements)
+        chunk = structure.objects_per_launch.get(key)
+        if chunk is None:
+            chunk = structure.objects_per_launch[key] = objects_per_launch(structure, mask_size, feature_size,
+                                                                           max_elements)
     if masks.shape[0] <= chunk:
         return run_ops(ops, structure, pix_feat, masks, *options)
     return torch.cat([run_ops(ops, structure, pix_feat[i:i + chunk], masks[i:i + chunk], *options)

@@ -43,7 +43,7 @@ def cached_position_encoding(
     pos = _cache.get(key)
     if pos is None:
         with torch.inference_mode(False), torch.no_grad():
-            pos = sine_position_encoding(*args, device=device).to(dtype)[None]
+            pos = sine_position_encoding(*args, device=device).to(dtype)[None].contiguous()
         with _lock:
             _cache[key] = pos
             while len(_cache) > _MAX_ENTRIES:

@@ -207,7 +207,8 @@ class Structure:
 
     def __init__(self, reader: _Reader, stages: Tuple[MaskStage, ...], projection: Projection,
                  fuser_projection: Optional[Pointwise], blocks: Tuple[Block, ...],
-                 out_projection: Optional[Pointwise], downsampler: nn.Module, position_encoding: nn.Module) -> None:
+                 out_projection: Optional[Pointwise], downsampler: nn.Module, position_encoding: nn.Module,
+                 snapshot: bool = True) -> None:
         self.reason = reader.reason
         self.stages = stages
         self.projection = projection
@@ -229,6 +230,11 @@ class Structure:
                                if s.weight is not None and s.stride is not None and s.padding is not None)
         self.stage_channels = tuple(s.weight.shape[0] for s in stages if s.weight is not None)
         self.hidden_channels = tuple(b.w1.shape[0] for b in blocks if b.w1 is not None)
+        if snapshot:
+            self._take_snapshot(reader)
+
+    def _take_snapshot(self, reader: _Reader) -> None:
+        """Records what ``is_current`` compares."""
         self._modules = tuple(reader.modules)
         self._types = tuple(map(type, reader.modules))
         self._hooks = tuple(getattr(m, name) for m in reader.modules for name in _HOOK_DICTS) + _GLOBAL_HOOKS
@@ -415,14 +421,17 @@ def _block(reader: _Reader, block: nn.Module, path: str) -> Block:
                  gamma, act)
 
 
-def read_structure(encoder: nn.Module) -> Structure:
+def read_structure(encoder: nn.Module, snapshot: bool = True) -> Structure:
     """The structure of a memory encoder (this package's, or one holding sam2's/sam3's submodules).
 
     Raises UnsupportedStructure when its submodules cannot even be told apart (an unknown
     container class); otherwise the returned Structure's ``reason`` says whether the fused path
-    can run it.
+    can run it. Without ``snapshot`` (while torch.compile traces: the compiled code guards on
+    what it read) it cannot answer ``is_current``.
     """
     reader = _Reader()
+    if any(_GLOBAL_HOOKS):
+        reader.refuse("global module hooks are registered (torch.nn.modules.module.register_module_*_hook)")
     reader.children(encoder)
     parts = vars(encoder)["_modules"]
     stages, (mask_weight, mask_bias) = _mask_path(reader, parts.get("mask_downsampler"))
@@ -446,4 +455,4 @@ def read_structure(encoder: nn.Module) -> Structure:
                                    "not a known PositionEmbeddingSine")
     reader.watch(position_encoding, "position_encoding")
     return Structure(reader, stages, Projection(mask_weight, mask_bias, pix_weight, pix_bias), fuser_projection,
-                     blocks, out_projection, parts["mask_downsampler"], position_encoding)
+                     blocks, out_projection, parts["mask_downsampler"], position_encoding, snapshot)

@@ -6,6 +6,7 @@ import copy
 import functools
 import importlib.util
 import os
+import types
 from typing import Dict, List, Tuple
 
 import pytest
@@ -42,6 +43,20 @@ def backend_device_params(fused_only: bool = False) -> List[object]:
     params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in mf.available_backends("cpu")]
     params += [pytest.param(b, "cuda", id=f"{b}-cuda", marks=CUDA_MARKS) for b in CUDA_BACKENDS]
     return [p for p in params if not (fused_only and p.values[0] == "reference")]
+
+
+def stub_backend(name: str, ops: Dict[str, object], unsupported: Dict[str, str] = None) -> "mf.dispatch.Backend":
+    """A CPU float32 backend named ``name`` whose ops module holds ``ops`` (and an
+    ``unsupported_ops`` refusing ``unsupported``), for ``monkeypatch.setitem(dispatch._registry, ...)``."""
+    module = types.ModuleType(f"{name}_ops")
+    for op, fn in ops.items():
+        setattr(module, op, fn)
+    module.unsupported_ops = lambda structure, device, dtype: dict(unsupported or {})
+    backend = mf.dispatch.Backend(name=name, priority=-1, device_types=frozenset({"cpu"}),
+                                  dtypes=frozenset({torch.float32}), ops_module=module.__name__,
+                                  unavailable_reason=lambda: None)
+    backend._module.append(module)
+    return backend
 
 
 # A preset small enough for many CPU runs, with every sam2 structural feature (4 stages, 2 blocks).

@@ -10,6 +10,8 @@ import torch
 from memenc_fast import dispatch
 from memenc_fast.tools.cli import main
 
+from helpers import stub_backend
+
 
 def test_check_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
@@ -27,14 +29,10 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     from memenc_fast.backends import torch_ops
 
-    def off_by_a_bit(x, packed):
-        return torch_ops.out_proj(x, packed) * 1.001
+    def off_by_a_bit(x, layer):
+        return torch_ops.out_proj(x, layer) * 1.001
 
-    broken = dispatch.Backend(
-        name="broken", priority=-1, device_types=frozenset({"cpu"}), dtypes=frozenset({torch.float32}),
-        ops_module=".backends.torch_ops", unavailable_reason=lambda: None)
-    object.__setattr__(broken, "_ops", {"out_proj": off_by_a_bit})
-    monkeypatch.setitem(dispatch._registry, "broken", broken)
+    monkeypatch.setitem(dispatch._registry, "broken", stub_backend("broken", {"out_proj": off_by_a_bit}))
     code = main(["check", "--preset", "small", "--batch", "1", "--backends", "broken,torch", "--dtypes", "fp32"])
     out = capsys.readouterr().out
     assert code == 1

@@ -1,10 +1,11 @@
 """CUDA graphs: the module's opt-in graph cache (``cuda_graphs = True``) and a caller's own capture.
 
-CPU part: the cache's bookkeeping (one capture per signature and weight version, graphs of old
-weights dropped, fresh outputs) with the capture replaced by a stand-in that runs eagerly.
+CPU part: the cache's bookkeeping (one capture per signature, structure and set of parameter
+addresses; graphs of replaced parameters dropped; in-place updates replayed, not recaptured; fresh
+outputs) with the capture replaced by a stand-in that runs eagerly.
 GPU part (``requires_cuda``), on every backend that runs on the GPU: replays with new inputs match
-the reference; a change of shape, dtype, weights (load_state_dict, in-place update) captures anew
-and follows the change; results are not aliased between calls; a side stream; and a forward
+the reference; a change of shape or dtype captures anew; weight changes (load_state_dict, in-place
+updates) reach the replays; results are not aliased between calls; a side stream; and a forward
 captured by the caller with ``torch.cuda.graph`` replays correctly.
 """
 
@@ -18,7 +19,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast import graphs
 from memenc_fast.tools.numerics import judge
-from memenc_fast.packing import pack_weights, read_structure
+from memenc_fast.structure import read_structure
 
 from helpers import CUDA_FUSED_BACKENDS, PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
 
@@ -37,37 +38,47 @@ class _EagerGraph:
 
 
 def _eager_capture(captures: List[graphs._Captured]):
-    def capture(packed, forward, pix_feat, masks):
+    def capture(structure, forward, pix_feat, masks):
         inputs = (pix_feat.clone(), masks.clone())
         output = forward(*inputs)
-        captured = graphs._Captured(_EagerGraph(forward, inputs, output), inputs, output, packed)
+        captured = graphs._Captured(_EagerGraph(forward, inputs, output), inputs, output, structure)
         captures.append(captured)
         return captured
 
     return capture
 
 
-def test_graph_cache_captures_once_per_signature_and_drops_old_weights(monkeypatch):
+def test_graph_cache_captures_once_per_signature_and_drops_replaced_weights(monkeypatch):
     captures: List[graphs._Captured] = []
     monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
-    encoders = [build_encoder(SMALL, seed=s) for s in (1, 2)]
-    packs = [pack_weights(read_structure(e), torch.float32, torch.device("cpu")) for e in encoders]
+    encoder = build_encoder(SMALL, seed=1)
+    structure = read_structure(encoder)
     forward = lambda pix, mask: pix.sum(dim=1, keepdim=True) * mask.mean()  # noqa: E731
     cache = graphs.GraphCache()
     a = make_inputs(SMALL, 2, seed=3)
     b = make_inputs(SMALL, 2, seed=4)
 
-    first = cache.run("sig", packs[0], forward, *a)
-    second = cache.run("sig", packs[0], forward, *b)
+    first = cache.run("sig", structure, forward, *a)
+    second = cache.run("sig", structure, forward, *b)
     assert len(captures) == 1 and captures[0].graph.replays == 2 and len(cache) == 1
     torch.testing.assert_close(first, forward(*a), rtol=0, atol=0)  # not overwritten by the replay
     torch.testing.assert_close(second, forward(*b), rtol=0, atol=0)
     assert first.data_ptr() != captures[0].static_output.data_ptr()
 
-    cache.run("other", packs[0], forward, *a)
+    cache.run("other", structure, forward, *a)
     assert len(captures) == 2 and len(cache) == 2
-    cache.run("sig", packs[1], forward, *a)  # new weights: the graphs of the old ones go
+    with torch.no_grad():
+        encoder.fuser.layers[0].pwconv1.weight.mul_(2)  # in place: the graphs read it as they replay
+    cache.run("sig", structure, forward, *a)
+    assert len(captures) == 2
+    encoder.load_state_dict(build_encoder(SMALL, seed=2).state_dict())  # copies in place too
+    cache.run("sig", structure, forward, *a)
+    assert len(captures) == 2
+    encoder.fuser.layers[0].pwconv1.weight.data = encoder.fuser.layers[0].pwconv1.weight.data.clone()
+    cache.run("sig", structure, forward, *a)  # a new address: the graphs of the old one go
     assert len(captures) == 3 and len(cache) == 1
+    cache.run("sig", read_structure(encoder), forward, *a)  # another structure likewise
+    assert len(captures) == 4 and len(cache) == 1
     cache.clear()
     assert len(cache) == 0
 
@@ -76,16 +87,16 @@ def test_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
     captures: List[graphs._Captured] = []
     monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
     monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
-    packed = pack_weights(read_structure(build_encoder(SMALL, seed=5)), torch.float32, torch.device("cpu"))
+    structure = read_structure(build_encoder(SMALL, seed=5))
     forward = lambda pix, mask: pix * mask.mean()  # noqa: E731
     cache = graphs.GraphCache()
     inputs = make_inputs(SMALL, 1, seed=6)
     for signature in ("a", "b", "a", "c"):  # "a" was used after "b": "b" goes when "c" comes
-        cache.run(signature, packed, forward, *inputs)
+        cache.run(signature, structure, forward, *inputs)
     assert len(captures) == 3 and len(cache) == 2
-    cache.run("a", packed, forward, *inputs)
+    cache.run("a", structure, forward, *inputs)
     assert len(captures) == 3
-    cache.run("b", packed, forward, *inputs)
+    cache.run("b", structure, forward, *inputs)
     assert len(captures) == 4 and len(cache) == 2
 
 
@@ -134,14 +145,19 @@ def test_gpu_graphs_follow_shape_dtype_and_weight_changes(backend):
         wide = (torch.randn(2, SMALL.in_dim, 12, 8, device=device, dtype=torch.bfloat16), masks)
         _check(encoder(*wide), encoder, *wide, torch.bfloat16)
 
+        captured = len(encoder._graphs)
         other = build_encoder(SMALL, seed=25, dtype=torch.bfloat16, device=device)
-        encoder.load_state_dict(other.state_dict())
+        encoder.load_state_dict(other.state_dict())  # in place: replays read the new weights
         _check(encoder(*inputs[0]), other, *inputs[0], torch.bfloat16)
-        assert len(encoder._graphs) == 1  # the old weights' graphs were dropped
-
         for parameter in encoder.fuser.parameters():
             parameter.mul_(0.75)
         _check(encoder(*inputs[0]), encoder, *inputs[0], torch.bfloat16)
+        assert len(encoder._graphs) == captured
+
+        weight = encoder.fuser.layers[0].pwconv1.weight
+        weight.data = weight.data * 1.5  # a new tensor: captured anew, the old graphs dropped
+        _check(encoder(*inputs[0]), encoder, *inputs[0], torch.bfloat16)
+        assert len(encoder._graphs) == 1
 
         encoder.float()
         as_fp32 = [t.float() for t in inputs[2]]

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import memenc_fast as mf
+from memenc_fast.structure import read_structure
 from memenc_fast.tools.numerics import judge, relative_error, tolerance
 
 from helpers import (CUDA_FUSED_BACKENDS, CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs,
@@ -157,16 +158,16 @@ def test_large_batches_are_split_below_the_element_limit(backend, device, monkey
     pix_feat, masks = make_inputs(TINY, 5, seed=54, device=device)
     with torch.no_grad(), mf.use_backend(backend):
         whole = encoder(pix_feat, masks)["vision_features"]
-    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device(device))
+    structure = read_structure(encoder)
     # TINY's largest per-object tensor: the 16 tokens x (256 mask + 32 feature) channels of proj+add
     per_object = 16 * (256 + 32)
-    assert pipeline.objects_per_launch(packed, (64, 64), (4, 4), 2 * per_object) == 2
+    assert pipeline.objects_per_launch(structure, (64, 64), (4, 4), 2 * per_object) == 2
     launches = []
     real_run_ops = pipeline.run_ops
 
-    def recording_run_ops(ops, packed, pix, mask, *options):
+    def recording_run_ops(ops, structure, pix, mask, *options):
         launches.append(mask.shape[0])
-        return real_run_ops(ops, packed, pix, mask, *options)
+        return real_run_ops(ops, structure, pix, mask, *options)
 
     monkeypatch.setattr(pipeline, "run_ops", recording_run_ops)
     monkeypatch.setattr(encoder, "max_elements_per_launch", 2 * per_object)
@@ -184,8 +185,8 @@ def test_sam2_sized_launches_stay_under_2_to_the_31():
 
     preset = mf.tools.presets.PRESETS["sam2"]
     encoder = build_encoder(preset)
-    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.float32, torch.device("cpu"))
-    chunk = pipeline.objects_per_launch(packed, (1024, 1024), (64, 64), encoder.max_elements_per_launch)
+    chunk = pipeline.objects_per_launch(read_structure(encoder), (1024, 1024), (64, 64),
+                                        encoder.max_elements_per_launch)
     assert chunk == (2**31 - 1) // (4096 * 1024) == 511
 
 
@@ -212,8 +213,8 @@ def test_gpu_masks_past_2_to_the_31_elements(backend):
     with torch.no_grad(), mf.use_backend(backend):
         features = encoder(pix_feat, masks)["vision_features"]
     assert encoder.last_backend == backend and features.shape[0] == batch
-    packed = encoder._pack_cache.get(mf.packing.read_structure(encoder), torch.bfloat16, device)
-    chunk = pipeline.objects_per_launch(packed, masks.shape[-2:], pix_feat.shape[-2:], encoder.max_elements_per_launch)
+    chunk = pipeline.objects_per_launch(read_structure(encoder), masks.shape[-2:], pix_feat.shape[-2:],
+                                        encoder.max_elements_per_launch)
     assert chunk < batch
     for index in sorted({0, chunk - 1, chunk, batch - 2, batch - 1}):
         one = masks[index:index + 1]

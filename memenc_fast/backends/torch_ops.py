@@ -6,7 +6,7 @@ contiguous. The weights are the module's live parameters (``structure``'s record
 compute dtype where they differ from it (autocast).
 
 The CPU twin of the GPU fusion plan: one GEMM over the concatenated K for proj+add, LayerNorm on
-contiguous channels, gamma folded into the second MLP weight per call (one pass over 256x1024
+contiguous channels (written out, finite wherever sam2's is), gamma folded into the second MLP weight per call (one pass over 256x1024
 values, against 10^9 multiply-adds of the block), and each CXBlock MLP run over chunks of tokens
 so its 4x-wide hidden stays in cache.
 """
@@ -67,15 +67,19 @@ def transformed_mask(masks: torch.Tensor, interpol_size: Optional[Tuple[int, int
 
 
 def _affine_layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension, then ``* weight + bias``."""
-    weight, bias = _cast(weight, tokens.dtype), _cast(bias, tokens.dtype)
-    if (torch.is_grad_enabled() and tokens.dtype in (torch.bfloat16, torch.float16)
-            and (weight.requires_grad or bias.requires_grad)):
-        # torch's CPU layer_norm backward sums the weight and bias gradients over all rows in the
-        # input's dtype: in bf16 over a mask stage's 10^6 pixels they come out ~50% wrong. A
-        # separate affine has its gradients reduced in float32, like the reference's.
-        return torch.addcmul(bias, F.layer_norm(tokens, (tokens.shape[-1],), eps=eps), weight)
-    return F.layer_norm(tokens, (tokens.shape[-1],), weight, bias, eps)
+    """LayerNorm over the last dimension, then ``* weight + bias``, in the tokens' dtype.
+
+    Written out, in at least float32, rather than ``F.layer_norm``: where squares overflow (inputs
+    of ~1e19 and more) sam2's LayerNorm2d gets an infinite variance and so a finite output, and
+    so does this, while ``F.layer_norm`` returns NaN. On contiguous channels it costs about the
+    same. A separate affine also has its gradients reduced in float32 (torch's CPU layer_norm
+    backward sums them in the input's dtype: in bf16 over a mask stage's 10^6 pixels ~50% off).
+    """
+    dtype = tokens.dtype
+    x = tokens.float() if dtype in (torch.bfloat16, torch.float16) else tokens
+    centered = x - x.mean(-1, keepdim=True)
+    normed = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    return torch.addcmul(_cast(bias, dtype), normed.to(dtype), _cast(weight, dtype))
 
 
 def _mask_stages(masks: torch.Tensor, stages: Sequence[MaskStage], interpol_size: Optional[Tuple[int, int]],

@@ -20,7 +20,7 @@ import torch
 from .. import reference
 from ..backends import triton_interpreted
 from ..dispatch import Selection, available_backends, select_backend, use_backend
-from ..packing import PackCache, PackedEncoder, read_structure
+from ..structure import Structure, read_structure
 from .presets import PRESETS, Preset, build_encoder, encoder_flops, flop_breakdown, make_inputs
 from .reporting import dtype_name, parse_dtypes, parse_ints, print_table, progress
 
@@ -163,16 +163,22 @@ def _op_costs(preset: Preset, batch: int, itemsize: int) -> Dict[str, Dict[str, 
     }
 
 
-def op_calls(ops: Mapping[str, Callable], packed: PackedEncoder, pix_feat: torch.Tensor,
+def op_calls(ops: Mapping[str, Callable], structure: Structure, pix_feat: torch.Tensor,
              masks: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
-    """One zero-argument call per op, each on the previous op's real output (computed here once)."""
-    mask_features = ops["mask_downsample"](masks, packed, True)
-    tokens = ops["proj_add"](mask_features, pix_feat, packed)
+    """One zero-argument call per op on the module's live weights, each on the previous op's real
+    output (computed here once)."""
+    stages, size = structure.stages, structure.interpol_size()
+
+    def mask_downsample() -> torch.Tensor:
+        return ops["mask_downsample"](masks, stages, size, True)
+
+    mask_features = mask_downsample()
+    tokens = ops["proj_add"](mask_features, pix_feat, structure.projection)
     return {
-        "mask_downsample": lambda: ops["mask_downsample"](masks, packed, True),
-        "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, packed),
-        "cxblock": lambda: ops["cxblock"](tokens, packed.blocks[0]),
-        "out_proj": lambda: ops["out_proj"](tokens, packed),
+        "mask_downsample": mask_downsample,
+        "proj_add": lambda: ops["proj_add"](mask_features, pix_feat, structure.projection),
+        "cxblock": lambda: ops["cxblock"](tokens, structure.blocks[0]),
+        "out_proj": lambda: ops["out_proj"](tokens, structure.out_projection),
     }
 
 
@@ -184,7 +190,6 @@ def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: Li
         rate = measure_matmul_tflops(device, dtype) * 1e12
         encoder = build_encoder(preset, dtype=dtype, device=device)
         structure = read_structure(encoder)
-        packed = PackCache().get(structure, dtype, device)
         for batch in batches:
             pix_feat, masks = make_inputs(preset, batch, dtype=dtype, device=device)
             costs = _op_costs(preset, batch, torch.finfo(dtype).bits // 8)
@@ -193,7 +198,7 @@ def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: Li
                 if selection.is_reference:
                     continue
                 with torch.no_grad():
-                    for op, fn in op_calls(selection.ops, packed, pix_feat, masks).items():
+                    for op, fn in op_calls(selection.ops, structure, pix_feat, masks).items():
                         progress(f"[ops] {name} {op} {dtype_name(dtype)} B={batch}")
                         seconds = time_callable(fn, device, repeats)
                         cost = costs[op]
