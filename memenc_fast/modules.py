@@ -26,6 +26,7 @@ from .structure import Structure, UnsupportedStructure, read_structure
 from .validation import check_encoder_inputs
 
 __all__ = [
+    "FusedEncoder",
     "LayerNorm2d",
     "MaskDownSampler",
     "CXBlock",
@@ -77,31 +78,22 @@ class PositionEmbeddingSine(reference.PositionEmbeddingSine):
         return cached_position_encoding(self, x.shape[0], x.shape[-2], x.shape[-1], torch.float32, x.device)
 
 
-class MemoryEncoder(reference.MemoryEncoder):
-    """Drop-in for ``sam2.modeling.memory_encoder.MemoryEncoder`` (and sam3's SimpleMaskEncoder).
+class FusedEncoder(nn.Module):
+    """What every module with a fused forward shares (this package's MemoryEncoder, and the
+    transformers adapter): the structure read from its own submodules and re-checked per call,
+    backend selection, the fused pipeline, CUDA graphs, and the attributes below.
 
-    Same constructor, submodules, ``state_dict`` keys and outputs; the forward runs the backend in
-    force (``memenc_fast.use_backend``, ``$MEMENC_FAST_BACKEND``, else automatic choice).
-    ``mask_scale``/``mask_bias`` (default 1, 0) are applied to the mask after the optional sigmoid
-    inside the first fused op; SAM 2's caller transform ``sigmoid(m) * 20 - 10`` can be moved here.
-    ``cuda_graphs = True`` replays a CUDA graph captured per input signature and weight version
-    for fused forwards on CUDA without grad (for B=1 latency); the output is a fresh tensor.
-    Fused forwards split the batch so that no intermediate of one launch holds more than
-    ``max_elements_per_launch`` elements (32-bit index arithmetic stays safe in every kernel).
+    ``mask_scale``/``mask_bias`` (default 1, 0) are applied to the mask after the optional
+    sigmoid, inside the first fused op. ``cuda_graphs = True`` replays a CUDA graph captured per
+    input signature (and set of parameter addresses) for fused forwards on CUDA without grad, for
+    B=1 latency; the output is a fresh tensor. Fused forwards split the batch so that no
+    intermediate of one launch holds more than ``max_elements_per_launch`` elements (32-bit index
+    arithmetic stays safe in every kernel). After each forward, ``last_backend`` names the backend
+    that ran and ``last_backend_reason`` says why the reference ran instead of a fused backend, or
+    which ops a fused backend left to the torch backend (None when there is nothing to say).
     """
 
     max_elements_per_launch: int = 2**31 - 1
-
-    def __init__(
-        self,
-        out_dim: int,
-        mask_downsampler: nn.Module,
-        fuser: nn.Module,
-        position_encoding: nn.Module,
-        in_dim: int = 256,
-    ) -> None:
-        super().__init__(out_dim, mask_downsampler, fuser, position_encoding, in_dim)
-        self._init_fused_state()
 
     def _init_fused_state(self) -> None:
         available_backends()  # imports the backends' ops now, outside any compiled region
@@ -112,26 +104,6 @@ class MemoryEncoder(reference.MemoryEncoder):
         self._structure: Optional[Structure] = None
         self.last_backend: Optional[str] = None
         self.last_backend_reason: Optional[str] = None
-
-    @classmethod
-    def wrap(
-        cls,
-        mask_downsampler: nn.Module,
-        pix_feat_proj: nn.Conv2d,
-        fuser: nn.Module,
-        position_encoding: nn.Module,
-        out_proj: nn.Module,
-    ) -> "MemoryEncoder":
-        """A MemoryEncoder around existing submodules, sharing their parameters (no copy)."""
-        encoder = cls.__new__(cls)
-        nn.Module.__init__(encoder)
-        encoder.mask_downsampler = mask_downsampler
-        encoder.pix_feat_proj = pix_feat_proj
-        encoder.fuser = fuser
-        encoder.position_encoding = position_encoding
-        encoder.out_proj = out_proj
-        encoder._init_fused_state()
-        return encoder
 
     def _current_structure(self) -> Tuple[Optional[Structure], Optional[str]]:
         """This module's structure as of now (re-read when anything it rests on changed), or None
@@ -153,9 +125,10 @@ class MemoryEncoder(reference.MemoryEncoder):
         state["_structure"] = None  # it holds references into this very module's dicts
         return state
 
-    def forward(
-        self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool = False
-    ) -> Dict[str, object]:
+    def _fused(self, pix_feat: torch.Tensor, masks: torch.Tensor,
+               skip_mask_sigmoid: bool) -> Tuple[Optional[torch.Tensor], Optional[Structure]]:
+        """The fused forward's features and the structure it ran, or (None, None) when the
+        backend in force or the structure says the reference must run."""
         structure, structure_error = self._current_structure()
         fusable = structure if structure is not None and structure.reason is None else None
         dtype, autocast = check_encoder_inputs(pix_feat, masks, self, fusable)
@@ -167,9 +140,82 @@ class MemoryEncoder(reference.MemoryEncoder):
         self.__dict__["last_backend"] = selection.name
         self.__dict__["last_backend_reason"] = selection.reason
         if selection.is_reference:
-            return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
+            return None, None
         with torch.autocast(masks.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            x = self._fused_features(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype, needs_grad)
+            return self._fused_features(selection, structure, pix_feat, masks, skip_mask_sigmoid, dtype,
+                                        needs_grad), structure
+
+    def _fused_features(self, selection: Selection, structure: Structure, pix_feat: torch.Tensor,
+                        masks: torch.Tensor, skip_mask_sigmoid: bool, dtype: torch.dtype,
+                        needs_grad: bool) -> torch.Tensor:
+        device = masks.device
+        if masks.dtype != dtype:
+            masks = masks.to(dtype)
+        if pix_feat.dtype != dtype or pix_feat.device != device:
+            pix_feat = pix_feat.to(device=device, dtype=dtype)
+        mask_batch, pix_batch = masks.shape[0], pix_feat.shape[0]
+        if mask_batch != pix_batch:  # one of them has batch 1: broadcast it, as sam2's add does
+            batch = pix_batch if mask_batch == 1 else mask_batch
+            masks = masks.expand(batch, -1, -1, -1)
+            pix_feat = pix_feat.expand(batch, -1, -1, -1)
+        options = (not skip_mask_sigmoid, float(self.mask_scale), float(self.mask_bias))
+        ops, limit = selection.ops, self.max_elements_per_launch
+        if (self.cuda_graphs and device.type == "cuda" and not needs_grad
+                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
+            signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name,
+                         structure.interpol_size())
+            return self._graphs.run(signature, structure,
+                                    lambda pix, mask: run_in_chunks(ops, structure, pix, mask, options, limit),
+                                    pix_feat, masks)
+        return run_in_chunks(ops, structure, pix_feat, masks, options, limit)
+
+
+class MemoryEncoder(FusedEncoder, reference.MemoryEncoder):
+    """Drop-in for ``sam2.modeling.memory_encoder.MemoryEncoder`` (and sam3's SimpleMaskEncoder).
+
+    Same constructor, submodules, ``state_dict`` keys and outputs; the forward runs the backend in
+    force (``memenc_fast.use_backend``, ``$MEMENC_FAST_BACKEND``, else automatic choice) over the
+    submodules' live parameters. SAM 2's caller transform ``sigmoid(m) * 20 - 10`` can move into
+    the first fused op (``take_mask_transform``). See ``FusedEncoder`` for the attributes.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        mask_downsampler: nn.Module,
+        fuser: nn.Module,
+        position_encoding: nn.Module,
+        in_dim: int = 256,
+    ) -> None:
+        super().__init__(out_dim, mask_downsampler, fuser, position_encoding, in_dim)
+        self._init_fused_state()
+
+    @classmethod
+    def wrap(
+        cls,
+        mask_downsampler: nn.Module,
+        pix_feat_proj: nn.Conv2d,
+        fuser: nn.Module,
+        position_encoding: nn.Module,
+        out_proj: nn.Module,
+    ) -> "MemoryEncoder":
+        """A MemoryEncoder around existing submodules, sharing their parameters (no copy)."""
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        encoder.mask_downsampler = mask_downsampler
+        encoder.pix_feat_proj = pix_feat_proj
+        encoder.fuser = fuser
+        encoder.position_encoding = position_encoding
+        encoder.out_proj = out_proj
+        encoder._init_fused_state()
+        return encoder
+
+    def forward(
+        self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool = False
+    ) -> Dict[str, object]:
+        x, structure = self._fused(pix_feat, masks, skip_mask_sigmoid)
+        if x is None:
+            return self._reference_forward(pix_feat, masks, skip_mask_sigmoid)
         pos = cached_position_encoding(structure.position_encoding, x.shape[0], x.shape[-2], x.shape[-1],
                                        x.dtype, masks.device)
         return {"vision_features": x, "vision_pos_enc": [pos]}
@@ -196,30 +242,6 @@ class MemoryEncoder(reference.MemoryEncoder):
             masks = (masks if skip_mask_sigmoid else torch.sigmoid(masks)) * self.mask_scale + self.mask_bias
             skip_mask_sigmoid = True
         return super().forward(pix_feat, masks, skip_mask_sigmoid)
-
-    def _fused_features(self, selection: Selection, structure: Structure, pix_feat: torch.Tensor,
-                        masks: torch.Tensor, skip_mask_sigmoid: bool, dtype: torch.dtype,
-                        needs_grad: bool) -> torch.Tensor:
-        device = masks.device
-        if masks.dtype != dtype:
-            masks = masks.to(dtype)
-        if pix_feat.dtype != dtype or pix_feat.device != device:
-            pix_feat = pix_feat.to(device=device, dtype=dtype)
-        mask_batch, pix_batch = masks.shape[0], pix_feat.shape[0]
-        if mask_batch != pix_batch:  # one of them has batch 1: broadcast it, as sam2's add does
-            batch = pix_batch if mask_batch == 1 else mask_batch
-            masks = masks.expand(batch, -1, -1, -1)
-            pix_feat = pix_feat.expand(batch, -1, -1, -1)
-        options = (not skip_mask_sigmoid, float(self.mask_scale), float(self.mask_bias))
-        ops, limit = selection.ops, self.max_elements_per_launch
-        if (self.cuda_graphs and device.type == "cuda" and not needs_grad
-                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
-            signature = (tuple(pix_feat.shape), tuple(masks.shape), dtype, device, options, selection.name,
-                         structure.interpol_size())
-            return self._graphs.run(signature, structure,
-                                    lambda pix, mask: run_in_chunks(ops, structure, pix, mask, options, limit),
-                                    pix_feat, masks)
-        return run_in_chunks(ops, structure, pix_feat, masks, options, limit)
 
 
 def swap_memory_encoder(

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.nn.modules.module as _module_globals
 
 from . import reference
@@ -120,6 +121,25 @@ _KNOWN_CLASSES: Dict[str, Tuple[Tuple[str, str], ...]] = {
                           ("sam3.model.position_encoding", "PositionEmbeddingSine")),
 }
 
+# Hugging Face transformers re-implements the module per model (generated from one source, so the
+# same math): role -> class-name suffix, after the model's prefix.
+TRANSFORMERS_MODELS = (("sam2_video", "Sam2Video"), ("sam3_tracker_video", "Sam3TrackerVideo"),
+                       ("edgetam_video", "EdgeTamVideo"))
+_TRANSFORMERS_ROLES = {
+    "transformers_memory_encoder": "MemoryEncoder",
+    "transformers_mask_downsampler": "MaskDownSampler",
+    "transformers_mask_layer": "MaskDownSamplerLayer",
+    "transformers_layer_norm": "LayerNorm",
+    "transformers_fuser": "MemoryFuser",
+    "transformers_cxblock": "MemoryFuserCXBlock",
+}
+_KNOWN_CLASSES.update({
+    role: tuple((f"transformers.models.{model}.modeling_{model}", prefix + suffix)
+                for model, prefix in TRANSFORMERS_MODELS)
+    for role, suffix in _TRANSFORMERS_ROLES.items()
+})
+_KNOWN_CLASSES["transformers_gelu"] = (("transformers.activations", "GELUActivation"),)
+
 # Stateless activations whose forward the torch backend runs as is; the kernels fuse exact GELU.
 _ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU)
 
@@ -134,8 +154,11 @@ def known_class(role: str, cls: type) -> bool:
 
 
 def is_exact_gelu(module: nn.Module) -> bool:
-    """True for ``nn.GELU()`` with the erf formulation (the activation the kernels fuse)."""
-    return type(module) is nn.GELU and module.approximate == "none"
+    """True for the erf GELU, the activation the kernels fuse: ``nn.GELU()`` or transformers'
+    ``ACT2FN["gelu"]`` (a ``GELUActivation`` calling ``F.gelu``)."""
+    if type(module) is nn.GELU:
+        return module.approximate == "none"
+    return known_class("transformers_gelu", type(module)) and vars(module).get("act") is F.gelu
 
 
 def _qualified(cls: type) -> str:
@@ -327,48 +350,94 @@ def _conv(reader: _Reader, conv: nn.Module, path: str, pointwise: bool) -> Tuple
 
 
 def _layer_norm_2d(reader: _Reader, norm: nn.Module, path: str) -> Tuple[Optional[torch.Tensor], ...]:
-    if not known_class("layer_norm_2d", type(norm)):
+    """A LayerNorm over the channels of NCHW maps: (weight, bias, eps)."""
+    if known_class("transformers_layer_norm", type(norm)):
+        # nn.LayerNorm over permuted channels, as sam2's LayerNorm2d computes it.
+        reader.watch(norm, path, "eps", "data_format", "normalized_shape")
+        weight = reader.parameter(norm, path, "weight")
+        if vars(norm).get("data_format") != "channels_first" or (
+                weight is not None and tuple(vars(norm).get("normalized_shape", ())) != tuple(weight.shape)):
+            reader.refuse(f"{path} is not a LayerNorm over the channels of (N, C, H, W) maps")
+    elif known_class("layer_norm_2d", type(norm)):
+        reader.watch(norm, path, "eps")
+        weight = reader.parameter(norm, path, "weight")
+    else:
         reader.refuse(f"{path} is a {_qualified(type(norm))}, not a known LayerNorm2d")
         return None, None, None
-    reader.watch(norm, path, "eps")
     eps = vars(norm).get("eps")
     if type(eps) not in (float, int):
         reader.refuse(f"{path}.eps is not a number")
-    return reader.parameter(norm, path, "weight"), reader.parameter(norm, path, "bias"), eps
+    return weight, reader.parameter(norm, path, "bias"), eps
 
 
 def _activation(reader: _Reader, act: nn.Module, path: str) -> nn.Module:
-    if type(act) not in _ACTIVATIONS:
-        reader.refuse(f"{path} is a {_qualified(type(act))}; the fused path runs GELU, SiLU or ReLU")
-    else:
+    if type(act) in _ACTIVATIONS:
         reader.watch(act, path, "approximate" if type(act) is nn.GELU else "inplace")
+    elif known_class("transformers_gelu", type(act)):
+        reader.watch(act, path, "act")
+        if not is_exact_gelu(act):
+            reader.refuse(f"{path} is a GELUActivation that does not call torch's GELU")
+    else:
+        reader.refuse(f"{path} is a {_qualified(type(act))}; the fused path runs GELU, SiLU or ReLU")
     return act
 
 
-def _mask_path(reader: _Reader, downsampler: nn.Module) -> Tuple[Tuple[MaskStage, ...], Tuple[torch.Tensor, ...]]:
-    """The stages and the final 1x1 conv's (weight, bias)."""
+def _mask_stage(reader: _Reader, conv: nn.Module, norm: nn.Module, act: nn.Module, path: str,
+                names: Tuple[str, str, str]) -> MaskStage:
+    weight, bias, stride, padding = _conv(reader, conv, f"{path}{names[0]}", pointwise=False)
+    if type(conv) is nn.Conv2d and conv.groups != 1:
+        reader.refuse(f"{path}{names[0]} is a grouped conv")
+    norm_weight, norm_bias, eps = _layer_norm_2d(reader, norm, f"{path}{names[1]}")
+    return MaskStage(weight, bias, norm_weight, norm_bias, eps, stride, padding,
+                     _activation(reader, act, f"{path}{names[2]}"))
+
+
+def _container(reader: _Reader, module: nn.Module, path: str, role: str, what: str) -> Dict[str, nn.Module]:
+    """A container the reference forward calls, of a known class: its children."""
+    if not known_class(role, type(module)):
+        raise UnsupportedStructure(f"{path} is a {_qualified(type(module))}, not a known {what}")
+    reader.watch(module, path)
+    reader.children(module)
+    return vars(module)["_modules"]
+
+
+def _list(reader: _Reader, module: Optional[nn.Module], path: str, kind: type) -> List[nn.Module]:
+    """The children of a ModuleList (iterated, not called) or Sequential (called) container."""
+    if type(module) is not kind:
+        raise UnsupportedStructure(f"{path} is not a torch.nn.{kind.__name__}")
+    if kind is nn.Sequential:
+        reader.watch(module, path)
+    reader.children(module)
+    return list(module)
+
+
+def _sam2_mask_path(reader: _Reader, downsampler: nn.Module) -> Tuple[Tuple[MaskStage, ...], Tuple[torch.Tensor, ...]]:
+    """sam2's/sam3's downsampler (``encoder``: [Conv2d, LayerNorm2d, act] * n + [Conv2d 1x1]): the
+    stages and the final 1x1 conv's (weight, bias)."""
     path = "mask_downsampler"
-    if not known_class("mask_downsampler", type(downsampler)):
-        raise UnsupportedStructure(f"{path} is a {_qualified(type(downsampler))}, not a known MaskDownSampler")
-    reader.watch(downsampler, path)
-    reader.children(downsampler)
-    layers = vars(downsampler)["_modules"].get("encoder")
-    if type(layers) is not nn.Sequential:
-        raise UnsupportedStructure(f"{path}.encoder is not a torch.nn.Sequential")
-    reader.watch(layers, f"{path}.encoder")
-    reader.children(layers)
-    modules = list(layers)
+    parts = _container(reader, downsampler, path, "mask_downsampler", "MaskDownSampler")
+    modules = _list(reader, parts.get("encoder"), f"{path}.encoder", nn.Sequential)
     if len(modules) < 1 or (len(modules) - 1) % 3:
         raise UnsupportedStructure(f"{path}.encoder is not [Conv2d, LayerNorm2d, activation] * n + [Conv2d 1x1]")
-    stages = []
-    for i in range(0, len(modules) - 1, 3):
-        weight, bias, stride, padding = _conv(reader, modules[i], f"{path}.encoder.{i}", pointwise=False)
-        if type(modules[i]) is nn.Conv2d and modules[i].groups != 1:
-            reader.refuse(f"{path}.encoder.{i} is a grouped conv")
-        norm_weight, norm_bias, eps = _layer_norm_2d(reader, modules[i + 1], f"{path}.encoder.{i + 1}")
-        act = _activation(reader, modules[i + 2], f"{path}.encoder.{i + 2}")
-        stages.append(MaskStage(weight, bias, norm_weight, norm_bias, eps, stride, padding, act))
+    stages = tuple(_mask_stage(reader, *modules[i:i + 3], f"{path}.encoder.", (str(i), str(i + 1), str(i + 2)))
+                   for i in range(0, len(modules) - 1, 3))
     final_weight, final_bias, _, _ = _conv(reader, modules[-1], f"{path}.encoder.{len(modules) - 1}", pointwise=True)
+    return stages, (final_weight, final_bias)
+
+
+def _transformers_mask_path(reader: _Reader, downsampler: nn.Module
+                            ) -> Tuple[Tuple[MaskStage, ...], Tuple[torch.Tensor, ...]]:
+    """transformers' downsampler (``layers`` of (conv, layer_norm, activation), ``final_conv``)."""
+    path = "mask_downsampler"
+    parts = _container(reader, downsampler, path, "transformers_mask_downsampler", "MaskDownSampler")
+    stages = []
+    for i, layer in enumerate(_list(reader, parts.get("layers"), f"{path}.layers", nn.ModuleList)):
+        layer_parts = _container(reader, layer, f"{path}.layers.{i}", "transformers_mask_layer",
+                                 "MaskDownSamplerLayer")
+        stages.append(_mask_stage(reader, layer_parts.get("conv"), layer_parts.get("layer_norm"),
+                                  layer_parts.get("activation"), f"{path}.layers.{i}.",
+                                  ("conv", "layer_norm", "activation")))
+    final_weight, final_bias, _, _ = _conv(reader, parts.get("final_conv"), f"{path}.final_conv", pointwise=True)
     return tuple(stages), (final_weight, final_bias)
 
 
@@ -380,24 +449,27 @@ def _optional_pointwise(reader: _Reader, module: nn.Module, path: str) -> Option
     return Pointwise(weight, bias)
 
 
-def _block(reader: _Reader, block: nn.Module, path: str) -> Block:
-    if not known_class("cxblock", type(block)):
-        raise UnsupportedStructure(f"{path} is a {_qualified(type(block))}, not a known CXBlock")
-    reader.watch(block, path)
-    reader.children(block)
-    parts = vars(block)["_modules"]
-    dw = parts.get("dwconv")
-    dw_weight, dw_bias, stride, padding = _conv(reader, dw, f"{path}.dwconv", pointwise=False)
+_SAM2_BLOCK = ("cxblock", "dwconv", "norm", "pwconv1", "act", "pwconv2", "gamma", "drop_path")
+_TRANSFORMERS_BLOCK = ("transformers_cxblock", "depthwise_conv", "layer_norm", "pointwise_conv1", "activation",
+                       "pointwise_conv2", "scale", None)
+
+
+def _block(reader: _Reader, block: nn.Module, path: str, names: Tuple[Optional[str], ...]) -> Block:
+    """A CXBlock, its parts found under ``names`` (``_SAM2_BLOCK``, ``_TRANSFORMERS_BLOCK``)."""
+    role, dw_name, norm_name, fc1_name, act_name, fc2_name, gamma_name, drop_name = names
+    parts = _container(reader, block, path, role, "CXBlock")
+    dw = parts.get(dw_name)
+    dw_weight, dw_bias, stride, padding = _conv(reader, dw, f"{path}.{dw_name}", pointwise=False)
     if type(dw) is nn.Conv2d:
         channels = dw_weight.shape[0] if dw_weight is not None else 0
         if stride != (1, 1) or dw.groups not in (1, channels):
-            reader.refuse(f"{path}.dwconv is not a stride-1 depthwise (or dense) conv")
+            reader.refuse(f"{path}.{dw_name} is not a stride-1 depthwise (or dense) conv")
         elif dw_weight is not None and padding is not None and tuple(2 * p + 1 for p in padding) != tuple(
                 dw_weight.shape[-2:]):
-            reader.refuse(f"{path}.dwconv does not keep the spatial size (padding is not (kernel - 1) / 2)")
-    norm_weight, norm_bias, eps = _layer_norm_2d(reader, parts.get("norm"), f"{path}.norm")
+            reader.refuse(f"{path}.{dw_name} does not keep the spatial size (padding is not (kernel - 1) / 2)")
+    norm_weight, norm_bias, eps = _layer_norm_2d(reader, parts.get(norm_name), f"{path}.{norm_name}")
     linears = []
-    for name in ("pwconv1", "pwconv2"):
+    for name in (fc1_name, fc2_name):
         linear = parts.get(name)
         if type(linear) is not nn.Linear:
             reader.refuse(f"{path}.{name} is a {_qualified(type(linear))}, not a torch.nn.Linear")
@@ -406,23 +478,28 @@ def _block(reader: _Reader, block: nn.Module, path: str) -> Block:
         reader.watch(linear, f"{path}.{name}")
         linears += [reader.parameter(linear, f"{path}.{name}", "weight"),
                     reader.parameter(linear, f"{path}.{name}", "bias")]
-    act = _activation(reader, parts.get("act"), f"{path}.act")
-    gamma = reader.parameter(block, path, "gamma", optional=True)
-    drop_path = parts.get("drop_path")
-    if type(drop_path) is nn.Identity:
-        reader.watch(drop_path, f"{path}.drop_path")
-    elif known_class("drop_path", type(drop_path)):
-        reader.watch(drop_path, f"{path}.drop_path", "drop_prob", "training")
-        if drop_path.training and drop_path.drop_prob != 0.0:
-            reader.refuse(f"{path}.drop_path is active (training mode with drop_path > 0)")
-    else:
-        reader.refuse(f"{path}.drop_path is a {_qualified(type(drop_path))}, not a known DropPath")
+    act = _activation(reader, parts.get(act_name), f"{path}.{act_name}")
+    gamma = reader.parameter(block, path, gamma_name, optional=True)
+    if drop_name is not None:
+        _drop_path(reader, parts.get(drop_name), f"{path}.{drop_name}")
     return Block(dw_weight, dw_bias, padding, getattr(dw, "groups", 1), norm_weight, norm_bias, eps, *linears,
                  gamma, act)
 
 
+def _drop_path(reader: _Reader, drop_path: nn.Module, path: str) -> None:
+    if type(drop_path) is nn.Identity:
+        reader.watch(drop_path, path)
+    elif known_class("drop_path", type(drop_path)):
+        reader.watch(drop_path, path, "drop_prob", "training")
+        if drop_path.training and drop_path.drop_prob != 0.0:
+            reader.refuse(f"{path} is active (training mode with drop_path > 0)")
+    else:
+        reader.refuse(f"{path} is a {_qualified(type(drop_path))}, not a known DropPath")
+
+
 def read_structure(encoder: nn.Module, snapshot: bool = True) -> Structure:
-    """The structure of a memory encoder (this package's, or one holding sam2's/sam3's submodules).
+    """The structure of a memory encoder: this package's, one holding sam2's/sam3's submodules, or
+    transformers' (``feature_projection``, ``memory_fuser``, ``projection``).
 
     Raises UnsupportedStructure when its submodules cannot even be told apart (an unknown
     container class); otherwise the returned Structure's ``reason`` says whether the fused path
@@ -434,25 +511,26 @@ def read_structure(encoder: nn.Module, snapshot: bool = True) -> Structure:
         reader.refuse("global module hooks are registered (torch.nn.modules.module.register_module_*_hook)")
     reader.children(encoder)
     parts = vars(encoder)["_modules"]
-    stages, (mask_weight, mask_bias) = _mask_path(reader, parts.get("mask_downsampler"))
-    pix_weight, pix_bias, _, _ = _conv(reader, parts.get("pix_feat_proj"), "pix_feat_proj", pointwise=True)
-    fuser = parts.get("fuser")
-    if not known_class("fuser", type(fuser)):
-        raise UnsupportedStructure(f"fuser is a {_qualified(type(fuser))}, not a known Fuser")
-    reader.watch(fuser, "fuser")
-    reader.children(fuser)
-    fuser_parts = vars(fuser)["_modules"]
-    fuser_projection = _optional_pointwise(reader, fuser_parts.get("proj"), "fuser.proj")
-    layers = fuser_parts.get("layers")
-    if type(layers) is not nn.ModuleList:
-        raise UnsupportedStructure("fuser.layers is not a torch.nn.ModuleList")
-    reader.children(layers)
-    blocks = tuple(_block(reader, block, f"fuser.layers.{i}") for i, block in enumerate(layers))
-    out_projection = _optional_pointwise(reader, parts.get("out_proj"), "out_proj")
+    transformers = "feature_projection" in parts
+    # sam2's/sam3's names, or transformers': (downsampler, feature projection, fuser, output projection).
+    names = ("mask_downsampler", "feature_projection", "memory_fuser", "projection") if transformers else (
+        "mask_downsampler", "pix_feat_proj", "fuser", "out_proj")
+    read_mask_path = _transformers_mask_path if transformers else _sam2_mask_path
+    stages, (mask_weight, mask_bias) = read_mask_path(reader, parts.get(names[0]))
+    pix_weight, pix_bias, _, _ = _conv(reader, parts.get(names[1]), names[1], pointwise=True)
+    fuser_parts = _container(reader, parts.get(names[2]), names[2], "transformers_fuser" if transformers else "fuser",
+                             "Fuser")
+    fuser_projection = None if transformers else _optional_pointwise(reader, fuser_parts.get("proj"), "fuser.proj")
+    layers = _list(reader, fuser_parts.get("layers"), f"{names[2]}.layers", nn.ModuleList)
+    block_names = _TRANSFORMERS_BLOCK if transformers else _SAM2_BLOCK
+    blocks = tuple(_block(reader, block, f"{names[2]}.layers.{i}", block_names) for i, block in enumerate(layers))
+    out_projection = _optional_pointwise(reader, parts.get(names[3]), names[3])
     position_encoding = parts.get("position_encoding")
-    if not known_class("position_encoding", type(position_encoding)):
-        raise UnsupportedStructure(f"position_encoding is a {_qualified(type(position_encoding))}, "
-                                   "not a known PositionEmbeddingSine")
-    reader.watch(position_encoding, "position_encoding")
+    if not transformers:
+        # transformers' adapter calls its own position-encoding module (through __call__).
+        if not known_class("position_encoding", type(position_encoding)):
+            raise UnsupportedStructure(f"position_encoding is a {_qualified(type(position_encoding))}, "
+                                       "not a known PositionEmbeddingSine")
+        reader.watch(position_encoding, "position_encoding")
     return Structure(reader, stages, Projection(mask_weight, mask_bias, pix_weight, pix_bias), fuser_projection,
-                     blocks, out_projection, parts["mask_downsampler"], position_encoding, snapshot)
+                     blocks, out_projection, parts[names[0]], position_encoding, snapshot)

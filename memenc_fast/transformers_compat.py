@@ -1,32 +1,30 @@
-"""Swapping memenc-fast into Hugging Face ``transformers``' SAM 2 video model.
+"""Hugging Face ``transformers``' SAM 2 video memory encoder, fused in place.
 
-transformers re-implements SAM 2's memory encoder as ``Sam2VideoMemoryEncoder`` (the same module
-serves ``Sam3TrackerVideoModel`` and ``EdgeTamVideoModel``, generated from the same source), held
-by the model as ``.memory_encoder`` and called by ``Sam2VideoModel._encode_new_memory`` as
-``features, pos = self.memory_encoder(pix_feat, mask_for_mem)``. Its math is sam2's, with three
-differences at the boundary, each reproduced here:
+transformers re-implements SAM 2's memory encoder as ``Sam2VideoMemoryEncoder`` (generated from
+the same source for ``Sam3TrackerVideoModel`` and ``EdgeTamVideoModel``), held by the model as
+``.memory_encoder`` and called by ``Sam2VideoModel._encode_new_memory`` as
+``features, pos = self.memory_encoder(pix_feat, mask_for_mem)``. Its math is sam2's with three
+differences at the boundary: it never applies a sigmoid (its caller passes ``sigmoid(logits) *
+20 - 10``, or the binarized mask scaled the same way), it returns a ``(features,
+position_encoding)`` tuple, and it computes the position encoding in the features' dtype.
 
-* it never applies a sigmoid: its caller passes ``sigmoid(logits) * 20 - 10`` (or the binarized
-  mask scaled the same way) already, so our encoder runs with ``skip_mask_sigmoid=True`` and its
-  ``mask_scale``/``mask_bias`` left at 1 and 0 (the caller's transform happens before the call,
-  so it cannot move into our first fused op without patching transformers' model code);
-* it returns a ``(features, position_encoding)`` tuple, not sam2's dict with a one-element list;
-* it computes the position encoding in the features' dtype (sam2 computes it in float32 and
-  casts); the two agree bit for bit in float32 only, so the adapter calls transformers' own
-  position-encoding module.
+``patch_transformers`` turns the model's own memory encoder into a subclass of its class whose
+forward runs memenc-fast's fused ops over its very submodules (``memenc_fast.structure``
+recognises transformers' tree: ``mask_downsampler.layers``/``final_conv``,
+``feature_projection``, ``memory_fuser.layers``, ``projection``) and calls its own position
+encoding module. Nothing else changes: the same object, submodules, parameters, ``state_dict``
+keys and hooks, so ``from_pretrained`` (also into a model patched in its ``__init__``),
+``save_pretrained``, ``device_map`` and optimizers work as before. Whatever the fused path cannot
+prove equal (another activation, a hook, ...) runs transformers' own forward.
 
-Its LayerNorms (``nn.LayerNorm`` over permuted channels, eps 1e-6) and ``"gelu"`` activations
-(erf GELU) compute what sam2's ``LayerNorm2d`` and ``nn.GELU()`` compute; other activations are
-rejected and eps values copied. Structurally, its names differ (``transformers_key_map``), its
-layer scale ``scale`` (sam2's ``gamma``) and output ``projection`` always exist (sam2 drops
-``out_proj`` when it keeps the channel count: ours gets a 1x1 conv then), and its MLP width is a
-config field that must be sam2's 4 x dim.
-
-Nothing here imports transformers: classes are recognized by module and name.
+``memory_encoder_from_transformers`` instead builds a standalone ``memenc_fast.MemoryEncoder``
+with sam2's keys, and ``state_dict_from_transformers``/``state_dict_to_transformers`` convert
+checkpoints. Nothing here imports transformers: classes are recognised in ``sys.modules``.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Dict, Iterable, List, Mapping, Tuple, TypeVar
 
@@ -34,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import CXBlock, Fuser, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
-from .structure import is_exact_gelu
+from .modules import CXBlock, FusedEncoder, Fuser, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
+from .structure import TRANSFORMERS_MODELS, is_exact_gelu, known_class
 
 __all__ = [
     "TransformersMemoryEncoder",
+    "fused_class",
     "memory_encoder_from_transformers",
     "patch_transformers",
     "state_dict_from_transformers",
@@ -46,18 +45,13 @@ __all__ = [
     "transformers_key_map",
 ]
 
-_TRANSFORMERS_MEMORY_ENCODERS = frozenset({
-    ("transformers.models.sam2_video.modeling_sam2_video", "Sam2VideoMemoryEncoder"),
-    ("transformers.models.sam3_tracker_video.modeling_sam3_tracker_video", "Sam3TrackerVideoMemoryEncoder"),
-    ("transformers.models.edgetam_video.modeling_edgetam_video", "EdgeTamVideoMemoryEncoder"),
-})
 _EXPECTED = "a transformers Sam2VideoMemoryEncoder (or Sam3TrackerVideoMemoryEncoder, EdgeTamVideoMemoryEncoder)"
 
 T = TypeVar("T")
 
 
 def _is_transformers_memory_encoder(module: object) -> bool:
-    return any((c.__module__, c.__name__) in _TRANSFORMERS_MEMORY_ENCODERS for c in type(module).__mro__)
+    return known_class("transformers_memory_encoder", type(module))
 
 
 def _qualified_name(obj: object) -> str:
@@ -257,77 +251,61 @@ def memory_encoder_from_transformers(transformers_memory_encoder: nn.Module, *,
     return encoder
 
 
-def _save_with_transformers_keys(module: "TransformersMemoryEncoder", state_dict: Dict[str, object],
-                                 prefix: str, local_metadata: dict) -> None:
-    inner = prefix + "encoder."
-    # In the state_dict's order, so the keys come out in transformers' own order.
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        theirs = module.ours_to_transformers.get(key[len(inner):])
-        if theirs is not None:
-            state_dict[prefix + theirs] = state_dict.pop(key)
+class TransformersMemoryEncoder(FusedEncoder):
+    """The fused forward of a transformers memory encoder: ``patch_transformers`` makes the
+    model's module an instance of a subclass of both this class and its own (``fused_class``).
 
-
-def _load_transformers_keys(module: "TransformersMemoryEncoder", state_dict: Dict[str, object], prefix: str,
-                            local_metadata: dict, strict: bool, missing_keys: List[str],
-                            unexpected_keys: List[str], error_msgs: List[str]) -> None:
-    for ours, theirs in module.ours_to_transformers.items():
-        key = prefix + theirs
-        if key in state_dict:
-            state_dict[prefix + "encoder." + ours] = state_dict.pop(key)
-
-
-class TransformersMemoryEncoder(nn.Module):
-    """Stands in for transformers' ``Sam2VideoMemoryEncoder``: the same
-    ``forward(vision_features, masks) -> (features, position_encoding)``, computed by the
-    memenc_fast MemoryEncoder ``self.encoder`` (so the fused backends run; ``encoder.last_backend``
-    tells which) and transformers' own position-encoding module ``self.position_encoding``.
-
-    ``state_dict()`` and ``load_state_dict()`` speak transformers' keys (translated through
-    ``transformers_key_map``), so a patched model saves (``save_pretrained``) and loads checkpoints
-    unchanged; ``named_parameters()`` shows memenc_fast's names under ``encoder.``.
+    ``forward(vision_features, masks) -> (features, position_encoding)`` as transformers';
+    ``last_backend`` tells which backend ran (``FusedEncoder`` has the other attributes).
     """
-
-    def __init__(self, encoder: MemoryEncoder, position_encoding: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.position_encoding = position_encoding  # transformers' module: no parameters, exact dtype semantics
-        stages = (len(encoder.mask_downsampler.encoder) - 1) // 3
-        self.ours_to_transformers = {
-            ours: theirs for theirs, ours in transformers_key_map(stages, len(encoder.fuser.layers)).items()
-        }
-        self.register_state_dict_post_hook(_save_with_transformers_keys)
-        self.register_load_state_dict_pre_hook(_load_transformers_keys)
-
-    @classmethod
-    def from_transformers(cls, transformers_memory_encoder: nn.Module) -> "TransformersMemoryEncoder":
-        """The adapter over ``transformers_memory_encoder``'s very parameters (no copy)."""
-        encoder = memory_encoder_from_transformers(transformers_memory_encoder, share_parameters=True)
-        adapter = cls(encoder, transformers_memory_encoder.position_encoding)
-        adapter.train(transformers_memory_encoder.training)
-        return adapter
 
     def forward(self, vision_features: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # transformers' caller has applied sigmoid, scale and bias (or binarized) already.
-        features = self.encoder(vision_features, masks, skip_mask_sigmoid=True)["vision_features"]
+        features, _ = self._fused(vision_features, masks, True)
+        if features is None:
+            return super().forward(vision_features, masks)
         position_encoding = self.position_encoding(features.shape, features.device, features.dtype)
         return features, position_encoding
 
 
-def patch_transformers(model: object) -> TransformersMemoryEncoder:
-    """Replaces ``.memory_encoder`` of a transformers ``Sam2VideoModel`` (or ``Sam3TrackerVideoModel``,
-    ``EdgeTamVideoModel``, the ``.tracker_model`` of a ``Sam3VideoModel``, or any object holding
-    such a memory encoder under that name) in place with a ``TransformersMemoryEncoder`` and
-    returns it. Idempotent.
+def fused_class(transformers_class: type) -> type:
+    """The subclass of ``transformers_class`` (one of transformers' memory encoders) and
+    ``TransformersMemoryEncoder`` that ``patch_transformers`` gives the module; made once, and
+    importable from this module by name (so patched modules pickle)."""
+    name = f"Fused{transformers_class.__name__}"
+    existing = globals().get(name)
+    if existing is not None and issubclass(existing, transformers_class):
+        return existing
+    cls = type(name, (TransformersMemoryEncoder, transformers_class), {
+        "__module__": __name__,
+        "__doc__": f"transformers' {transformers_class.__name__} with memenc-fast's fused forward.",
+    })
+    globals()[name] = cls
+    return cls
 
-    The adapter holds the original's very parameters (same values, device and dtype; optimizers
-    keep working) and keeps transformers' ``state_dict`` keys, so the patched model still loads
-    (``load_state_dict``) and saves (``save_pretrained``) transformers checkpoints. Raises
-    TypeError for anything else.
+
+def __getattr__(name: str) -> type:
+    """``Fused<transformers class>`` on demand, for unpickling in a process that never patched."""
+    for model, prefix in TRANSFORMERS_MODELS:
+        if name == f"Fused{prefix}MemoryEncoder":
+            module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+            return fused_class(getattr(module, f"{prefix}MemoryEncoder"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch_transformers(model: object) -> TransformersMemoryEncoder:
+    """Gives ``.memory_encoder`` of a transformers ``Sam2VideoModel`` (or ``Sam3TrackerVideoModel``,
+    ``EdgeTamVideoModel``, the ``.tracker_model`` of a ``Sam3VideoModel``, any object holding such
+    a memory encoder under that name, or the memory encoder itself) memenc-fast's fused forward,
+    in place, and returns it. Idempotent; works before or after the model's weights are loaded.
+
+    The module stays the same object with the same submodules, parameters and ``state_dict``
+    keys; only its class becomes ``fused_class(its class)``. Raises TypeError for anything else.
     """
     holder = model
     if not hasattr(holder, "memory_encoder") and hasattr(holder, "tracker_model"):
         holder = holder.tracker_model  # Sam3VideoModel keeps its Sam3TrackerVideoModel there
-    current = getattr(holder, "memory_encoder", None)
+    current = model if _is_transformers_memory_encoder(model) else getattr(holder, "memory_encoder", None)
     if isinstance(current, TransformersMemoryEncoder):
         return current
     if not _is_transformers_memory_encoder(current):
@@ -336,6 +314,6 @@ def patch_transformers(model: object) -> TransformersMemoryEncoder:
             f"as .memory_encoder); got {_qualified_name(model)}"
             + ("" if current is None else f" whose .memory_encoder is {_qualified_name(current)}")
         )
-    adapter = TransformersMemoryEncoder.from_transformers(current)
-    holder.memory_encoder = adapter
-    return adapter
+    current.__class__ = fused_class(type(current))
+    current._init_fused_state()
+    return current

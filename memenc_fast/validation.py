@@ -32,11 +32,11 @@ def describe_tensor(t: torch.Tensor) -> str:
 
 
 def module_parameter(encoder: nn.Module, structure: Optional[Structure]) -> Optional[torch.Tensor]:
-    """The parameter whose device and dtype are the module's: ``pix_feat_proj``'s weight."""
+    """A parameter whose device and dtype are the module's: ``pix_feat_proj``'s weight where the
+    structure is known, else the first."""
     if structure is not None:
         return structure.projection.pix_weight
-    weight = getattr(encoder.pix_feat_proj, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else next(encoder.parameters(), None)
+    return next(encoder.parameters(), None)
 
 
 def check_encoder_inputs(pix_feat: object, masks: object, encoder: nn.Module,
@@ -61,10 +61,9 @@ def check_encoder_inputs(pix_feat: object, masks: object, encoder: nn.Module,
             raise ValueError(f"MemoryEncoder: {name} must be 4-D (B, C, H, W); got {describe_tensor(t)}")
     assert isinstance(pix_feat, torch.Tensor) and isinstance(masks, torch.Tensor)
     param = module_parameter(encoder, structure)
-    in_dim = structure.in_dim if structure is not None else getattr(encoder.pix_feat_proj, "in_channels",
-                                                                     pix_feat.shape[1])
-    if pix_feat.shape[1] != in_dim:
-        raise ValueError(f"MemoryEncoder: pix_feat must have {in_dim} channels (in_dim); got {describe_tensor(pix_feat)}")
+    if structure is not None and pix_feat.shape[1] != structure.in_dim:
+        raise ValueError(f"MemoryEncoder: pix_feat must have {structure.in_dim} channels (in_dim); "
+                         f"got {describe_tensor(pix_feat)}")
     if structure is not None and masks.shape[1] != structure.mask_channels:
         raise ValueError(f"MemoryEncoder: masks must have {structure.mask_channels} channel(s); "
                          f"got {describe_tensor(masks)}")

@@ -6,6 +6,7 @@ Everything is built from configs with random weights: nothing is downloaded.
 import copy
 import importlib
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -114,43 +115,51 @@ def test_outputs_match_transformers(family, backend, batch, mask_hw, binarized):
     assert torch.equal(out["vision_pos_enc"][0], expected_pos)
 
 
-def test_adapter_reproduces_transformers_in_float64_and_bfloat16():
-    theirs = _memory_encoder(seed=4)
-    assert list(inspect.signature(TransformersMemoryEncoder.forward).parameters) == list(
-        inspect.signature(type(theirs).forward).parameters)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_module_reproduces_transformers_in_float64_and_bfloat16(family):
+    theirs = _memory_encoder(family, seed=4)
     pix_feat, masks = _inputs(2, 32, seed=5)
     with torch.no_grad():
         oracle, _ = copy.deepcopy(theirs).double()(pix_feat.double(), masks.double())
-        _, pos32 = theirs(pix_feat, masks)
         for dtype in (torch.float64, torch.bfloat16):
             twin = copy.deepcopy(theirs).to(dtype)
-            adapter = TransformersMemoryEncoder.from_transformers(twin)
             expected, expected_pos = twin(pix_feat.to(dtype), masks.to(dtype))
-            result = adapter(pix_feat.to(dtype), masks.to(dtype))
+            fused = patch_transformers(twin)
+            assert fused is twin and isinstance(fused, type(theirs)) and isinstance(fused, TransformersMemoryEncoder)
+            assert list(inspect.signature(type(fused).forward).parameters) == list(
+                inspect.signature(type(theirs).forward).parameters)
+            result = fused(pix_feat.to(dtype), masks.to(dtype))
             assert isinstance(result, tuple) and len(result) == 2
             features, pos = result
-            assert adapter.encoder.last_backend == "torch"
+            assert fused.last_backend == "torch", fused.last_backend_reason
             assert features.dtype == dtype and features.shape == expected.shape
             verdict = judge(features, oracle, dtype, same_dtype_ref=expected)
             assert verdict.passed, f"{dtype}: {verdict.describe()}"
-            # transformers computes the encoding in the features' dtype; so does the adapter ...
+            # transformers computes the encoding in the features' dtype: its own module runs.
             assert pos.dtype == dtype and torch.equal(pos, expected_pos)
-            if dtype == torch.bfloat16:  # ... which is not sam2's float32 encoding cast to bfloat16.
-                ours = adapter.encoder(pix_feat.to(dtype), masks.to(dtype), skip_mask_sigmoid=True)
-                assert torch.equal(ours["vision_pos_enc"][0], pos32.to(dtype))
-                assert not torch.equal(pos, pos32.to(dtype))
 
 
-def test_adapter_trains_the_original_parameters():
+def test_patched_module_refuses_what_it_cannot_prove_equal():
+    theirs = _memory_encoder(seed=15, memory_fuser_hidden_act="gelu_new")
+    pix_feat, masks = _inputs(2, 32, seed=16)
+    with torch.no_grad():
+        expected, _ = theirs(pix_feat, masks)
+        fused = patch_transformers(theirs)
+        features, _ = fused(pix_feat, masks)
+    assert fused.last_backend == "reference" and "GELU" in fused.last_backend_reason
+    assert torch.equal(features, expected)
+
+
+def test_patched_module_trains_the_original_parameters():
     theirs = _memory_encoder(seed=6).train()
     twin = copy.deepcopy(theirs)
-    adapter = TransformersMemoryEncoder.from_transformers(theirs)
-    assert adapter.training and adapter.encoder.training
+    adapter = patch_transformers(theirs)
+    assert adapter.training
     pix_feat, masks = _inputs(2, 32, seed=7)
     weights = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(8))
     (adapter(pix_feat, masks)[0] * weights).sum().backward()
     (twin(pix_feat, masks)[0] * weights).sum().backward()
-    assert adapter.encoder.last_backend == "reference"  # training with grad
+    assert adapter.last_backend == "reference"  # training with grad
     for (name, param), twin_param in zip(theirs.named_parameters(), twin.parameters()):
         assert param.grad is not None, name
         assert relative_error(param.grad, twin_param.grad) < 1e-5, name
@@ -184,6 +193,60 @@ def _small_video_model():
     return model
 
 
+def _small_tracker_model():
+    """A Sam3TrackerVideoModel from a shrunken config (112² frames, a 2-layer ViT), random weights."""
+    from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+
+    vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, image_size=112, patch_size=14, window_size=4, global_attn_indexes=[1],
+               pretrain_image_size=112)
+    vision = dict(model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=128,
+                  backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    config = Sam3TrackerVideoConfig(
+        vision_config=vision, image_size=112,
+        prompt_encoder_config=dict(hidden_size=128, image_size=112, patch_size=14),
+        mask_decoder_config=dict(hidden_size=128, mlp_dim=256, num_attention_heads=2, iou_head_hidden_dim=64),
+        memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=256, memory_attention_rope_feat_sizes=[8, 8],
+        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=512,
+    )
+    model = Sam3TrackerVideoModel(config).eval()
+    randomize_parameters(model.memory_encoder, seed=18)
+    return model
+
+
+@pytest.mark.parametrize("build", [_small_video_model, _small_tracker_model], ids=["sam2_video", "sam3_tracker_video"])
+def test_model_patched_in_its_init_loads_and_saves_like_the_unpatched_one(build, tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path / "original")
+    model_class = type(model)
+
+    class PatchedAtBirth(model_class):
+        def __init__(self, config):
+            super().__init__(config)
+            patch_transformers(self)
+
+    born = PatchedAtBirth.from_pretrained(tmp_path / "original").eval()
+    plain = model_class.from_pretrained(tmp_path / "original").eval()
+    assert isinstance(born.memory_encoder, TransformersMemoryEncoder)
+    assert type(plain.memory_encoder).__name__ == type(model.memory_encoder).__name__
+    theirs = {k: v for k, v in model.state_dict().items() if k.startswith("memory_encoder.")}
+    for loaded in (born, plain):
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in theirs.items())
+    pix_feat, masks = _inputs(2, 128, seed=17)
+    with torch.no_grad():
+        expected, expected_pos = plain.memory_encoder(pix_feat, masks)
+        features, pos = born.memory_encoder(pix_feat, masks)
+    assert born.memory_encoder.last_backend == "torch" and relative_error(features, expected) < 1e-5
+    assert torch.equal(pos, expected_pos)
+
+    born.save_pretrained(tmp_path / "patched")
+    again = model_class.from_pretrained(tmp_path / "patched")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.items())
+    assert pickle.loads(pickle.dumps(born.memory_encoder)).last_backend == "torch"
+
+
 def _track(model, video):
     """Every frame's mask logits for two objects clicked on frame 0, tracked through ``video``."""
     session = sam2_video.Sam2VideoInferenceSession(video=video, video_height=128, video_width=128,
@@ -212,15 +275,14 @@ def test_patched_video_model_tracks_the_same():
     tracked_before = _track(model, video)
 
     adapter = patch_transformers(model)
-    assert model.memory_encoder is adapter and isinstance(adapter, TransformersMemoryEncoder)
-    assert adapter.encoder.pix_feat_proj.weight is original.feature_projection.weight
+    assert model.memory_encoder is adapter is original and isinstance(adapter, TransformersMemoryEncoder)
     assert patch_transformers(model) is adapter and model.memory_encoder is adapter
 
     with torch.no_grad():
         features, pos = model.memory_encoder(pix_feat, masks)
         memories_after = [model._encode_new_memory(vision_feats, high_res, scores, from_clicks)
                           for from_clicks in (True, False)]
-    assert adapter.encoder.last_backend == "torch"
+    assert adapter.last_backend == "torch"
     verdict = judge(features, oracle, torch.float32)
     assert verdict.passed, verdict.describe()
     for (feat_b, pos_b), (feat_a, pos_a) in zip(memories_before, memories_after):
@@ -234,7 +296,7 @@ def test_patched_video_model_tracks_the_same():
         assert relative_error(after, before) < 1e-4, frame
     # The comparison means something: later frames really read the memories.
     with torch.no_grad():
-        adapter.encoder.out_proj.weight.mul_(2.0)
+        adapter.projection.weight.mul_(2.0)
     assert relative_error(_track(model, video)[-1], tracked_before[-1]) > 1e-2
 
 
@@ -249,10 +311,10 @@ def test_patched_model_keeps_transformers_checkpoints(tmp_path):
     assert all(torch.equal(patched_state[k], v) for k, v in state.items())
 
     with torch.no_grad():
-        model.memory_encoder.encoder.fuser.layers[0].gamma.zero_()
+        model.memory_encoder.memory_fuser.layers[0].scale.zero_()
     model.load_state_dict(state, strict=True)  # a transformers checkpoint loads into the patched model
-    gamma = model.memory_encoder.encoder.fuser.layers[0].gamma
-    assert torch.equal(gamma, state["memory_encoder.memory_fuser.layers.0.scale"])
+    scale = model.memory_encoder.memory_fuser.layers[0].scale
+    assert torch.equal(scale, state["memory_encoder.memory_fuser.layers.0.scale"])
 
     model.save_pretrained(tmp_path)
     reloaded = Sam2VideoModel.from_pretrained(tmp_path)
