@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from build_tools.cuda_build import build_cuda_library  # noqa: E402
 
 PACKAGE = "memenc_fast"
-LIB_SUBDIR = "_lib"  # not a Python package: only the shared library and its ptxas report
+LIB_SUBDIR = "_lib"  # not a Python package: the shared library, its launch-args header, ptxas report
 
 
 class BinaryDistribution(Distribution):
@@ -53,6 +53,8 @@ class BuildExtWithCuda(build_ext):
         result = build_cuda_library(ROOT / "csrc", output_dir)
         if result is not None:
             self._cuda_files = [result.library.name, result.report.name]
+            if result.header is not None:
+                self._cuda_files.append(result.header.name)
 
     def _build_lib_dir(self) -> Path:
         return Path(self.build_lib) / PACKAGE / LIB_SUBDIR

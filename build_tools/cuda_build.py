@@ -15,10 +15,16 @@ Environment variables:
   each, plus PTX for the highest one so that newer GPUs can JIT it.
 - ``MEMENC_FAST_SKIP_CUDA=1``: skip the CUDA build and install only the Python parts.
 - ``CUDA_HOME``: where to look for nvcc first (then ``PATH``, then ``/usr/local/cuda``).
+
+When ``csrc/`` holds ``launch_args.h`` (the launchers' argument structs, which the Python binding
+parses at load time), its hash is compiled into the library (``-DMEMENC_LAUNCH_ARGS_HASH``) and the
+header is installed next to it, so that the binding can refuse a library built from another version
+of the header.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -48,6 +54,9 @@ NVCC_FLAGS: tuple[str, ...] = (
 # CPU wheel has none, and a CUDA wheel's may be a different version); the static runtime itself
 # needs libdl, librt and libpthread.
 LINK_FLAGS: tuple[str, ...] = ("-lcudart_static", "-ldl", "-lrt", "-lpthread")
+
+LAUNCH_ARGS_HEADER = "launch_args.h"
+LAUNCH_ARGS_HASH_MACRO = "MEMENC_LAUNCH_ARGS_HASH"
 
 _LOG_PREFIX = "memenc_fast:"
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
@@ -79,6 +88,7 @@ class CudaBuildResult:
     library: Path
     report: Path
     kernels: tuple[KernelResources, ...]
+    header: Path | None = None  # launch_args.h, installed next to the library
 
 
 def _arch_key(arch: str) -> tuple[int, str]:
@@ -134,14 +144,17 @@ def nvcc_command(
     output: Path,
     archs: Sequence[str],
     include_dirs: Sequence[Path] = (),
+    defines: Sequence[str] = (),
 ) -> list[str]:
-    """The single nvcc command line that compiles ``sources`` and links them into ``output``."""
+    """The single nvcc command line that compiles ``sources`` and links them into ``output``;
+    ``defines`` are ``-D`` flags."""
     if not sources:
         raise ValueError("no CUDA source to compile")
     return [
         nvcc,
         *NVCC_FLAGS,
         *gencode_flags(archs),
+        *defines,
         *(f"-I{directory}" for directory in include_dirs),
         *(str(source) for source in sources),
         "-o",
@@ -172,6 +185,18 @@ def find_nvcc(
 def cuda_sources(csrc_dir: Path) -> list[Path]:
     """The ``*.cu`` files directly in ``csrc_dir``, sorted so the command line is stable."""
     return sorted(csrc_dir.glob("*.cu"))
+
+
+def launch_args_hash(header: Path) -> int:
+    """The hash of ``launch_args.h`` the library records: the first 64 bits of the SHA-256 of its
+    bytes, big-endian, as ``memenc_fast/backends/cuda/library.py``'s ``header_hash`` computes it
+    (this module cannot import the package: pip's isolated build has no torch)."""
+    return int.from_bytes(hashlib.sha256(header.read_bytes()).digest()[:8], "big")
+
+
+def launch_args_define(header: Path) -> str:
+    """The nvcc flag that compiles ``header``'s hash into the library."""
+    return f"-D{LAUNCH_ARGS_HASH_MACRO}=0x{launch_args_hash(header):016x}ULL"
 
 
 def skip_reason(env: Mapping[str, str], sources: Sequence[Path], nvcc: str | None) -> str | None:
@@ -269,7 +294,9 @@ def build_cuda_library(
     archs = parse_archs(env.get(ARCHS_ENV))
     output_dir.mkdir(parents=True, exist_ok=True)
     library = output_dir / LIBRARY_NAME
-    command = nvcc_command(nvcc, sources, library, archs, include_dirs=[csrc_dir])
+    header = csrc_dir / LAUNCH_ARGS_HEADER
+    defines = [launch_args_define(header)] if header.is_file() else []
+    command = nvcc_command(nvcc, sources, library, archs, include_dirs=[csrc_dir], defines=defines)
     log(f"{_LOG_PREFIX} building {library.name} for sm_{', sm_'.join(archs)}")
     log(shlex.join(command))
     completed = subprocess.run(
@@ -289,4 +316,8 @@ def build_cuda_library(
     log(table)
     report = output_dir / PTXAS_REPORT_NAME
     report.write_text(f"{shlex.join(command)}\n\n{table}\n\n{completed.stdout}")
-    return CudaBuildResult(library=library, report=report, kernels=tuple(kernels))
+    installed_header = None
+    if header.is_file():
+        installed_header = output_dir / header.name
+        shutil.copyfile(header, installed_header)
+    return CudaBuildResult(library=library, report=report, kernels=tuple(kernels), header=installed_header)

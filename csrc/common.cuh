@@ -1,5 +1,6 @@
 // What every kernel file shares: element types, exact GELU, warp reductions, the tensor-core
-// instructions, the launch helper and the device guard of the extern "C" launchers.
+// instructions, the launch helper, and the argument checks, device guard and dtype dispatch of the
+// extern "C" launchers (whose arguments launch_args.h declares).
 //
 // Compiles with plain nvcc (no torch headers). With -DMEMENC_EMULATE it compiles with a host C++
 // compiler against emulation.h instead, which is how the CPU tests run these kernels.
@@ -7,6 +8,8 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#include "launch_args.h"
 
 #ifdef MEMENC_EMULATE
 #include "emulation.h"
@@ -21,9 +24,6 @@
 #define MF_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace mf {
-
-// Element type codes of the extern "C" launchers; memenc_fast/backends/cuda_lib.py has the same.
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // ---- element types ----------------------------------------------------------------------------
 
@@ -56,6 +56,16 @@ __device__ __forceinline__ float to_float(T x) {
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   return Elem<T>::from_float(x);
+}
+
+// A parameter of type W as the activation type T (the identity when they are the same).
+template <typename T, typename W>
+__device__ __forceinline__ T as_elem(W x) {
+  if constexpr (std::is_same<T, W>::value) {
+    return x;
+  } else {
+    return from_float<T>(to_float(x));
+  }
 }
 
 // Two adjacent elements c, c+1 of a row (c even), loaded or stored as one access.
@@ -213,16 +223,25 @@ class DeviceGuard {
   cudaError_t status_;
 };
 
-// Runs the typed launcher `Fn<T>` for the element type a dtype code names.
-template <template <typename> class Fn, typename... Args>
-cudaError_t dispatch_dtype(int dtype, Args... args) {
+// True when no pointer is null: the launchers refuse null arguments with cudaErrorInvalidValue.
+template <typename... Pointers>
+bool all_set(Pointers... pointers) {
+  return ((pointers != nullptr) && ...);
+}
+
+// Runs `Fn<T, W>::run(args...)` for the activation type T and the parameter type W that the dtype
+// codes (MEMENC_DTYPE_*) name; W is T or float (fp32 parameters with 16-bit activations).
+template <template <typename, typename> class Fn, typename... Args>
+cudaError_t dispatch_types(int dtype, int weight_dtype, Args&&... args) {
+  const bool fp32_weights = weight_dtype == MEMENC_DTYPE_FLOAT32;
+  if (!fp32_weights && weight_dtype != dtype) return cudaErrorNotSupported;
   switch (dtype) {
-    case kFloat32:
-      return Fn<float>::run(args...);
-    case kBFloat16:
-      return Fn<__nv_bfloat16>::run(args...);
-    case kFloat16:
-      return Fn<__half>::run(args...);
+    case MEMENC_DTYPE_FLOAT32:
+      return Fn<float, float>::run(args...);
+    case MEMENC_DTYPE_BFLOAT16:
+      return fp32_weights ? Fn<__nv_bfloat16, float>::run(args...) : Fn<__nv_bfloat16, __nv_bfloat16>::run(args...);
+    case MEMENC_DTYPE_FLOAT16:
+      return fp32_weights ? Fn<__half, float>::run(args...) : Fn<__half, __half>::run(args...);
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,6 +1,6 @@
 // CXBlock's depthwise conv + LayerNorm over channels, on channels-last tokens (B, H, W, C).
 //
-// dwconv_ln_kernel<T, KS>: a block owns one row segment of kDwTile output pixels and every
+// dwconv_ln_kernel<T, W, KS>: a block owns one row segment of kDwTile output pixels and every
 // channel (LayerNorm needs the whole pixel); thread i owns channels 2i and 2i+1. Per kernel row
 // it loads the kDwTile + KS - 1 input pixels it needs once and reuses them for all KS taps (a
 // register sliding window: 7 rows x 14 pixel loads per 8 outputs instead of 49 per output); the
@@ -8,61 +8,73 @@
 // (mean, then squared deviations) over values held in registers, warp shuffles plus one shared
 // exchange per pass.
 //
-// It writes the normalized tokens (the LayerNorm affine is folded into the MLP's first Linear) and
-// `x + b2` (the residual with the second Linear's bias), which the MLP's second GEMM accumulates
-// into: x is read here anyway, so the residual costs no extra pass.
+// It writes the LayerNorm's output with its affine applied (the MLP's first GEMM reads it as is) and
+// the residual `x + gamma * b2` (gamma: the layer scale, optional; b2: the second Linear's bias),
+// which the MLP's second GEMM accumulates into: x is read here anyway, so the residual costs no
+// extra pass. Parameters are read as the module holds them: the dwconv weight (C, 1, KS, KS), every
+// parameter in the activations' type T or in float32 (W).
+#include <string>
+
 #include "common.cuh"
+#include "kernel_configs.h"
 
 namespace mf {
 
 constexpr int kDwTile = 8;
 constexpr int kDwMaxWarps = 8;
+constexpr int kDwChannelsPerWarp = 64;  // two per thread
 
-struct DwArgs {
-  const void* x;   // (B, H, W, C) tokens
-  const void* w;   // (C, 1, KS, KS)
-  const void* b;   // (C,)
-  const void* b2;  // (C,): added to the residual output
-  float eps;
-  int H, W, C, pad, tiles_w;
-  void* normed;  // (B, H, W, C)
-  void* resid;   // (B, H, W, C): x + b2
+// The depthwise kernel sizes (KS x KS) the library is instantiated for.
+#define MF_DWCONV_KERNEL_SIZES(X) X(3) X(5) X(7)
+
+bool has_dwconv_kernel(int kernel_size, int channels) {
+  bool sized = false;
+#define MF_DWCONV_MATCH(KS) sized = sized || kernel_size == KS;
+  MF_DWCONV_KERNEL_SIZES(MF_DWCONV_MATCH)
+#undef MF_DWCONV_MATCH
+  return sized && channels > 0 && channels % kDwChannelsPerWarp == 0 && channels <= kDwChannelsPerWarp * kDwMaxWarps;
+}
+
+struct DwParams {
+  DwconvLnArgs args;
+  int pad, tiles_w;
 };
 
-template <typename T, int KS>
-__global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(DwArgs a) {
+template <typename T, typename W, int KS>
+__global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(const __grid_constant__ DwParams p) {
   __shared__ float partial[2][kDwMaxWarps][kDwTile];  // per pass, warp and pixel
+  const DwconvLnArgs& a = p.args;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int c = 2 * threadIdx.x;
-  const int row = blockIdx.x / a.tiles_w;  // b * H + oh
-  const int ow0 = (blockIdx.x % a.tiles_w) * kDwTile;
-  const int oh = row % a.H;
-  const int64_t image = static_cast<int64_t>(row / a.H) * a.H * a.W * a.C;
+  const int row = blockIdx.x / p.tiles_w;  // b * H + oh
+  const int ow0 = (blockIdx.x % p.tiles_w) * kDwTile;
+  const int oh = row % a.height;
+  const int64_t image = static_cast<int64_t>(row / a.height) * a.height * a.width * a.channels;
   const T* x = static_cast<const T*>(a.x) + image;
-  const T* w = static_cast<const T*>(a.w);
+  const W* w = static_cast<const W*>(a.dw_weight);
 
   float acc0[kDwTile], acc1[kDwTile];
   float bias0, bias1;
-  load_pair(static_cast<const T*>(a.b) + c, bias0, bias1);
+  load_pair(static_cast<const W*>(a.dw_bias) + c, bias0, bias1);
   for (int t = 0; t < kDwTile; ++t) {
     acc0[t] = bias0;
     acc1[t] = bias1;
   }
   for (int kh = 0; kh < KS; ++kh) {
-    const int ih = oh - a.pad + kh;
-    if (ih < 0 || ih >= a.H) continue;
+    const int ih = oh - p.pad + kh;
+    if (ih < 0 || ih >= a.height) continue;
     float w0[KS], w1[KS];
     for (int kw = 0; kw < KS; ++kw) {
       w0[kw] = to_float(w[(c * KS + kh) * KS + kw]);
       w1[kw] = to_float(w[((c + 1) * KS + kh) * KS + kw]);
     }
     float in0[kDwTile + KS - 1], in1[kDwTile + KS - 1];
-    const T* x_row = x + static_cast<int64_t>(ih) * a.W * a.C + c;
+    const T* x_row = x + static_cast<int64_t>(ih) * a.width * a.channels + c;
     for (int j = 0; j < kDwTile + KS - 1; ++j) {
-      const int iw = ow0 - a.pad + j;
+      const int iw = ow0 - p.pad + j;
       in0[j] = 0.f;
       in1[j] = 0.f;
-      if (iw >= 0 && iw < a.W) load_pair(x_row + static_cast<int64_t>(iw) * a.C, in0[j], in1[j]);
+      if (iw >= 0 && iw < a.width) load_pair(x_row + static_cast<int64_t>(iw) * a.channels, in0[j], in1[j]);
     }
     for (int t = 0; t < kDwTile; ++t)
       for (int kw = 0; kw < KS; ++kw) {
@@ -73,7 +85,7 @@ __global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(DwArgs a
 
   // Every pixel of the tile takes part in the reductions (uniform control flow); pixels past
   // the row's end are not stored.
-  const float inv_c = 1.0f / a.C;
+  const float inv_c = 1.0f / a.channels;
   float mean[kDwTile], rstd[kDwTile];
   for (int t = 0; t < kDwTile; ++t) {
     const float s = warp_sum(acc0[t] + acc1[t]);
@@ -95,75 +107,74 @@ __global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(DwArgs a
     rstd[t] = rsqrtf(s * inv_c + a.eps);
   }
 
-  float b20, b21;
-  load_pair(static_cast<const T*>(a.b2) + c, b20, b21);
-  const int64_t out_row = image + static_cast<int64_t>(oh) * a.W * a.C + c;
+  float scale0, scale1, shift0, shift1, b20, b21;
+  load_pair(static_cast<const W*>(a.norm_weight) + c, scale0, scale1);
+  load_pair(static_cast<const W*>(a.norm_bias) + c, shift0, shift1);
+  load_pair(static_cast<const W*>(a.b2) + c, b20, b21);
+  if (a.gamma != nullptr) {
+    float gamma0, gamma1;
+    load_pair(static_cast<const W*>(a.gamma) + c, gamma0, gamma1);
+    b20 *= gamma0;
+    b21 *= gamma1;
+  }
+  const int64_t out_row = image + static_cast<int64_t>(oh) * a.width * a.channels + c;
 #pragma unroll
   for (int t = 0; t < kDwTile; ++t) {
-    if (ow0 + t >= a.W) break;
-    const int64_t offset = out_row + static_cast<int64_t>(ow0 + t) * a.C;
-    store_pair(static_cast<T*>(a.normed) + offset, (acc0[t] - mean[t]) * rstd[t], (acc1[t] - mean[t]) * rstd[t]);
+    if (ow0 + t >= a.width) break;
+    const int64_t offset = out_row + static_cast<int64_t>(ow0 + t) * a.channels;
+    store_pair(static_cast<T*>(a.normed) + offset, (acc0[t] - mean[t]) * rstd[t] * scale0 + shift0,
+               (acc1[t] - mean[t]) * rstd[t] * scale1 + shift1);
     float r0, r1;
     load_pair(static_cast<const T*>(a.x) + offset, r0, r1);
-    store_pair(static_cast<T*>(a.resid) + offset, r0 + b20, r1 + b21);
+    store_pair(static_cast<T*>(a.residual) + offset, r0 + b20, r1 + b21);
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 struct DwLaunch {
   template <int KS>
-  static cudaError_t go(const DwArgs& a, int blocks, cudaStream_t stream, int device) {
-    return launch(dwconv_ln_kernel<T, KS>, dim3(blocks), dim3(a.C / 2), 0, stream, device, a);
+  static cudaError_t go(const DwParams& p, int blocks, cudaStream_t stream, int device) {
+    return launch(dwconv_ln_kernel<T, W, KS>, dim3(blocks), dim3(p.args.channels / 2), 0, stream, device, p);
   }
 
-  static cudaError_t run(int ks, DwArgs a, int blocks, cudaStream_t stream, int device) {
-    switch (ks) {
-      case 3:
-        return go<3>(a, blocks, stream, device);
-      case 5:
-        return go<5>(a, blocks, stream, device);
-      case 7:
-        return go<7>(a, blocks, stream, device);
-      default:
-        return cudaErrorNotSupported;
-    }
+  static cudaError_t run(const DwParams& p, int blocks, cudaStream_t stream, int device) {
+#define MF_DWCONV_CASE(KS) \
+  if (p.args.kernel_size == KS) return go<KS>(p, blocks, stream, device);
+    MF_DWCONV_KERNEL_SIZES(MF_DWCONV_CASE)
+#undef MF_DWCONV_CASE
+    return cudaErrorNotSupported;
   }
 };
+
+std::string cxblock_kernel_configs() {
+  std::string sizes;
+#define MF_DWCONV_SIZE(KS) sizes += (sizes.empty() ? "" : ",") + std::to_string(KS);
+  MF_DWCONV_KERNEL_SIZES(MF_DWCONV_SIZE)
+#undef MF_DWCONV_SIZE
+  return "dwconv_ln kernel_size=" + sizes + " channels%" + std::to_string(kDwChannelsPerWarp) +
+         " channels<=" + std::to_string(kDwChannelsPerWarp * kDwMaxWarps) + "\n";
+}
 
 }  // namespace mf
 
 using namespace mf;
 
-// Whether memenc_fast_dwconv_ln has a kernel for C channels and a KS x KS depthwise conv.
-MF_EXPORT int memenc_fast_dwconv_ln_supported(int channels, int kernel_size) {
-  return channels % 64 == 0 && channels >= 64 && channels <= 64 * kDwMaxWarps &&
-         (kernel_size == 3 || kernel_size == 5 || kernel_size == 7);
-}
-
-// Depthwise KS x KS conv ("same" padding (KS - 1) / 2) + bias, then LayerNorm over C without
-// affine, on tokens x (B, H, W, C); writes normed (B, H, W, C) and resid = x + b2.
-MF_EXPORT int memenc_fast_dwconv_ln(int dtype, const void* x, int batch, int H, int W, int channels, const void* w,
-                                    int kernel_size, const void* b, const void* b2, float eps, void* normed,
-                                    void* resid, int device, void* stream) {
-  if (!x || !w || !b || !b2 || !normed || !resid || batch < 1 || H < 1 || W < 1) return cudaErrorInvalidValue;
-  if (!memenc_fast_dwconv_ln_supported(channels, kernel_size)) return cudaErrorNotSupported;
-  DwArgs a{};
-  a.x = x;
-  a.w = w;
-  a.b = b;
-  a.b2 = b2;
-  a.eps = eps;
-  a.H = H;
-  a.W = W;
-  a.C = channels;
-  a.pad = (kernel_size - 1) / 2;
-  a.tiles_w = ceil_div(W, kDwTile);
-  a.normed = normed;
-  a.resid = resid;
-  const int64_t blocks = static_cast<int64_t>(batch) * H * a.tiles_w;
+MF_EXPORT int memenc_fast_dwconv_ln(const DwconvLnArgs* args, int device, void* stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const DwconvLnArgs& a = *args;
+  // gamma may be null: no layer scale.
+  if (!all_set(a.x, a.dw_weight, a.dw_bias, a.norm_weight, a.norm_bias, a.b2, a.normed, a.residual) ||
+      a.batch < 1 || a.height < 1 || a.width < 1)
+    return cudaErrorInvalidValue;
+  if (!has_dwconv_kernel(a.kernel_size, a.channels)) return cudaErrorNotSupported;
+  DwParams p{};
+  p.args = a;
+  p.pad = (a.kernel_size - 1) / 2;
+  p.tiles_w = ceil_div(a.width, kDwTile);
+  const int64_t blocks = static_cast<int64_t>(a.batch) * a.height * p.tiles_w;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_dtype<DwLaunch>(dtype, kernel_size, a, static_cast<int>(blocks), static_cast<cudaStream_t>(stream),
-                                  device);
+  return dispatch_types<DwLaunch>(a.dtype, a.weight_dtype, p, static_cast<int>(blocks),
+                                  static_cast<cudaStream_t>(stream), device);
 }

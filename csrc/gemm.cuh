@@ -180,28 +180,50 @@ __device__ __forceinline__ uint4 load16(const void* p) { return __ldg(reinterpre
 
 __device__ __forceinline__ void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
-// The n-major weight tile of k tile kt: rows 0 .. BN of a row-major matrix (row_stride apart),
-// columns kt*BK .. kt*BK+BK, through registers.
-template <typename T, int BN, int BK, int kThreads>
+// The n-major weight tile of one k tile: rows 0 .. BN of a row-major matrix of W (row_stride
+// elements apart), columns col0 .. col0 + BK, moved through registers in 16-byte loads and stored to
+// shared memory as T. fp32 parameters with 16-bit activations take two loads per store and are
+// converted only when stored, so that the loads of the next tile stay in flight during the multiply.
+template <typename T, typename W, int BN, int BK, int kThreads>
 struct WeightRows {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte store
+  static constexpr int kLoads = static_cast<int>(sizeof(W) / sizeof(T));
   static constexpr int kPerRow = BK / kVec;
   static constexpr int kTotal = BN * kPerRow;
   static constexpr int kSlots = (kTotal + kThreads - 1) / kThreads;
-  uint4 regs[kSlots];
+  static_assert(sizeof(W) % sizeof(T) == 0, "parameters are T or float");
+  union Vector {
+    uint4 raw[kLoads];
+    W elems[kVec];
+  };
+  Vector regs[kSlots];
 
-  __device__ __forceinline__ void fetch(const T* w, int64_t row_stride, int kt) {
+  __device__ __forceinline__ void fetch(const W* rows, int64_t row_stride, int col0) {
     for (int s = 0; s < kSlots; ++s) {
       const int v = threadIdx.x + s * kThreads;
-      if (kTotal % kThreads == 0 || v < kTotal)
-        regs[s] = load16(w + (v / kPerRow) * row_stride + kt * BK + (v % kPerRow) * kVec);
+      if (kTotal % kThreads == 0 || v < kTotal) {
+        const W* p = rows + (v / kPerRow) * row_stride + col0 + (v % kPerRow) * kVec;
+        for (int l = 0; l < kLoads; ++l) regs[s].raw[l] = load16(p + l * (kVec / kLoads));
+      }
     }
   }
 
   __device__ __forceinline__ void stash(T* tile, int ldb) const {
     for (int s = 0; s < kSlots; ++s) {
       const int v = threadIdx.x + s * kThreads;
-      if (kTotal % kThreads == 0 || v < kTotal) store16(tile + (v / kPerRow) * ldb + (v % kPerRow) * kVec, regs[s]);
+      if (kTotal % kThreads == 0 || v < kTotal) {
+        T* dst = tile + (v / kPerRow) * ldb + (v % kPerRow) * kVec;
+        if constexpr (kLoads == 1) {
+          store16(dst, regs[s].raw[0]);
+        } else {
+          union {
+            uint4 raw;
+            T elems[kVec];
+          } packed;
+          for (int e = 0; e < kVec; ++e) packed.elems[e] = as_elem<T>(regs[s].elems[e]);
+          store16(dst, packed.raw);
+        }
+      }
     }
   }
 };

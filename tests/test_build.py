@@ -31,6 +31,7 @@ from build_tools.cuda_build import (  # noqa: E402
     skip_reason,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 NVCC = find_nvcc(os.environ)
 needs_nvcc = pytest.mark.skipif(
     NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)"
@@ -142,6 +143,11 @@ def test_nvcc_command() -> None:
     assert command.index("-lcudart_static") > command.index(str(Path("csrc/b.cu")))
 
 
+def test_nvcc_command_passes_defines_before_the_sources() -> None:
+    command = nvcc_command("nvcc", [Path("a.cu")], Path("lib.so"), ("80",), defines=["-DANSWER=42"])
+    assert command.index("-DANSWER=42") < command.index("a.cu")
+
+
 def test_nvcc_command_needs_sources() -> None:
     with pytest.raises(ValueError):
         nvcc_command("nvcc", [], Path("lib.so"), DEFAULT_ARCHS)
@@ -238,8 +244,50 @@ def test_nvcc_builds_library_and_reports_resources(tmp_path: Path) -> None:
     log = "\n".join(lines)
     assert "Used" in log and "registers" in log  # the raw ptxas report is in the build log
     assert "_Z7add_onePfi" in result.report.read_text()
+    assert result.header is None  # no launch_args.h in this csrc/
 
     assert ctypes.CDLL(str(result.library)).memenc_fast_test_probe() == 42
+
+
+def test_the_build_hashes_the_header_as_the_binding_does(tmp_path: Path) -> None:
+    """The build cannot import the package (no torch in pip's isolated build), so it computes the
+    header's hash itself: the same as the binding, which compares it with the library's."""
+    from memenc_fast.backends.cuda import library
+
+    sample = tmp_path / "launch_args.h"
+    sample.write_text(PROBE_HEADER)
+    for header in (ROOT / "csrc" / "launch_args.h", sample):
+        digest = cuda_build.launch_args_hash(header)
+        assert digest == library.header_hash(header.read_bytes()) != 0
+        assert cuda_build.launch_args_define(header) == f"-D{library.HASH_MACRO}=0x{digest:016x}ULL"
+
+
+PROBE_HEADER = """#pragma once
+#include <stdint.h>
+struct ProbeArgs {
+  int32_t value;
+};
+"""
+
+PROBE_KERNEL = """#include "launch_args.h"
+extern "C" unsigned long long memenc_fast_test_hash() { return MEMENC_LAUNCH_ARGS_HASH; }
+"""
+
+
+@needs_nvcc
+def test_nvcc_builds_the_header_hash_in_and_installs_the_header(tmp_path: Path) -> None:
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "launch_args.h").write_text(PROBE_HEADER)
+    (csrc / "probe.cu").write_text(PROBE_KERNEL)
+    lines: list[str] = []
+    result = build_cuda_library(csrc, tmp_path / "out", env=_env_for_build(**{ARCHS_ENV: "80"}), log=lines.append)
+    assert result is not None and result.header == tmp_path / "out" / "launch_args.h"
+    assert result.header.read_text() == PROBE_HEADER
+    assert cuda_build.launch_args_define(csrc / "launch_args.h") in "\n".join(lines)  # the logged command
+    probe = ctypes.CDLL(str(result.library)).memenc_fast_test_hash
+    probe.restype = ctypes.c_uint64
+    assert probe() == cuda_build.launch_args_hash(csrc / "launch_args.h") != 0
 
 
 @needs_nvcc

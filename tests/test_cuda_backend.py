@@ -1,115 +1,281 @@
-"""The ``cuda`` backend (csrc/ kernels through memenc_fast/backends/cuda_lib.py and cuda_ops.py).
+"""The ``cuda`` backend (csrc/ kernels through memenc_fast/backends/cuda/).
 
-CPU part (runs everywhere): the library builds and exports every entry point; the kernels compile
-for sm_80 and sm_90a without spills; the wrappers reject bad input before any launch; the backend
-reports that there is no device; the custom ops' fake implementations give the right shapes; and
-the kernels themselves run on the CPU through the host emulation in csrc/emulation.h (the real
-kernel source built with the host compiler: warps as fibers, mma.sync rebuilt from the PTX
-fragment layouts) and match the torch ops and the float64 reference.
+CPU part (runs everywhere): the library builds, loads and matches csrc/library.h (the header's
+format, its C layout, the hash check refusing a library built from another header); the launchers
+refuse null arguments and sizes without a kernel; the kernels compile for sm_80 and sm_90a
+without spills; the wrappers reject bad input before any launch; the backend reports that there is
+no device and says per op what it cannot run; the custom ops' fakes give the right shapes; and the
+kernels themselves run on the CPU through the host emulation in csrc/emulation.h (the real kernel
+source built with the host compiler: warps as fibers, mma.sync rebuilt from the PTX fragment
+layouts) and match the torch ops and the float64 reference, with parameters in the activations'
+dtype or in float32, with and without gamma, after in-place parameter updates, under
+torch.compile and torch.export.
 
-GPU part (``requires_cuda``, skipped without a CUDA device): each op against the torch op on the
-same packed weights and the whole module against the float64 reference, full SAM 2 size, B in
-{1, 8}, fp32/bf16/fp16, outputs poisoned, odd sizes, B=3, a SAM 3 size, torch.compile and opcheck.
+GPU part (``requires_cuda``, skipped without a CUDA device): each op against the torch op and the
+whole module against the float64 reference, full SAM 2 size, B in {1, 8}, fp32/bf16/fp16 and
+autocast over fp32 parameters, outputs poisoned, odd sizes, B=3, a SAM 3 size, live parameter
+updates, torch.compile and opcheck.
 """
 
 import ctypes
+import importlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.backends import cuda_lib, torch_ops
-from memenc_fast.backends.kernel_args import poison_outputs
-from memenc_fast.dispatch import BackendUnavailableError
-from memenc_fast.tools.numerics import judge, relative_error
 from memenc_fast import pipeline
-from memenc_fast.packing import pack_weights, read_structure
+from memenc_fast.backends import torch_ops
+from memenc_fast.backends.cuda import library
+from memenc_fast.backends.kernel_args import poison_outputs
+from memenc_fast.dispatch import OPS, BackendUnavailableError
+from memenc_fast.structure import Structure, read_structure
+from memenc_fast.tools.numerics import judge, relative_error
 
 from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
+HEADER = CSRC / library.HEADER_NAME
 sys.path.insert(0, str(ROOT))
-from build_tools.cuda_build import ARCHS_ENV, SKIP_ENV, build_cuda_library, find_nvcc  # noqa: E402
+from build_tools.cuda_build import (  # noqa: E402
+    ARCHS_ENV, SKIP_ENV, build_cuda_library, find_nvcc, launch_args_define)
 
 NVCC = find_nvcc(os.environ)
+HOST_COMPILER = shutil.which("g++") or shutil.which("c++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)")
+needs_host_compiler = pytest.mark.skipif(HOST_COMPILER is None, reason="no host C++ compiler (g++, c++)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # SAM 2's channels (1 -> 4 -> 16 -> 64 -> 256, dim 256, out 64) at a small spatial size.
 SMALL = Preset("small256", mask_size=64, feature_size=4)
+# (activation dtype, parameter dtype, gamma): the dtypes alike, and fp32 parameters with 16-bit
+# activations (SAM 2 under autocast); gamma None is sam2's layer_scale_init_value=0.
+PRECISIONS = [
+    pytest.param(torch.float32, torch.float32, True, id="fp32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, True, id="bf16"),
+    pytest.param(torch.float16, torch.float16, False, id="fp16-nogamma"),
+    pytest.param(torch.bfloat16, torch.float32, False, id="bf16-fp32params-nogamma"),
+    pytest.param(torch.float16, torch.float32, True, id="fp16-fp32params"),
+]
 
 
-def _cuda_ops():
-    from memenc_fast.backends import cuda_ops
+def _op_module(op: str) -> ModuleType:
+    """``memenc_fast.backends.cuda.<op>`` (the package attribute of that name is the op itself)."""
+    return importlib.import_module(f"memenc_fast.backends.cuda.{op}")
 
-    return cuda_ops
+
+def _cuda_backend() -> ModuleType:
+    return importlib.import_module("memenc_fast.backends.cuda")
 
 
-# ------------------------------------------------------------------------------------ library
+def _encoder(seed: int, dtype: torch.dtype = torch.float32, gamma: bool = True,
+             device: object = "cpu") -> torch.nn.Module:
+    """SMALL's encoder (sam2's channels), in ``dtype``; without gamma: layer_scale_init_value=0."""
+    encoder = build_encoder(SMALL, seed=seed, device=device)
+    if not gamma:
+        for block in encoder.fuser.layers:
+            block.gamma = None
+    return encoder.to(dtype)
+
+
+def _op_table(backend: ModuleType = None) -> Dict[str, Callable]:
+    """The torch ops, with ``backend``'s where it has them (default: the cuda backend; what
+    dispatch runs when unsupported_ops refuses nothing)."""
+    backend = _cuda_backend() if backend is None else backend
+    table = {op: getattr(torch_ops, op) for op in OPS if hasattr(torch_ops, op)}
+    return {**table, **{op: getattr(backend, op) for op in OPS if hasattr(backend, op)}}
+
+
+# ------------------------------------------------------------------------------ the binding
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> cuda_lib.CudaLibrary:
-    """The installed library, else one built here for sm_80 with the project's build step."""
-    if cuda_lib.library_path().is_file():
-        return cuda_lib.CudaLibrary(cuda_lib.library_path())
+def built_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
+    """The installed library when it matches the header, else one built here for sm_80 with the
+    project's build step."""
+    try:
+        return library.CudaLibrary(library.library_path())
+    except (OSError, library.CudaLibraryError):
+        pass
     if NVCC is None:
-        pytest.skip("the CUDA library is not built and nvcc is not found")
+        pytest.skip("no usable CUDA library is installed and nvcc is not found")
     env = {k: v for k, v in os.environ.items() if k != SKIP_ENV}
     env[ARCHS_ENV] = "80"
     result = build_cuda_library(CSRC, tmp_path_factory.mktemp("cudalib"), env=env, log=lambda line: None)
-    assert result is not None
-    return cuda_lib.CudaLibrary(result.library)
+    assert result is not None and result.header is not None and result.header.read_bytes() == HEADER.read_bytes()
+    return library.CudaLibrary(result.library)
 
 
-def test_library_loads_and_exports_every_entry_point(library: cuda_lib.CudaLibrary) -> None:
-    dll = ctypes.CDLL(str(library.path))
-    for name in cuda_lib.EXPORTS:
-        assert hasattr(dll, name), name
-    assert dll.memenc_fast_cuda_abi_version() == cuda_lib.ABI_VERSION
-    assert library.error_string(0) == "no error"
-    assert "invalid argument" in library.error_string(1)
-    # The SAM 2 configuration has kernels; other channel counts do not.
-    assert library.supported("mask_stem", 1, 4, 16) and not library.supported("mask_stem", 1, 8, 16)
-    assert library.supported("conv3x3s2_ln_gelu", 16, 64) and library.supported("conv3x3s2_ln_gelu", 64, 256)
-    assert not library.supported("conv3x3s2_ln_gelu", 64, 128)
-    assert library.supported("proj_add", 256, 256, 256) and not library.supported("proj_add", 256, 250, 256)
-    assert library.supported("dwconv_ln", 256, 7) and not library.supported("dwconv_ln", 256, 9)
-    assert not library.supported("dwconv_ln", 100, 7)
+def test_library_declares_every_launcher_of_the_header(built_library: library.CudaLibrary) -> None:
+    header = library.read_header(HEADER)
+    assert set(built_library.args) == set(header.structs) == {"mask_stem", "conv3x3s2_ln_gelu", "proj_add",
+                                                              "dwconv_ln"}
+    for op, struct in header.structs.items():
+        assert [name for name, _ in built_library.args[op]._fields_] == [name for name, _ in struct.fields]
+        assert hasattr(ctypes.CDLL(str(built_library.path)), struct.launcher)
+    with pytest.raises(AttributeError):  # a misspelled member is an error, not an ignored attribute
+        built_library.args["proj_add"](mask_weigth=1)
+    assert built_library.dtype_codes == {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    assert not built_library.runs_on_host
+    assert built_library.error_string(0) == "no error"
+    assert "invalid argument" in built_library.error_string(1)
 
 
-def test_launchers_reject_null_pointers_with_a_cuda_error(library: cuda_lib.CudaLibrary) -> None:
-    with pytest.raises(cuda_lib.CudaLaunchError, match=r"dwconv_ln: CUDA error 1: invalid argument"):
-        library.call("dwconv_ln", 0, None, 1, 4, 4, 256, None, 7, None, None, 1e-6, None, None, 0, None)
+def test_library_reports_its_kernel_configurations(built_library: library.CudaLibrary) -> None:
+    has = built_library.has_kernel
+    # SAM 2's configuration has kernels; other sizes do not.
+    assert has("mask_stem", in_channels=1, mid_channels=4, out_channels=16)
+    assert not has("mask_stem", in_channels=1, mid_channels=8, out_channels=16)
+    assert has("conv3x3s2_ln_gelu", in_channels=16, out_channels=64)
+    assert has("conv3x3s2_ln_gelu", in_channels=64, out_channels=256)
+    assert not has("conv3x3s2_ln_gelu", in_channels=64, out_channels=128)
+    assert has("proj_add", mask_channels=256, pix_channels=256, out_channels=256)
+    assert not has("proj_add", mask_channels=256, pix_channels=250, out_channels=256)
+    assert not has("proj_add", mask_channels=0, pix_channels=256, out_channels=256)
+    assert has("dwconv_ln", kernel_size=7, channels=256) and has("dwconv_ln", kernel_size=3, channels=512)
+    assert not has("dwconv_ln", kernel_size=9, channels=256)
+    assert not has("dwconv_ln", kernel_size=7, channels=100) and not has("dwconv_ln", kernel_size=7, channels=576)
+    assert not has("no_such_kernel", channels=1)
+    with pytest.raises(ValueError, match=r"dwconv_ln configurations name sizes \['channels', 'kernel_size'\]; "
+                                         r"got \['kernel'\]"):
+        has("dwconv_ln", kernel=7)
+
+
+def test_kernel_configuration_format() -> None:
+    configs = library.parse_kernel_configs("k a=1,3 b%32\nk a<=8 b=2\n\nother c=5\n")
+    assert [[(c.size, c.relation, c.values) for c in line] for line in configs["k"]] == [
+        [("a", "=", (1, 3)), ("b", "%", (32,))], [("a", "<=", (8,)), ("b", "=", (2,))]]
+    with pytest.raises(ValueError, match=r"expected conditions like .*; got 'a>1'"):
+        library.parse_kernel_configs("k a>1\n")
+
+
+def test_launchers_refuse_null_arguments_and_sizes_without_a_kernel(built_library: library.CudaLibrary) -> None:
+    for op, args in built_library.args.items():  # every member zero: null pointers
+        with pytest.raises(library.CudaLaunchError, match=rf"memenc_fast {op}: CUDA error 1: invalid argument"):
+            built_library.launch(op, args(), 0, None)
+    unsupported = {  # non-null (never dereferenced) pointers, sizes without a kernel
+        "mask_stem": dict(batch=1, height=8, width=8, channels1=8, channels2=16),
+        "conv3x3s2_ln_gelu": dict(batch=1, height=8, width=8, in_channels=16, out_channels=128),
+        "proj_add": dict(batch=1, pixels=16, mask_channels=256, pix_channels=250, out_channels=256),
+        "dwconv_ln": dict(batch=1, height=4, width=4, channels=256, kernel_size=9),
+    }
+    for op, sizes in unsupported.items():
+        cls = built_library.args[op]
+        pointers = {name: 16 for name, c_type in cls._fields_ if c_type is ctypes.c_void_p}
+        with pytest.raises(library.CudaLaunchError, match=rf"memenc_fast {op}: CUDA error 801"):
+            built_library.launch(op, cls(**pointers, **sizes), 0, None)
+
+
+SAMPLE_HEADER = b"""// comment
+#pragma once
+#include <stdint.h>
+#define MEMENC_DTYPE_FLOAT32 0
+#define MEMENC_ANSWER -42
+
+struct Conv3x3s2LnGeluArgs {
+  int32_t dtype;  // trailing comment
+  const void* x;
+  int64_t   stride;
+  float eps;
+  void* out;
+};
+"""
+
+
+def test_header_format_parses_structs_and_constants() -> None:
+    header = library.parse_header(SAMPLE_HEADER)
+    assert header.constants == {"MEMENC_DTYPE_FLOAT32": 0, "MEMENC_ANSWER": -42}
+    struct = header.structs["conv3x3s2_ln_gelu"]
+    assert (struct.name, struct.launcher) == ("Conv3x3s2LnGeluArgs", "memenc_fast_conv3x3s2_ln_gelu")
+    assert struct.fields == (("dtype", "int32_t"), ("x", "const void*"), ("stride", "int64_t"), ("eps", "float"),
+                             ("out", "void*"))
+    assert header.digest == library.header_hash(SAMPLE_HEADER) != library.header_hash(SAMPLE_HEADER + b"\n")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"struct FooArgs {\n  double x;\n};\n", r"sample\.h:2: expected a member `<type> <name>;` .*got 'double x;'"),
+    (b"struct FooArgs {\n  int32_t a;\n  float a;\n};\n", r"sample\.h:3: FooArgs declares a twice"),
+    (b"struct FooArgs {\n  int32_t a;\n", r"sample\.h:1: FooArgs is not closed"),
+    (b"struct FooArgs {\n};\n", r"sample\.h:1: FooArgs has no members"),
+    (b"int memenc_fast_foo(int x);\n", r"sample\.h:1: expected `struct <Name>Args \{`.*got 'int memenc_fast_foo"),
+    (b"struct FooArgs {\n  int32_t a;\n};\nstruct FooArgs {\n  int32_t b;\n};\n",
+     r"sample\.h:4: a second struct for memenc_fast_foo"),
+])
+def test_header_format_errors_name_the_line(text: bytes, message: str) -> None:
+    with pytest.raises(library.LaunchArgsFormatError, match=message):
+        library.parse_header(text, "sample.h")
+
+
+@needs_host_compiler
+def test_header_structs_have_the_c_compilers_layout(built_library: library.CudaLibrary, tmp_path: Path) -> None:
+    """ctypes lays the parsed structs out as the C compiler lays out the header's: same size, same
+    offset of every member."""
+    header = library.read_header(HEADER)
+    lines = [f'#include "{HEADER}"', "#include <cstddef>", "#include <cstdio>", "int main() {"]
+    for struct in header.structs.values():
+        lines.append(f'  std::printf("{struct.op} size %zu\\n", sizeof({struct.name}));')
+        lines += [f'  std::printf("{struct.op} {name} %zu\\n", offsetof({struct.name}, {name}));'
+                  for name, _ in struct.fields]
+    source, program = tmp_path / "layout.cpp", tmp_path / "layout"
+    source.write_text("\n".join(lines + ["}"]) + "\n")
+    subprocess.run([HOST_COMPILER, "-std=c++17", str(source), "-o", str(program)], check=True)
+    printed = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout.splitlines()
+    expected = []
+    for op, cls in built_library.args.items():
+        expected.append(f"{op} size {ctypes.sizeof(cls)}")
+        expected += [f"{op} {name} {getattr(cls, name).offset}" for name, _ in cls._fields_]
+    assert sorted(printed) == sorted(expected)
+
+
+def test_library_built_from_another_header_is_refused(built_library: library.CudaLibrary, tmp_path: Path) -> None:
+    edited = tmp_path / library.HEADER_NAME
+    edited.write_bytes(HEADER.read_bytes() + b"// one more comment\n")
+    with pytest.raises(library.CudaLibraryError, match=r"was built from another launch_args\.h: it records hash "
+                                                       r"[0-9a-f]{16}, .* hashes to [0-9a-f]{16}; rebuild it"):
+        library.CudaLibrary(built_library.path, header=edited)
+    with pytest.raises(library.CudaLibraryError, match=r"launch_args\.h is neither in the source tree's csrc/"):
+        library.CudaLibrary(built_library.path, header=tmp_path / "missing.h")
+    library.CudaLibrary(built_library.path, header=HEADER)  # the header it was built from is accepted
 
 
 def test_missing_library_gives_one_line_reason(tmp_path: Path) -> None:
-    with pytest.raises(cuda_lib.CudaLibraryError) as err:
-        cuda_lib.load.__wrapped__(tmp_path / cuda_lib.LIBRARY_NAME)
+    with pytest.raises(library.CudaLibraryError) as err:
+        library.load.__wrapped__(tmp_path / library.LIBRARY_NAME)
     assert str(err.value) == "the CUDA library was not built (pip install -e . with nvcc)"
-    (tmp_path / cuda_lib.LIBRARY_NAME).write_text("not a library")
-    with pytest.raises(cuda_lib.CudaLibraryError, match="failed to load"):
-        cuda_lib.load.__wrapped__(tmp_path / cuda_lib.LIBRARY_NAME)
+    (tmp_path / library.LIBRARY_NAME).write_text("not a library")
+    with pytest.raises(library.CudaLibraryError, match="failed to load"):
+        library.load.__wrapped__(tmp_path / library.LIBRARY_NAME)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA device")
 def test_backend_reports_no_device_here() -> None:
-    reason = cuda_lib.unavailable_reason()
-    assert reason in ("no CUDA device", "the CUDA library was not built (pip install -e . with nvcc)")
+    reason = library.unavailable_reason()
+    assert reason == "no CUDA device" or reason.startswith("the CUDA library")
     assert "cuda" not in mf.available_backends()
     encoder = build_encoder(SMALL, seed=1)
     pix_feat, masks = make_inputs(SMALL, 1, seed=2)
     with mf.use_backend("cuda"), pytest.raises(BackendUnavailableError, match=reason):
         encoder(pix_feat, masks)
     if reason == "no CUDA device":
-        count, code = cuda_lib.load().device_count()
+        count, code = library.load().device_count()
         assert count == 0 and code != 0
+
+
+def test_has_kernel_is_answered_while_tracing(built_library: library.CudaLibrary,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(library, "load", lambda path=None: built_library)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + library.has_kernel("dwconv_ln", kernel_size=7, channels=256),
+                             fullgraph=True, backend="eager")
+    assert compiled(torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
 @needs_nvcc
@@ -119,7 +285,7 @@ def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path: Path) -> No
     from memenc_fast.tools import kernel_report as kr
 
     options = kr.Options(targets=("sm_80", "sm_90a"), batches=(1,), dtypes=kr.DTYPES, cubin_dir=tmp_path,
-                         csrc_dir=CSRC)
+                         csrc_dir=CSRC, jobs=os.cpu_count() or 1)
     report = kr.Report()
     kr.report_cuda(options, report)
     print(kr.format_table(report.rows))
@@ -132,82 +298,133 @@ def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path: Path) -> No
         assert f"{row.kernel}<{row.config}>" in sidecar, (row.kernel, row.config)
         if row.matrix_work:
             assert row.tensor_core_instructions.get("HMMA", 0) > 0, (row.kernel, row.target, row.config)
+    configs = {row.config for row in report.rows if row.kernel == "mf::proj_add_kernel"}
+    assert configs == {"float, float", "__nv_bfloat16, __nv_bfloat16", "__nv_bfloat16, float", "__half, __half",
+                       "__half, float"}
 
 
-# ---------------------------------------------------------------------------------- bad input
+# ------------------------------------------------------------------------------ bad input
 
 
-def _stem_args(dtype=torch.float32, masks=None, c1=4, c2=16):
-    masks = torch.randn(2, 1, 32, 32, dtype=dtype) if masks is None else masks
-    w = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
-    return [masks, w(c1, 1, 3, 3), w(c1), w(c1), w(c1), 1e-6, w(c2, c1, 3, 3), w(c2), w(c2), w(c2), 1e-6, True, 1.0,
-            0.0]
+def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape).to(dtype)
+
+
+def _stem_args(**changes: object) -> Dict[str, object]:
+    args = dict(masks=_t(2, 1, 32, 32), conv1_weight=_t(4, 1, 3, 3), conv1_bias=_t(4), norm1_weight=_t(4),
+                norm1_bias=_t(4), eps1=1e-6, conv2_weight=_t(16, 4, 3, 3), conv2_bias=_t(16), norm2_weight=_t(16),
+                norm2_bias=_t(16), eps2=1e-6, apply_sigmoid=True, scale=1.0, bias=0.0)
+    return {**args, **changes}
+
+
+def _stage_args(**changes: object) -> Dict[str, object]:
+    args = dict(x=_t(2, 8, 8, 16), weight=_t(64, 16, 3, 3), bias=_t(64), norm_weight=_t(64), norm_bias=_t(64),
+                eps=1e-6)
+    return {**args, **changes}
+
+
+def _proj_args(**changes: object) -> Dict[str, object]:
+    args = dict(mask_features=_t(2, 256, 4, 4), pix_feat=_t(2, 256, 4, 4), mask_weight=_t(256, 256, 1, 1),
+                mask_bias=_t(256), pix_weight=_t(256, 256, 1, 1), pix_bias=_t(256))
+    return {**args, **changes}
+
+
+def _dwconv_args(**changes: object) -> Dict[str, object]:
+    args = dict(x=_t(2, 4, 4, 256), dw_weight=_t(256, 1, 7, 7), dw_bias=_t(256), norm_weight=_t(256),
+                norm_bias=_t(256), eps=1e-6, b2=_t(256), gamma=_t(256))
+    return {**args, **changes}
 
 
 BAD_INPUTS = [
-    ("mask_stem", lambda: _stem_args(masks=torch.zeros(2, 1, 8, 8, dtype=torch.int32)), TypeError,
+    ("mask_downsample", "mask_stem", lambda: _stem_args(masks=torch.zeros(2, 1, 8, 8, dtype=torch.int32)),
+     TypeError, "mask_stem: masks must be float32, bfloat16 or float16"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(masks=_t(2, 1, 8, 8, dtype=torch.float64)), TypeError,
      "masks must be float32, bfloat16 or float16"),
-    ("mask_stem", lambda: _stem_args(torch.float64), TypeError, "masks must be float32, bfloat16 or float16"),
-    ("mask_stem", lambda: _stem_args(masks=torch.randn(2, 2, 8, 8)), ValueError, r"masks must have shape \(\*, 1, \*, \*\)"),
-    ("mask_stem", lambda: _stem_args(masks=torch.randn(1, 8, 8)), ValueError, "masks must have shape"),
-    ("mask_stem", lambda: _stem_args()[:1] + [_stem_args()[1].half()] + _stem_args()[2:], TypeError,
-     "w1 must have dtype float32; got"),
-    ("mask_stem", lambda: _stem_args(), ValueError, "masks must be on a CUDA device"),
-    ("conv3x3s2_ln_gelu", lambda: [torch.randn(2, 8, 8, 16), torch.randn(64, 8, 3, 3), *[torch.randn(64)] * 3, 1e-6],
-     ValueError, r"weight must have shape \(\*, 16, 3, 3\)"),
-    ("conv3x3s2_ln_gelu", lambda: [torch.randn(2, 8, 8, 16), torch.randn(64, 16, 3, 3), torch.randn(32),
-                                   torch.randn(64), torch.randn(64), 1e-6], ValueError, r"bias must have shape \(64\)"),
-    ("conv3x3s2_ln_gelu", lambda: ["not a tensor", torch.randn(64, 16, 3, 3), *[torch.randn(64)] * 3, 1e-6],
-     TypeError, "x must be a torch.Tensor; got str"),
-    ("proj_add_tokens", lambda: [torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 5), torch.randn(256, 512),
-                                 torch.randn(256)], ValueError, r"pix_feat must have shape \(2, \*, 4, 4\)"),
-    ("proj_add_tokens", lambda: [torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4), torch.randn(256, 500),
-                                 torch.randn(256)], ValueError, r"weight must have shape \(\*, 512\)"),
-    ("proj_add_tokens", lambda: [torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4).bfloat16(),
-                                 torch.randn(256, 512), torch.randn(256)], TypeError, "pix_feat must have dtype float32"),
-    ("proj_add_tokens", lambda: [torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4), torch.randn(256, 512),
-                                 torch.randn(256)], ValueError, "mask_features must be on a CUDA device"),
-    ("dwconv_ln", lambda: [torch.randn(2, 4, 4, 256), torch.randn(256, 1, 7, 5), torch.randn(256), torch.randn(256),
-                           1e-6], ValueError, r"weight must have shape \(256, 1, 7, 7\)"),
-    ("dwconv_ln", lambda: [torch.randn(2, 4, 4, 256), torch.randn(256, 1, 7, 7), torch.randn(256), torch.randn(128),
-                           1e-6], ValueError, r"residual_bias must have shape \(256\)"),
-    ("dwconv_ln", lambda: [torch.randn(4, 4, 256), torch.randn(256, 1, 7, 7), torch.randn(256), torch.randn(256),
-                           1e-6], ValueError, r"x must have shape \(\*, \*, \*, \*\)"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(masks=_t(2, 2, 8, 8)), ValueError,
+     r"masks must have shape \(\*, 1, \*, \*\)"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(conv1_weight=torch.ones(4, 1, 3, 3, dtype=torch.int64)),
+     TypeError, "conv1_weight must be a floating-point torch.Tensor; got a torch.int64 tensor"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(conv2_weight=_t(16, 8, 3, 3)), ValueError,
+     r"conv2_weight must have shape \(\*, 4, 3, 3\)"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(norm2_bias=_t(8)), ValueError,
+     r"norm2_bias must have shape \(16\)"),
+    ("mask_downsample", "mask_stem", lambda: _stem_args(), ValueError, "masks must be on a CUDA device"),
+    ("mask_downsample", "conv3x3s2_ln_gelu", lambda: _stage_args(weight=_t(64, 8, 3, 3)), ValueError,
+     r"weight must have shape \(\*, 16, 3, 3\)"),
+    ("mask_downsample", "conv3x3s2_ln_gelu", lambda: _stage_args(bias=_t(32)), ValueError,
+     r"bias must have shape \(64\)"),
+    ("mask_downsample", "conv3x3s2_ln_gelu", lambda: _stage_args(x="not a tensor"), TypeError,
+     "x must be a torch.Tensor; got str"),
+    ("proj_add", "proj_add_tokens", lambda: _proj_args(pix_feat=_t(2, 256, 4, 5)), ValueError,
+     r"pix_feat must have shape \(2, \*, 4, 4\)"),
+    ("proj_add", "proj_add_tokens", lambda: _proj_args(pix_weight=_t(256, 250, 1, 1)), ValueError,
+     r"pix_weight must have shape \(256, 256, 1, 1\)"),
+    ("proj_add", "proj_add_tokens", lambda: _proj_args(pix_feat=_t(2, 256, 4, 4, dtype=torch.bfloat16)),
+     TypeError, "pix_feat must have dtype float32"),
+    ("proj_add", "proj_add_tokens", lambda: _proj_args(mask_bias=None), TypeError,
+     "mask_bias must be a floating-point torch.Tensor; got NoneType"),
+    ("proj_add", "proj_add_tokens", lambda: _proj_args(), ValueError, "mask_features must be on a CUDA device"),
+    ("cxblock", "dwconv_ln", lambda: _dwconv_args(dw_weight=_t(256, 1, 7, 5)), ValueError,
+     r"dw_weight must have shape \(256, 1, 7, 7\)"),
+    ("cxblock", "dwconv_ln", lambda: _dwconv_args(b2=_t(128)), ValueError, r"b2 must have shape \(256\)"),
+    ("cxblock", "dwconv_ln", lambda: _dwconv_args(gamma=_t(256, 1)), ValueError, r"gamma must have shape \(256\)"),
+    ("cxblock", "dwconv_ln", lambda: _dwconv_args(x=_t(4, 4, 256)), ValueError,
+     r"x must have shape \(\*, \*, \*, \*\)"),
 ]
 
 
-@pytest.mark.parametrize(("wrapper", "make_args", "error", "message"), BAD_INPUTS)
-def test_wrappers_reject_bad_input_before_any_launch(monkeypatch: pytest.MonkeyPatch, wrapper, make_args, error,
-                                                     message) -> None:
-    cuda_ops = _cuda_ops()
-
-    def no_launch(*args, **kwargs):
+@pytest.mark.parametrize(("module", "wrapper", "make_args", "error", "message"), BAD_INPUTS)
+def test_wrappers_reject_bad_input_before_any_launch(built_library: library.CudaLibrary,
+                                                     monkeypatch: pytest.MonkeyPatch, module, wrapper, make_args,
+                                                     error, message) -> None:
+    def no_launch(*args: object, **kwargs: object) -> None:
         raise AssertionError("a launch happened despite bad input")
 
-    monkeypatch.setattr(cuda_ops, "_launch", no_launch)
+    monkeypatch.setattr(library, "load", lambda path=None: built_library)
+    monkeypatch.setattr(library, "launch", no_launch)
     with pytest.raises(error, match=message):
-        getattr(cuda_ops, wrapper)(*make_args())
+        getattr(_op_module(module), wrapper)(**make_args())
 
 
 def test_fake_implementations_give_shapes_and_dtypes() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _cuda_ops()  # registers the custom ops
+    _cuda_backend()  # registers the custom ops
     ops = torch.ops.memenc_fast
     with FakeTensorMode() as mode:
         for dtype in DTYPES:
             fake = lambda *shape: mode.from_tensor(torch.empty(*shape, dtype=dtype))  # noqa: E731
-            args = [fake(3, 1, 61, 45), fake(4, 1, 3, 3), fake(4), fake(4), fake(4), 1e-6, fake(16, 4, 3, 3),
-                    fake(16), fake(16), fake(16), 1e-6, True, 1.0, 0.0]
-            stem = ops.cuda_mask_stem(*args)
+            param = lambda *shape: mode.from_tensor(torch.empty(*shape))  # noqa: E731  (fp32 parameters)
+            stem = ops.cuda_mask_stem(fake(3, 1, 61, 45), param(4, 1, 3, 3), param(4), param(4), param(4), 1e-6,
+                                      param(16, 4, 3, 3), param(16), param(16), param(16), 1e-6, True, 1.0, 0.0)
             assert stem.shape == (3, 16, 12, 16) and stem.dtype == dtype
             conv = ops.cuda_conv3x3s2_ln_gelu(fake(3, 16, 12, 16), fake(64, 16, 3, 3), fake(64), fake(64), fake(64),
                                               1e-6)
             assert conv.shape == (3, 8, 6, 64) and conv.dtype == dtype
-            tokens = ops.cuda_proj_add(fake(3, 256, 4, 3), fake(3, 256, 4, 3), fake(256, 512), fake(256))
+            tokens = ops.cuda_proj_add(fake(3, 256, 4, 3), fake(3, 256, 4, 3), fake(256, 256, 1, 1), fake(256),
+                                       param(256, 256, 1, 1), param(256))
             assert tokens.shape == (3, 4, 3, 256) and tokens.dtype == dtype
-            normed, resid = ops.cuda_dwconv_ln(fake(3, 4, 3, 256), fake(256, 1, 7, 7), fake(256), fake(256), 1e-6)
-            assert normed.shape == resid.shape == (3, 4, 3, 256) and normed.dtype == resid.dtype == dtype
+            normed, residual = ops.cuda_dwconv_ln(fake(3, 4, 3, 256), param(256, 1, 7, 7), param(256), param(256),
+                                                  param(256), 1e-6, param(256), None)
+            assert normed.shape == residual.shape == (3, 4, 3, 256) and normed.dtype == residual.dtype == dtype
+
+
+def test_unsupported_ops_says_per_op_why(built_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(library, "load", lambda path=None: built_library)
+    cuda = _cuda_backend()
+    cpu, dtype = torch.device("cpu"), torch.float32
+    assert cuda.unsupported_ops(read_structure(_encoder(seed=1)), cpu, dtype) == {}
+    assert cuda.unsupported_ops(read_structure(_encoder(seed=1, gamma=False)), cpu, dtype) == {}
+    block = mf.CXBlock(250, kernel_size=9, padding=4)
+    encoder = mf.MemoryEncoder(64, mf.MaskDownSampler(embed_dim=250, kernel_size=4, stride=4, padding=0),
+                               mf.Fuser(block, 1), mf.PositionEmbeddingSine(64), in_dim=250)
+    reasons = cuda.unsupported_ops(read_structure(encoder.eval()), cpu, dtype)
+    assert reasons == {
+        "mask_downsample": "mask stage 1 is a (4, 4) conv with stride (4, 4) and padding (0, 0); the kernels run "
+                           "3x3 stride 2 padding 1 (sam2's configs)",
+        "proj_add": "no CUDA kernel for channels 256 + 250 -> 250",
+        "cxblock": "fuser.layers.0: no CUDA kernel for 250 channels and a 9x9 dwconv",
+    }
 
 
 # ---------------------------------------------------------------------- kernels, host-emulated
@@ -224,146 +441,130 @@ def _cuda_include_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def emulated_library(tmp_path_factory: pytest.TempPathFactory) -> cuda_lib.CudaLibrary:
-    """csrc/*.cu built by the host C++ compiler against csrc/emulation.h."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None or platform.machine() != "x86_64":
+def emulated_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
+    """csrc/*.cu built by the host C++ compiler against csrc/emulation.h, with the header's hash."""
+    if HOST_COMPILER is None or platform.machine() != "x86_64":
         pytest.skip("the kernel emulation needs an x86-64 host C++ compiler")
     if NVCC is None:
         pytest.skip("the kernel emulation needs the CUDA headers (nvcc not found)")
-    include = _cuda_include_dir()
     out = tmp_path_factory.mktemp("emulated") / "libmemenc_fast_emulated.so"
-    command = [compiler, "-x", "c++", "-DMEMENC_EMULATE", "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{CSRC}",
-               f"-I{include}", *map(str, sorted(CSRC.glob("*.cu"))), "-o", str(out)]
+    command = [HOST_COMPILER, "-x", "c++", "-DMEMENC_EMULATE", launch_args_define(HEADER), "-std=c++17", "-O1",
+               "-fPIC", "-shared", f"-I{CSRC}", f"-I{_cuda_include_dir()}", *map(str, sorted(CSRC.glob("*.cu"))),
+               "-o", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return cuda_lib.CudaLibrary(out)
+    emulated = library.CudaLibrary(out)
+    assert emulated.runs_on_host
+    return emulated
 
 
 @pytest.fixture
-def emulated(emulated_library: cuda_lib.CudaLibrary, monkeypatch: pytest.MonkeyPatch):
-    """cuda_ops with its launches going to the emulated library, on CPU tensors."""
-    cuda_ops = _cuda_ops()
-    monkeypatch.setattr(cuda_lib, "load", lambda path=None: emulated_library)
-    monkeypatch.setattr(cuda_ops, "check_same_device", lambda op, **tensors: torch.device("cpu"))
-    monkeypatch.setattr(cuda_ops, "_launch", lambda name, device, *args: emulated_library.call(name, *args, 0, None))
+def emulated(emulated_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The cuda backend with its launches going to the emulated library (on CPU tensors), every
+    kernel output starting as NaN."""
+    monkeypatch.setattr(library, "load", lambda path=None: emulated_library)
     with poison_outputs():
-        yield cuda_ops
-
-
-def _packed(encoder: torch.nn.Module, dtype: torch.dtype):
-    return pack_weights(read_structure(encoder), dtype, torch.device("cpu"))
+        yield _cuda_backend()
 
 
 def _close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """Same computation, different rounding: fp32 ~1e-6, 16-bit a few output ulps."""
+    """Same computation, different rounding: fp32 ~1e-6, 16-bit a few output ulps (and fp32
+    parameters where the torch op rounds them to the activations' dtype first)."""
     error = relative_error(out, expected)
     assert error < (2e-5 if dtype == torch.float32 else 2e-2), error
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_ops_match_torch_ops(emulated, dtype: torch.dtype) -> None:
-    encoder = build_encoder(SMALL, seed=3)
-    packed = _packed(encoder, dtype)
+def _compare_ops(cuda: ModuleType, structure: Structure, pix_feat: torch.Tensor, masks: torch.Tensor) -> None:
+    """Each cuda op against the torch op on the same structure and inputs."""
+    dtype = masks.dtype
+    batch, _, height, width = pix_feat.shape
+    for apply_sigmoid, scale, bias in ((True, 1.0, 0.0), (True, 20.0, -10.0), (False, 1.0, 0.0)):
+        out = cuda.mask_downsample(masks, structure.stages, None, apply_sigmoid, scale, bias)
+        expected = torch_ops.mask_downsample(masks, structure.stages, None, apply_sigmoid, scale, bias)
+        assert out.shape == expected.shape == (batch, 256, height, width) and out.dtype == dtype
+        _close(out, expected, dtype)
+    tokens = cuda.proj_add(expected, pix_feat, structure.projection)
+    expected_tokens = torch_ops.proj_add(expected, pix_feat, structure.projection)
+    assert tokens.shape == (batch, height, width, 256) and tokens.is_contiguous() and tokens.dtype == dtype
+    _close(tokens, expected_tokens, dtype)
+    for block in structure.blocks:
+        out = cuda.cxblock(expected_tokens, block)
+        assert out.shape == expected_tokens.shape and out.dtype == dtype
+        _close(out, torch_ops.cxblock(expected_tokens, block), dtype)
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype", "gamma"), PRECISIONS)
+def test_emulated_ops_match_torch_ops(emulated: ModuleType, dtype: torch.dtype, param_dtype: torch.dtype,
+                                      gamma: bool) -> None:
+    structure = read_structure(_encoder(seed=3, dtype=param_dtype, gamma=gamma))
     # Odd mask size (61x45 -> 4x3 features: 12 pixels, not a multiple of a 16-byte vector), batch 3.
     pix_feat, masks = make_inputs(SMALL, 3, seed=4, dtype=dtype, mask_size=(61, 45))
-    pix_feat = pix_feat[..., :3].contiguous()
-    for apply_sigmoid, scale, bias in ((True, 1.0, 0.0), (True, 20.0, -10.0), (False, 1.0, 0.0)):
-        out = emulated.mask_downsample(masks, packed, apply_sigmoid, scale, bias)
-        expected = torch_ops.mask_downsample(masks, packed, apply_sigmoid, scale, bias)
-        assert out.shape == expected.shape == (3, 256, 4, 3) and out.dtype == dtype
-        _close(out, expected, dtype)
-    mask_features = expected
-    tokens = emulated.proj_add(mask_features, pix_feat, packed)
-    expected_tokens = torch_ops.proj_add(mask_features, pix_feat, packed)
-    assert tokens.shape == (3, 4, 3, 256) and tokens.is_contiguous()
-    _close(tokens, expected_tokens, dtype)
-    for block in packed.blocks:
-        _close(emulated.cxblock(expected_tokens, block), torch_ops.cxblock(expected_tokens, block), dtype)
+    with torch.no_grad():
+        _compare_ops(emulated, structure, pix_feat[..., :3].contiguous(), masks)
+
+
+def test_emulated_ops_read_live_parameters(emulated: ModuleType) -> None:
+    """In-place updates and ``.data`` swaps reach the next call: nothing is cached."""
+    encoder = _encoder(seed=5)
+    structure = read_structure(encoder)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=6, dtype=torch.bfloat16)
+    ops = _op_table()
+    with torch.no_grad():
+        before = pipeline.run_ops(ops, structure, pix_feat, masks, True, 1.0, 0.0)
+        generator = torch.Generator().manual_seed(7)
+        for param in structure.parameters()[::2]:
+            param.mul_(1 + 0.5 * torch.rand(param.shape, generator=generator))
+        conv = encoder.mask_downsampler.encoder[6]  # stage 3: a new tensor behind the same Parameter
+        conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * 0.3
+        assert structure.parameters()[0] is encoder.mask_downsampler.encoder[0].weight
+        after = pipeline.run_ops(ops, structure, pix_feat, masks, True, 1.0, 0.0)
+        assert relative_error(after, before) > 0.1
+        _close(after, pipeline.run_ops(_op_table(torch_ops), structure, pix_feat, masks, True, 1.0, 0.0),
+               torch.bfloat16)
+        _compare_ops(emulated, structure, pix_feat, masks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_proj_add_reads_every_layout(emulated, dtype: torch.dtype) -> None:
-    encoder = build_encoder(SMALL, seed=5)
-    packed = _packed(encoder, dtype)
-    generator = torch.Generator().manual_seed(6)
+def test_emulated_proj_add_reads_every_layout(emulated: ModuleType, dtype: torch.dtype) -> None:
+    projection = read_structure(_encoder(seed=8)).projection  # fp32 parameters
+    generator = torch.Generator().manual_seed(9)
     mask_features = torch.randn(2, 256, 4, 4, generator=generator).to(dtype)
     pix_feat = torch.randn(1, 256, 4, 4, generator=generator).to(dtype)
-    expected = torch_ops.proj_add(mask_features, pix_feat.expand(2, -1, -1, -1), packed)
-    variants = [
-        (mask_features, pix_feat.expand(2, -1, -1, -1)),  # NCHW, expanded batch (stride 0)
-        (mask_features.contiguous(memory_format=torch.channels_last),
-         pix_feat.expand(2, -1, -1, -1).contiguous(memory_format=torch.channels_last)),
-        (mask_features.transpose(2, 3).contiguous().transpose(2, 3), pix_feat.expand(2, -1, -1, -1)),  # copied
-    ]
-    for m, p in variants:
-        _close(emulated.proj_add(m, p, packed), expected, dtype)
-
-
-def _fused(ops, encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype):
-    """The fused pipeline on the cuda backend's op table (``ops``: the emulated cuda_ops module)."""
-    return pipeline.run_ops(mf.dispatch.op_table("cuda"), _packed(encoder, dtype), pix_feat, masks, True, 1.0, 0.0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_pipeline_matches_float64_reference(emulated, dtype: torch.dtype) -> None:
-    encoder = build_encoder(SMALL, seed=7)
-    pix_feat, masks = make_inputs(SMALL, 2, seed=8)
     with torch.no_grad():
-        out = _fused(emulated, encoder, pix_feat.to(dtype), masks.to(dtype), dtype)
+        expected = torch_ops.proj_add(mask_features, pix_feat.expand(2, -1, -1, -1), projection)
+        variants = [
+            (mask_features, pix_feat.expand(2, -1, -1, -1)),  # NCHW, expanded batch (stride 0)
+            (mask_features.contiguous(memory_format=torch.channels_last),
+             pix_feat.expand(2, -1, -1, -1).contiguous(memory_format=torch.channels_last)),
+            (mask_features.transpose(2, 3).contiguous().transpose(2, 3), pix_feat.expand(2, -1, -1, -1)),  # copied
+        ]
+        for m, p in variants:
+            _close(emulated.proj_add(m, p, projection), expected, dtype)
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype", "gamma"), [PRECISIONS[0], PRECISIONS[2], PRECISIONS[3]])
+def test_emulated_pipeline_matches_float64_reference(emulated: ModuleType, dtype: torch.dtype,
+                                                     param_dtype: torch.dtype, gamma: bool) -> None:
+    encoder = _encoder(seed=10, dtype=param_dtype, gamma=gamma)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=11)
+    with torch.no_grad():
+        out = pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat.to(dtype), masks.to(dtype), True, 1.0,
+                               0.0)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
-    same = None
-    if dtype != torch.float32:
-        same = reference_outputs(encoder, pix_feat, masks, dtype)["vision_features"]
+    same = None if dtype == torch.float32 else reference_outputs(encoder, pix_feat, masks, dtype)["vision_features"]
     assert out.shape == (2, 64, 4, 4) and out.dtype == dtype
     verdict = judge(out, oracle, dtype, same_dtype_ref=same, allow_tf32=False)
     assert verdict.passed, verdict.describe()
 
 
-def test_emulated_pipeline_compiles_to_one_graph(emulated) -> None:
-    """fullgraph torch.compile of the cuda pipeline: kernel availability is asked at trace time,
-    each kernel is a custom op whose fake gives its output (AOT autograd checks them)."""
-    encoder = build_encoder(SMALL, seed=12)
-    packed = _packed(encoder, torch.bfloat16)
-    pix_feat, masks = make_inputs(SMALL, 2, seed=13, dtype=torch.bfloat16)
-    ops = mf.dispatch.op_table("cuda")
-    with torch.no_grad():
-        expected = pipeline.run_ops(ops, packed, pix_feat, masks, True, 20.0, -10.0)
-        torch._dynamo.reset()
-        compiled = torch.compile(lambda p, m: pipeline.run_ops(ops, packed, p, m, True, 20.0, -10.0),
-                                 fullgraph=True, backend="aot_eager")
-        out = compiled(pix_feat, masks)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-
-
-def test_emulated_pipeline_exports_with_the_kernels_as_custom_ops(emulated) -> None:
-    encoder = build_encoder(SMALL, seed=14)
-    packed = _packed(encoder, torch.float32)
-    ops = mf.dispatch.op_table("cuda")
-
-    class Pipeline(torch.nn.Module):
-        def forward(self, pix_feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-            return pipeline.run_ops(ops, packed, pix_feat, masks, True, 1.0, 0.0)
-
-    pix_feat, masks = make_inputs(SMALL, 2, seed=15)
-    program = torch.export.export(Pipeline(), (pix_feat, masks))
-    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"memenc_fast.cuda_mask_stem.default", "memenc_fast.cuda_proj_add.default",
-            "memenc_fast.cuda_dwconv_ln.default"} <= targets, targets
-    pix_feat, masks = make_inputs(SMALL, 2, seed=16)
-    with torch.no_grad():
-        expected = pipeline.run_ops(ops, packed, pix_feat, masks, True, 1.0, 0.0)
-    torch.testing.assert_close(program.module()(pix_feat, masks), expected, rtol=0, atol=0)
-
-
-def test_emulated_tf32_mode_when_torch_allows_it(emulated) -> None:
-    encoder = build_encoder(SMALL, seed=9)
-    pix_feat, masks = make_inputs(SMALL, 1, seed=10)
+def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType) -> None:
+    encoder = _encoder(seed=12)
+    pix_feat, masks = make_inputs(SMALL, 1, seed=13)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         with torch.no_grad():
-            out = _fused(emulated, encoder, pix_feat, masks, torch.float32)
+            out = pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
@@ -371,30 +572,63 @@ def test_emulated_tf32_mode_when_torch_allows_it(emulated) -> None:
     assert 1e-6 < error < 1e-3, error  # visibly TF32, within the TF32 bound
 
 
-def test_emulated_unsupported_configs_fall_back_per_op(emulated) -> None:
-    block = mf.CXBlock(256, kernel_size=9, padding=4)
-    encoder = mf.MemoryEncoder(64, mf.MaskDownSampler(embed_dim=256, kernel_size=4, stride=4, padding=0),
-                               mf.Fuser(block, 1), mf.PositionEmbeddingSine(64), in_dim=256)
-    mf.tools.presets.randomize_parameters(encoder, seed=11)
-    packed = _packed(encoder.eval(), torch.float32)
-    masks, tokens = torch.randn(1, 1, 32, 32), torch.randn(1, 2, 2, 256)
-    torch.testing.assert_close(emulated.mask_downsample(masks, packed, True),
-                               torch_ops.mask_downsample(masks, packed, True))
-    torch.testing.assert_close(emulated.cxblock(tokens, packed.blocks[0]), torch_ops.cxblock(tokens, packed.blocks[0]))
-    with pytest.raises(ValueError, match=r"no CUDA kernel for channels 16 -> 128"):
-        emulated.conv3x3s2_ln_gelu(torch.randn(1, 4, 4, 16), torch.randn(128, 16, 3, 3), *[torch.randn(128)] * 3,
-                                   1e-6)
+def test_emulated_pipeline_compiles_to_one_graph(emulated: ModuleType) -> None:
+    """fullgraph torch.compile of the cuda pipeline over fp32 parameters with bf16 activations, no
+    gamma in one block: each kernel a custom op whose fake gives its output (AOT autograd checks)."""
+    encoder = _encoder(seed=14)
+    encoder.fuser.layers[1].gamma = None
+    structure = read_structure(encoder)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=15, dtype=torch.bfloat16)
+    ops = _op_table()
+    with torch.no_grad():
+        expected = pipeline.run_ops(ops, structure, pix_feat, masks, True, 20.0, -10.0)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda p, m: pipeline.run_ops(ops, structure, p, m, True, 20.0, -10.0),
+                                 fullgraph=True, backend="aot_eager")
+        out = compiled(pix_feat, masks)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_emulated_pipeline_exports_with_the_kernels_as_custom_ops(emulated: ModuleType) -> None:
+    structure = read_structure(_encoder(seed=16))
+    ops = _op_table()
+
+    class Pipeline(torch.nn.Module):
+        def forward(self, pix_feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            return pipeline.run_ops(ops, structure, pix_feat, masks, True, 1.0, 0.0)
+
+    pix_feat, masks = make_inputs(SMALL, 2, seed=17)
+    with torch.no_grad():
+        program = torch.export.export(Pipeline(), (pix_feat, masks))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"memenc_fast.cuda_mask_stem.default", "memenc_fast.cuda_conv3x3s2_ln_gelu.default",
+            "memenc_fast.cuda_proj_add.default", "memenc_fast.cuda_dwconv_ln.default"} <= targets, targets
+    pix_feat, masks = make_inputs(SMALL, 2, seed=18)
+    with torch.no_grad():
+        expected = pipeline.run_ops(ops, structure, pix_feat, masks, True, 1.0, 0.0)
+        torch.testing.assert_close(program.module()(pix_feat, masks), expected, rtol=0, atol=0)
+
+
+def test_emulated_launchers_refuse_what_has_no_kernel(emulated: ModuleType) -> None:
+    """The last line of defence: a wrapper called directly with sizes without a kernel gets the
+    launcher's error, never a wrong result."""
+    with pytest.raises(library.CudaLaunchError, match=r"conv3x3s2_ln_gelu: CUDA error 801"):
+        _op_module("mask_downsample").conv3x3s2_ln_gelu(**_stage_args(weight=_t(128, 16, 3, 3), bias=_t(128),
+                                                                      norm_weight=_t(128), norm_bias=_t(128)))
 
 
 # ------------------------------------------------------------------------------------- GPU
 
 
-def _gpu_module_case(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor) -> None:
-    """The module on the cuda backend (outputs poisoned) against the float64 reference."""
-    dtype = masks.dtype
-    with torch.no_grad(), mf.use_backend("cuda"), poison_outputs():
+def _gpu_module_case(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor,
+                     autocast: Optional[torch.dtype] = None) -> None:
+    """The module on the cuda backend (outputs poisoned, under ``autocast`` when given) against the
+    float64 reference."""
+    dtype = autocast or masks.dtype
+    with torch.no_grad(), mf.use_backend("cuda"), poison_outputs(), torch.autocast(
+            "cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = encoder(pix_feat, masks)["vision_features"]
-    assert encoder.last_backend == "cuda" and out.dtype == dtype
+    assert encoder.last_backend == "cuda" and encoder.last_backend.reason is None and out.dtype == dtype
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     same = reference_outputs(encoder, pix_feat, masks, dtype)["vision_features"] if dtype != torch.float32 else None
     verdict = judge(out, oracle, dtype, "cuda", same_dtype_ref=same)
@@ -416,11 +650,27 @@ def test_gpu_module_sam2_size_matches_reference(dtype: torch.dtype, batch: int) 
 
 
 @requires_cuda
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gamma", [True, False])
+def test_gpu_module_autocast_over_fp32_parameters(autocast: torch.dtype, gamma: bool) -> None:
+    """SAM 2's common case: an fp32 module run under autocast; the kernels read the fp32
+    parameters as they are."""
+    device = torch.device("cuda")
+    preset = PRESETS["sam2"]
+    encoder = build_encoder(preset, seed=21, device=device)
+    if not gamma:
+        for block in encoder.fuser.layers:
+            block.gamma = None
+    pix_feat, masks = make_inputs(preset, 2, seed=22, device=device)
+    _gpu_module_case(encoder, pix_feat, masks, autocast=autocast)
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_module_odd_size_batch3(dtype: torch.dtype) -> None:
     device = torch.device("cuda")
-    encoder = build_encoder(SMALL, seed=22, dtype=dtype, device=device)
-    generator = torch.Generator().manual_seed(23)
+    encoder = build_encoder(SMALL, seed=23, dtype=dtype, device=device)
+    generator = torch.Generator().manual_seed(24)
     masks = (2 * torch.randn(3, 1, 333, 205, generator=generator)).to(device, dtype)  # -> 21 x 13 features
     pix_feat = torch.randn(3, 256, 21, 13, generator=generator).to(device, dtype)
     _gpu_module_case(encoder, pix_feat, masks)
@@ -429,37 +679,48 @@ def test_gpu_module_odd_size_batch3(dtype: torch.dtype) -> None:
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_module_sam3_size_matches_reference(dtype: torch.dtype) -> None:
-    _gpu_preset_case(PRESETS["sam3"], 2, dtype, seed=24)
+    _gpu_preset_case(PRESETS["sam3"], 2, dtype, seed=25)
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "param_dtype", "gamma"), PRECISIONS)
 @pytest.mark.parametrize("batch", [1, 8])
-def test_gpu_each_op_matches_torch_op(dtype: torch.dtype, batch: int) -> None:
+def test_gpu_each_op_matches_torch_op(dtype: torch.dtype, param_dtype: torch.dtype, gamma: bool,
+                                      batch: int) -> None:
     device = torch.device("cuda")
-    cuda_ops = _cuda_ops()
     preset = PRESETS["sam2"]
-    packed = pack_weights(read_structure(build_encoder(preset, seed=26, device=device)), dtype, device)
+    encoder = build_encoder(preset, seed=26, dtype=param_dtype, device=device)
+    if not gamma:
+        for block in encoder.fuser.layers:
+            block.gamma = None
     pix_feat, masks = make_inputs(preset, batch, seed=27, dtype=dtype, device=device)
-    bound = 2e-5 if dtype == torch.float32 else 2e-2
     with torch.no_grad(), poison_outputs():
-        for transform in ((True, 1.0, 0.0), (True, 20.0, -10.0), (False, 1.0, 0.0)):
-            out = cuda_ops.mask_downsample(masks, packed, *transform)
-            expected = torch_ops.mask_downsample(masks, packed, *transform)
-            assert relative_error(out, expected) < bound
-        tokens = cuda_ops.proj_add(expected, pix_feat, packed)
-        expected_tokens = torch_ops.proj_add(expected, pix_feat, packed)
-        assert relative_error(tokens, expected_tokens) < bound
-        for block in packed.blocks:
-            assert relative_error(cuda_ops.cxblock(expected_tokens, block),
-                                  torch_ops.cxblock(expected_tokens, block)) < bound
+        _compare_ops(_cuda_backend(), read_structure(encoder), pix_feat, masks)
+
+
+@requires_cuda
+def test_gpu_parameter_updates_reach_the_next_forward() -> None:
+    device = torch.device("cuda")
+    encoder = build_encoder(SMALL, seed=28, device=device, dtype=torch.bfloat16)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=29, device=device, dtype=torch.bfloat16)
+    with torch.no_grad(), mf.use_backend("cuda"):
+        before = encoder(pix_feat, masks)["vision_features"]
+        for param in encoder.parameters():
+            param.mul_(1.25)
+        encoder.mask_downsampler.encoder[9].weight.data = encoder.mask_downsampler.encoder[9].weight.data.flip(0)
+        after = encoder(pix_feat, masks)["vision_features"]
+    assert encoder.last_backend == "cuda" and relative_error(after, before) > 0.1
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+    same = reference_outputs(encoder, pix_feat, masks, torch.bfloat16)["vision_features"]
+    verdict = judge(after, oracle, torch.bfloat16, "cuda", same_dtype_ref=same)
+    assert verdict.passed, verdict.describe()
 
 
 @requires_cuda
 def test_gpu_runs_on_the_inputs_device_and_current_stream() -> None:
     device = torch.device("cuda", torch.cuda.device_count() - 1)
-    encoder = build_encoder(SMALL, seed=28, device=device, dtype=torch.bfloat16)
-    pix_feat, masks = make_inputs(SMALL, 2, seed=29, device=device, dtype=torch.bfloat16)
+    encoder = build_encoder(SMALL, seed=30, device=device, dtype=torch.bfloat16)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=31, device=device, dtype=torch.bfloat16)
     with torch.no_grad(), mf.use_backend("cuda"):
         expected = encoder(pix_feat, masks)["vision_features"]
         stream = torch.cuda.Stream(device)
@@ -473,9 +734,9 @@ def test_gpu_runs_on_the_inputs_device_and_current_stream() -> None:
 @requires_cuda
 def test_gpu_torch_compile_traces_through() -> None:
     device = torch.device("cuda")
-    encoder = build_encoder(SMALL, seed=30, device=device, dtype=torch.bfloat16)
-    pix_feat, masks = make_inputs(SMALL, 2, seed=31, device=device, dtype=torch.bfloat16)
-    with torch.no_grad(), mf.use_backend("cuda"):
+    encoder = build_encoder(SMALL, seed=32, device=device)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=33, device=device)
+    with torch.no_grad(), mf.use_backend("cuda"), torch.autocast("cuda", dtype=torch.bfloat16):
         expected = encoder(pix_feat, masks)["vision_features"]
         out = torch.compile(encoder)(pix_feat, masks)["vision_features"]
     assert relative_error(out, expected) < 1e-2
@@ -483,13 +744,17 @@ def test_gpu_torch_compile_traces_through() -> None:
 
 @requires_cuda
 def test_gpu_custom_ops_pass_opcheck() -> None:
-    _cuda_ops()
+    _cuda_backend()
     ops = torch.ops.memenc_fast
     device = torch.device("cuda")
     r = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16)  # noqa: E731
-    torch.library.opcheck(ops.cuda_mask_stem, (r(2, 1, 40, 40), r(4, 1, 3, 3), r(4), r(4), r(4), 1e-6,
-                                               r(16, 4, 3, 3), r(16), r(16), r(16), 1e-6, True, 1.0, 0.0))
+    p = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731  (fp32 parameters)
+    torch.library.opcheck(ops.cuda_mask_stem, (r(2, 1, 40, 40), p(4, 1, 3, 3), p(4), p(4), p(4), 1e-6,
+                                               p(16, 4, 3, 3), p(16), p(16), p(16), 1e-6, True, 1.0, 0.0))
     torch.library.opcheck(ops.cuda_conv3x3s2_ln_gelu, (r(2, 10, 10, 64), r(256, 64, 3, 3), r(256), r(256), r(256),
                                                        1e-6))
-    torch.library.opcheck(ops.cuda_proj_add, (r(2, 256, 4, 4), r(2, 256, 4, 4), r(256, 512), r(256)))
-    torch.library.opcheck(ops.cuda_dwconv_ln, (r(2, 4, 4, 256), r(256, 1, 7, 7), r(256), r(256), 1e-6))
+    torch.library.opcheck(ops.cuda_proj_add, (r(2, 256, 4, 4), r(2, 256, 4, 4), p(256, 256, 1, 1), p(256),
+                                              p(256, 256, 1, 1), p(256)))
+    for gamma in (p(256), None):
+        torch.library.opcheck(ops.cuda_dwconv_ln, (r(2, 4, 4, 256), p(256, 1, 7, 7), p(256), p(256), p(256), 1e-6,
+                                                   p(256), gamma))

@@ -58,9 +58,9 @@ register_backend(
 
 
 def _cuda_unavailable_reason() -> Optional[str]:
-    from . import cuda_lib  # ctypes only: neither the library nor the GPU is touched at import
+    from .cuda import library  # neither the library nor the GPU is touched at import
 
-    return cuda_lib.unavailable_reason()
+    return library.unavailable_reason()
 
 
 register_backend(

@@ -7,7 +7,7 @@
 //   output. The transformed 67x67 input patch and the 33x33x4 stage-1 patch live in shared
 //   memory (fp32); only the stage-2 tile (channels-last) is written. CUDA cores: 4 and 16 output
 //   channels are too few for tensor-core tiles.
-// * conv3x3s2_ln_gelu_kernel<T, CIN, COUT>: one stage as an implicit GEMM on tensor cores
+// * conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT>: one stage as an implicit GEMM on tensor cores
 //   (M = output pixels, N = COUT, K = 9 taps x CIN, k tiles never straddle a tap), the conv bias,
 //   LayerNorm over all COUT channels of a pixel and GELU in the epilogue; channels-last in and
 //   out. Runs stage 3 (16 -> 64) and stage 4 (64 -> 256).
@@ -18,9 +18,14 @@
 // smaller tile re-reads the 295 KB (bf16) stage-4 weights for fewer pixels. Each split costs one
 // write and one read of a 1M-element-per-object activation, most of it in L2 at small batch.
 //
-// All math is fp32 (accumulation, LayerNorm statistics); I/O in the module's dtype.
+// Both read the module's parameters as they are: conv weights in nn.Conv2d's (C_out, C_in, 3, 3)
+// layout, every parameter in the activations' type T or in float32 (W). All math is fp32
+// (accumulation, LayerNorm statistics); I/O in the activations' dtype.
+#include <string>
+
 #include "common.cuh"
 #include "gemm.cuh"
+#include "kernel_configs.h"
 
 namespace mf {
 
@@ -63,21 +68,14 @@ constexpr int kStemIn = 2 * kStemS1 + 1;       // input patch side
 constexpr int kStemInLd = kStemIn + 1;
 constexpr int kStemThreads = kStemTile * kStemTile;
 
-struct StemArgs {
-  const void* mask;
-  int64_t stride_b, stride_h, stride_w;  // elements; the batch stride may be 0 (expanded)
-  int H, W, H1, W1, H2, W2;
+struct StemParams {
+  MaskStemArgs args;
+  int H1, W1, H2, W2;
   int tiles_x, tiles_per_image;
-  const void *w1, *b1, *g1, *be1;  // stage 1: conv (4,1,3,3), bias, LayerNorm weight, bias
-  const void *w2, *b2, *g2, *be2;  // stage 2: conv (16,4,3,3), ...
-  float eps1, eps2;
-  int apply_sigmoid;
-  float scale, bias;
-  void* out;  // (B, H2, W2, 16) channels-last
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(StemArgs a) {
+template <typename T, typename W>
+__global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(const __grid_constant__ StemParams p) {
   __shared__ __align__(16) float in_patch[kStemIn * kStemInLd];
   __shared__ __align__(16) float4 s1[kStemS1 * kStemS1];
   __shared__ __align__(16) float w2s[kStemC2 * 9 * kStemC1];  // [c_out][tap][c_in]: matches s1
@@ -85,38 +83,39 @@ __global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(StemArgs a) {
   __shared__ float p1[3 * kStemC1];  // bias, LayerNorm weight, LayerNorm bias
   __shared__ float p2[3 * kStemC2];
 
+  const MaskStemArgs& a = p.args;
   const int tid = threadIdx.x;
-  const int b = blockIdx.x / a.tiles_per_image;
-  const int tile = blockIdx.x % a.tiles_per_image;
-  const int y2 = (tile / a.tiles_x) * kStemTile, x2 = (tile % a.tiles_x) * kStemTile;
+  const int b = blockIdx.x / p.tiles_per_image;
+  const int tile = blockIdx.x % p.tiles_per_image;
+  const int y2 = (tile / p.tiles_x) * kStemTile, x2 = (tile % p.tiles_x) * kStemTile;
   const int y1 = 2 * y2 - 1, x1 = 2 * x2 - 1;  // stage-1 patch origin
   const int y0 = 2 * y1 - 1, x0 = 2 * x1 - 1;  // input patch origin
 
-  for (int i = tid; i < kStemC1 * 9; i += kStemThreads) w1s[i] = to_float(static_cast<const T*>(a.w1)[i]);
+  for (int i = tid; i < kStemC1 * 9; i += kStemThreads) w1s[i] = to_float(static_cast<const W*>(a.conv1_weight)[i]);
   for (int i = tid; i < kStemC2 * 9 * kStemC1; i += kStemThreads) {
     const int c = i / (9 * kStemC1), tap = (i / kStemC1) % 9, ci = i % kStemC1;
-    w2s[i] = to_float(static_cast<const T*>(a.w2)[(c * kStemC1 + ci) * 9 + tap]);
+    w2s[i] = to_float(static_cast<const W*>(a.conv2_weight)[(c * kStemC1 + ci) * 9 + tap]);
   }
   if (tid < kStemC1) {
-    p1[tid] = to_float(static_cast<const T*>(a.b1)[tid]);
-    p1[kStemC1 + tid] = to_float(static_cast<const T*>(a.g1)[tid]);
-    p1[2 * kStemC1 + tid] = to_float(static_cast<const T*>(a.be1)[tid]);
+    p1[tid] = to_float(static_cast<const W*>(a.conv1_bias)[tid]);
+    p1[kStemC1 + tid] = to_float(static_cast<const W*>(a.norm1_weight)[tid]);
+    p1[2 * kStemC1 + tid] = to_float(static_cast<const W*>(a.norm1_bias)[tid]);
   }
   if (tid < kStemC2) {
-    p2[tid] = to_float(static_cast<const T*>(a.b2)[tid]);
-    p2[kStemC2 + tid] = to_float(static_cast<const T*>(a.g2)[tid]);
-    p2[2 * kStemC2 + tid] = to_float(static_cast<const T*>(a.be2)[tid]);
+    p2[tid] = to_float(static_cast<const W*>(a.conv2_bias)[tid]);
+    p2[kStemC2 + tid] = to_float(static_cast<const W*>(a.norm2_weight)[tid]);
+    p2[2 * kStemC2 + tid] = to_float(static_cast<const W*>(a.norm2_bias)[tid]);
   }
 
   // The transformed input patch; outside the image it is the conv's zero padding (applied after
   // the transform, as the reference pads the transformed mask).
-  const T* mask = static_cast<const T*>(a.mask) + static_cast<int64_t>(b) * a.stride_b;
+  const T* mask = static_cast<const T*>(a.masks) + static_cast<int64_t>(b) * a.masks_stride_b;
   for (int i = tid; i < kStemIn * kStemIn; i += kStemThreads) {
     const int y = i / kStemIn, x = i % kStemIn;
     const int gy = y0 + y, gx = x0 + x;
     float v = 0.f;
-    if (gy >= 0 && gy < a.H && gx >= 0 && gx < a.W) {
-      v = to_float(mask[gy * a.stride_h + gx * a.stride_w]);
+    if (gy >= 0 && gy < a.height && gx >= 0 && gx < a.width) {
+      v = to_float(mask[gy * a.masks_stride_h + gx * a.masks_stride_w]);
       if (a.apply_sigmoid) v = 1.0f / (1.0f + expf(-v));
       v = v * a.scale + a.bias;
     }
@@ -129,7 +128,7 @@ __global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(StemArgs a) {
     const int y = i / kStemS1, x = i % kStemS1;
     const int gy = y1 + y, gx = x1 + x;
     float v[kStemC1] = {0.f, 0.f, 0.f, 0.f};
-    if (gy >= 0 && gy < a.H1 && gx >= 0 && gx < a.W1) {
+    if (gy >= 0 && gy < p.H1 && gx >= 0 && gx < p.W1) {
       for (int c = 0; c < kStemC1; ++c) v[c] = p1[c];
       for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw) {
@@ -145,16 +144,16 @@ __global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(StemArgs a) {
   // Stage 2: one output pixel (all 16 channels) per thread.
   const int ly = tid / kStemTile, lx = tid % kStemTile;
   const int gy = y2 + ly, gx = x2 + lx;
-  if (gy >= a.H2 || gx >= a.W2) return;
+  if (gy >= p.H2 || gx >= p.W2) return;
   float patch[9 * kStemC1];
   for (int kh = 0; kh < 3; ++kh)
     for (int kw = 0; kw < 3; ++kw) {
       const float4 q = s1[(2 * ly + kh) * kStemS1 + 2 * lx + kw];
-      float* p = patch + (kh * 3 + kw) * kStemC1;
-      p[0] = q.x;
-      p[1] = q.y;
-      p[2] = q.z;
-      p[3] = q.w;
+      float* dst = patch + (kh * 3 + kw) * kStemC1;
+      dst[0] = q.x;
+      dst[1] = q.y;
+      dst[2] = q.z;
+      dst[3] = q.w;
     }
   float v[kStemC2];
   for (int c = 0; c < kStemC2; ++c) {
@@ -167,30 +166,36 @@ __global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(StemArgs a) {
     v[c] = sum;
   }
   layer_norm_gelu<kStemC2>(v, p2 + kStemC2, p2 + 2 * kStemC2, a.eps2);
-  T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * a.H2 + gy) * a.W2 + gx) * kStemC2;
+  T* out = static_cast<T*>(a.out) + ((static_cast<int64_t>(b) * p.H2 + gy) * p.W2 + gx) * kStemC2;
   store_row<T, kStemC2>(out, v);
 }
 
-template <typename T>
+template <typename T, typename W>
 struct MaskStemLaunch {
-  static cudaError_t run(StemArgs a, int batch, cudaStream_t stream, int device) {
-    const int64_t blocks = static_cast<int64_t>(batch) * a.tiles_per_image;
+  static cudaError_t run(const StemParams& p, cudaStream_t stream, int device) {
+    const int64_t blocks = static_cast<int64_t>(p.args.batch) * p.tiles_per_image;
     if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-    return launch(mask_stem_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kStemThreads), 0, stream,
-                  device, a);
+    return launch(mask_stem_kernel<T, W>, dim3(static_cast<unsigned>(blocks)), dim3(kStemThreads), 0, stream,
+                  device, p);
   }
 };
 
 // ---- one stage on tensor cores ------------------------------------------------------------------
 
-struct ConvArgs {
-  const void* in;  // (B, H, W, CIN) channels-last
-  const void* w;   // (COUT, 3, 3, CIN): k = tap * CIN + c_in
-  const void *bias, *ln_w, *ln_b;
-  float eps;
-  int H, W, Ho, Wo, M;  // M = B * Ho * Wo output pixels
-  int precise;          // fp32 only: 3xTF32 (IEEE-level accuracy) instead of one TF32 product
-  void* out;            // (B, Ho, Wo, COUT) channels-last
+// The (in, out) channel counts with a stage kernel: SAM 2's stages 3 and 4.
+#define MF_MASK_STAGE_CHANNELS(X) X(16, 64) X(64, 256)
+
+bool has_stage_kernel(int in_channels, int out_channels) {
+#define MF_STAGE_MATCH(CIN, COUT) \
+  if (in_channels == CIN && out_channels == COUT) return true;
+  MF_MASK_STAGE_CHANNELS(MF_STAGE_MATCH)
+#undef MF_STAGE_MATCH
+  return false;
+}
+
+struct StageParams {
+  Conv3x3s2LnGeluArgs args;
+  int Ho, Wo, M;  // M = batch * Ho * Wo output pixels
 };
 
 template <typename T, int CIN, int COUT>
@@ -206,78 +211,109 @@ struct ConvConfig<T, 64, 256> {  // stage 4: 64 pixels x all 256 channels (Layer
   using Gemm = BlockGemm<T, BM, 256, BK, 2, 4>;
 };
 
+// The weight tile of one k tile (one tap, channels c0 .. c0 + BK) read straight from the conv
+// weight (COUT, CIN, 3, 3): tile element (n, c) is weight[n][c0 + c][tap]. The nine taps of a weight
+// row are interleaved, so these are scalar loads, consecutive threads reading consecutive channels;
+// the k loop takes the nine taps of a channel chunk one after the other, so the sectors one tile
+// pulls into L1 serve the next eight.
+template <typename T, typename W, int CIN, int BN, int BK, int kThreads>
+struct ConvWeightTile {
+  static_assert(kThreads % BK == 0 && BN % (kThreads / BK) == 0, "every thread loads whole columns");
+  static constexpr int kRowsPerPass = kThreads / BK;
+  static constexpr int kSlots = BN / kRowsPerPass;
+  const W* column;  // &weight[n][c][0] for this thread's first tile row n and its channel c
+  W regs[kSlots];
+
+  // The thread's row and channel are fixed, so every slot is a constant offset from one pointer.
+  __device__ __forceinline__ void init(const W* weight) {
+    column = weight + static_cast<int64_t>((threadIdx.x / BK) * CIN + threadIdx.x % BK) * 9;
+  }
+
+  __device__ __forceinline__ void fetch(int c0, int tap) {
+    const W* p = column + c0 * 9 + tap;
+    for (int s = 0; s < kSlots; ++s) regs[s] = __ldg(p + s * kRowsPerPass * CIN * 9);
+  }
+
+  __device__ __forceinline__ void stash(T* tile, int ldb) const {
+    T* p = tile + (threadIdx.x / BK) * ldb + threadIdx.x % BK;
+    for (int s = 0; s < kSlots; ++s) p[s * kRowsPerPass * ldb] = as_elem<T>(regs[s]);
+  }
+};
+
 // Gathers the implicit-GEMM A tile (BM output pixels x BK channels of one tap) and the weight tile.
-template <typename T, int CIN, int COUT, class G, int BM, int BK>
+// K tile kt covers tap kt % 9 of channels (kt / 9) * BK ..: a k tile never straddles two taps.
+template <typename T, typename W, int CIN, int COUT, class G, int BM, int BK>
 struct ConvLoader {
   static constexpr int kVec = G::kVec;
   static constexpr int kPerRow = BK / kVec;
   static constexpr int kTotal = BM * kPerRow;
   static constexpr int kSlots = (kTotal + G::kThreads - 1) / G::kThreads;
-  static constexpr int kChunks = CIN / BK;  // k tiles per tap
   static_assert(CIN % BK == 0, "a k tile must not straddle two taps");
 
   const T* in;
-  const T* w;
-  int H, W;
+  int height, width;
   int64_t image[kSlots];  // element offset of the slot's image, or -1 past the last pixel
   int ih0[kSlots], iw0[kSlots];
   uint4 ra[kSlots];
-  WeightRows<T, COUT, BK, G::kThreads> wrows;
+  ConvWeightTile<T, W, CIN, COUT, BK, G::kThreads> weights;
 
-  __device__ __forceinline__ void init(const ConvArgs& a, int m0) {
-    in = static_cast<const T*>(a.in);
-    w = static_cast<const T*>(a.w);
-    H = a.H;
-    W = a.W;
+  __device__ __forceinline__ void init(const StageParams& p, int m0) {
+    const Conv3x3s2LnGeluArgs& a = p.args;
+    in = static_cast<const T*>(a.x);
+    weights.init(static_cast<const W*>(a.weight));
+    height = a.height;
+    width = a.width;
     for (int s = 0; s < kSlots; ++s) {
       const int v = threadIdx.x + s * G::kThreads;
-      const int p = m0 + v / kPerRow;
+      const int pixel = m0 + v / kPerRow;
       image[s] = -1;
-      if (v < kTotal && p < a.M) {
-        const int per_image = a.Ho * a.Wo;
-        const int b = p / per_image, rem = p % per_image;
-        image[s] = static_cast<int64_t>(b) * H * W * CIN;
-        ih0[s] = 2 * (rem / a.Wo) - 1;
-        iw0[s] = 2 * (rem % a.Wo) - 1;
+      if (v < kTotal && pixel < p.M) {
+        const int per_image = p.Ho * p.Wo;
+        const int b = pixel / per_image, rem = pixel % per_image;
+        image[s] = static_cast<int64_t>(b) * height * width * CIN;
+        ih0[s] = 2 * (rem / p.Wo) - 1;
+        iw0[s] = 2 * (rem % p.Wo) - 1;
       }
     }
   }
 
   __device__ __forceinline__ void fetch(int kt) {
-    const int tap = kt / kChunks, c0 = (kt % kChunks) * BK;
+    const int tap = kt % 9, c0 = (kt / 9) * BK;
     const int kh = tap / 3, kw = tap % 3;
     for (int s = 0; s < kSlots; ++s) {
       const int v = threadIdx.x + s * G::kThreads;
       const int ih = ih0[s] + kh, iw = iw0[s] + kw;
       ra[s] = make_uint4(0u, 0u, 0u, 0u);  // zero padding and rows past the last pixel
-      if (image[s] >= 0 && ih >= 0 && ih < H && iw >= 0 && iw < W)
-        ra[s] = load16(in + image[s] + (static_cast<int64_t>(ih) * W + iw) * CIN + c0 + (v % kPerRow) * kVec);
+      if (image[s] >= 0 && ih >= 0 && ih < height && iw >= 0 && iw < width)
+        ra[s] = load16(in + image[s] + (static_cast<int64_t>(ih) * width + iw) * CIN + c0 + (v % kPerRow) * kVec);
     }
-    wrows.fetch(w, 9 * CIN, kt);
+    weights.fetch(c0, tap);
   }
 
   __device__ __forceinline__ void stash(T* a_tile, T* b_tile) const {
     for (int s = 0; s < kSlots; ++s) {
       const int v = threadIdx.x + s * G::kThreads;
-      if (kTotal % G::kThreads == 0 || v < kTotal) store16(a_tile + (v / kPerRow) * G::kLda + (v % kPerRow) * kVec, ra[s]);
+      if (kTotal % G::kThreads == 0 || v < kTotal)
+        store16(a_tile + (v / kPerRow) * G::kLda + (v % kPerRow) * kVec, ra[s]);
     }
-    wrows.stash(b_tile, G::kLdb);
+    weights.stash(b_tile, G::kLdb);
   }
 
   __device__ __forceinline__ bool a_kmajor(int) const { return false; }
 };
 
-template <typename T, int CIN, int COUT>
-__global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(ConvArgs a) {
+template <typename T, typename W, int CIN, int COUT>
+__global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(const __grid_constant__ StageParams p) {
   using Config = ConvConfig<T, CIN, COUT>;
   using G = typename Config::Gemm;
   constexpr int BM = Config::BM, BK = Config::BK;
   static_assert(G::kThreads == 256, "launched with 256 threads");
+  const Conv3x3s2LnGeluArgs& a = p.args;
   T* smem = reinterpret_cast<T*>(dynamic_smem());
   const int m0 = blockIdx.x * BM;
 
-  ConvLoader<T, CIN, COUT, G, BM, BK> loader;
-  loader.init(a, m0);
+  ConvLoader<T, W, CIN, COUT, G, BM, BK> loader;
+  loader.init(p, m0);
   G gemm;
   gemm.run(loader, 9 * CIN / BK, smem, a.precise != 0);
 
@@ -291,12 +327,12 @@ __global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(ConvArgs a) {
   float bias[2 * kPairs], gamma[2 * kPairs], beta[2 * kPairs];
   for (int q = 0; q < kPairs; ++q) {
     const int ch = 2 * lane + 64 * q;
-    load_pair(static_cast<const T*>(a.bias) + ch, bias[2 * q], bias[2 * q + 1]);
-    load_pair(static_cast<const T*>(a.ln_w) + ch, gamma[2 * q], gamma[2 * q + 1]);
-    load_pair(static_cast<const T*>(a.ln_b) + ch, beta[2 * q], beta[2 * q + 1]);
+    load_pair(static_cast<const W*>(a.bias) + ch, bias[2 * q], bias[2 * q + 1]);
+    load_pair(static_cast<const W*>(a.norm_weight) + ch, gamma[2 * q], gamma[2 * q + 1]);
+    load_pair(static_cast<const W*>(a.norm_bias) + ch, beta[2 * q], beta[2 * q + 1]);
   }
   T* out = static_cast<T*>(a.out);
-  for (int r = warp; r < BM && m0 + r < a.M; r += G::kThreads / 32) {
+  for (int r = warp; r < BM && m0 + r < p.M; r += G::kThreads / 32) {
     float v[2 * kPairs];
     float sum = 0.f;
     for (int q = 0; q < kPairs; ++q) {
@@ -318,101 +354,75 @@ __global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(ConvArgs a) {
   }
 }
 
-template <typename T>
-struct ConvLaunch {
+template <typename T, typename W>
+struct MaskStageLaunch {
   template <int CIN, int COUT>
-  static cudaError_t go(const ConvArgs& a, cudaStream_t stream, int device) {
+  static cudaError_t go(const StageParams& p, cudaStream_t stream, int device) {
     using Config = ConvConfig<T, CIN, COUT>;
-    return launch(conv3x3s2_ln_gelu_kernel<T, CIN, COUT>, dim3(ceil_div(a.M, Config::BM)),
-                  dim3(Config::Gemm::kThreads), Config::Gemm::kSmemBytes, stream, device, a);
+    return launch(conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT>, dim3(ceil_div(p.M, Config::BM)),
+                  dim3(Config::Gemm::kThreads), Config::Gemm::kSmemBytes, stream, device, p);
   }
 
-  static cudaError_t run(int cin, int cout, ConvArgs a, cudaStream_t stream, int device) {
-    if (cin == 16 && cout == 64) return go<16, 64>(a, stream, device);
-    if (cin == 64 && cout == 256) return go<64, 256>(a, stream, device);
+  static cudaError_t run(const StageParams& p, cudaStream_t stream, int device) {
+    const int cin = p.args.in_channels, cout = p.args.out_channels;
+#define MF_STAGE_CASE(CIN, COUT) \
+  if (cin == CIN && cout == COUT) return go<CIN, COUT>(p, stream, device);
+    MF_MASK_STAGE_CHANNELS(MF_STAGE_CASE)
+#undef MF_STAGE_CASE
     return cudaErrorNotSupported;
   }
 };
+
+std::string mask_downsample_kernel_configs() {
+  std::string lines = "mask_stem in_channels=1 mid_channels=" + std::to_string(kStemC1) +
+                      " out_channels=" + std::to_string(kStemC2) + "\n";
+#define MF_STAGE_LINE(CIN, COUT) \
+  lines += "conv3x3s2_ln_gelu in_channels=" #CIN " out_channels=" #COUT "\n";
+  MF_MASK_STAGE_CHANNELS(MF_STAGE_LINE)
+#undef MF_STAGE_LINE
+  return lines;
+}
 
 }  // namespace mf
 
 using namespace mf;
 
-// Stages 1 and 2 of the mask path run fused when the channels are 1 -> 4 -> 16.
-MF_EXPORT int memenc_fast_mask_stem_supported(int c0, int c1, int c2) {
-  return c0 == 1 && c1 == kStemC1 && c2 == kStemC2;
-}
-
-// Sigmoid (optional), * scale + bias, then stages 1 and 2 over masks (B, 1, H, W) with any
-// element strides; writes (B, H2, W2, 16) channels-last.
-MF_EXPORT int memenc_fast_mask_stem(int dtype, const void* mask, int64_t stride_b, int64_t stride_h,
-                                    int64_t stride_w, int batch, int H, int W, const void* w1, const void* b1,
-                                    const void* g1, const void* be1, float eps1, const void* w2, const void* b2,
-                                    const void* g2, const void* be2, float eps2, int apply_sigmoid, float scale,
-                                    float bias, void* out, int device, void* stream) {
-  if (!mask || !out || !w1 || !b1 || !g1 || !be1 || !w2 || !b2 || !g2 || !be2 || batch < 1 || H < 1 || W < 1)
+MF_EXPORT int memenc_fast_mask_stem(const MaskStemArgs* args, int device, void* stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const MaskStemArgs& a = *args;
+  if (!all_set(a.masks, a.conv1_weight, a.conv1_bias, a.norm1_weight, a.norm1_bias, a.conv2_weight, a.conv2_bias,
+               a.norm2_weight, a.norm2_bias, a.out) ||
+      a.batch < 1 || a.height < 1 || a.width < 1)
     return cudaErrorInvalidValue;
-  StemArgs a{};
-  a.mask = mask;
-  a.stride_b = stride_b;
-  a.stride_h = stride_h;
-  a.stride_w = stride_w;
-  a.H = H;
-  a.W = W;
-  a.H1 = conv3x3s2_size(H);
-  a.W1 = conv3x3s2_size(W);
-  a.H2 = conv3x3s2_size(a.H1);
-  a.W2 = conv3x3s2_size(a.W1);
-  a.tiles_x = ceil_div(a.W2, kStemTile);
-  a.tiles_per_image = a.tiles_x * ceil_div(a.H2, kStemTile);
-  a.w1 = w1;
-  a.b1 = b1;
-  a.g1 = g1;
-  a.be1 = be1;
-  a.w2 = w2;
-  a.b2 = b2;
-  a.g2 = g2;
-  a.be2 = be2;
-  a.eps1 = eps1;
-  a.eps2 = eps2;
-  a.apply_sigmoid = apply_sigmoid;
-  a.scale = scale;
-  a.bias = bias;
-  a.out = out;
+  if (a.channels1 != kStemC1 || a.channels2 != kStemC2) return cudaErrorNotSupported;
+  StemParams p{};
+  p.args = a;
+  p.H1 = conv3x3s2_size(a.height);
+  p.W1 = conv3x3s2_size(a.width);
+  p.H2 = conv3x3s2_size(p.H1);
+  p.W2 = conv3x3s2_size(p.W1);
+  p.tiles_x = ceil_div(p.W2, kStemTile);
+  p.tiles_per_image = p.tiles_x * ceil_div(p.H2, kStemTile);
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_dtype<MaskStemLaunch>(dtype, a, batch, static_cast<cudaStream_t>(stream), device);
+  return dispatch_types<MaskStemLaunch>(a.dtype, a.weight_dtype, p, static_cast<cudaStream_t>(stream), device);
 }
 
-// Whether memenc_fast_conv3x3s2_ln_gelu has a kernel for these channel counts.
-MF_EXPORT int memenc_fast_conv3x3s2_ln_gelu_supported(int cin, int cout) {
-  return (cin == 16 && cout == 64) || (cin == 64 && cout == 256);
-}
-
-// One mask-path stage: (B, H, W, cin) channels-last -> conv3x3 stride 2 padding 1 with weights
-// (cout, 3, 3, cin) -> + bias -> LayerNorm over cout -> GELU -> (B, Ho, Wo, cout) channels-last.
-MF_EXPORT int memenc_fast_conv3x3s2_ln_gelu(int dtype, int cin, int cout, const void* in, int batch, int H, int W,
-                                            const void* w, const void* bias, const void* ln_w, const void* ln_b,
-                                            float eps, int precise, void* out, int device, void* stream) {
-  if (!in || !out || !w || !bias || !ln_w || !ln_b || batch < 1 || H < 1 || W < 1) return cudaErrorInvalidValue;
-  if (!memenc_fast_conv3x3s2_ln_gelu_supported(cin, cout)) return cudaErrorNotSupported;
-  ConvArgs a{};
-  a.in = in;
-  a.w = w;
-  a.bias = bias;
-  a.ln_w = ln_w;
-  a.ln_b = ln_b;
-  a.eps = eps;
-  a.H = H;
-  a.W = W;
-  a.Ho = conv3x3s2_size(H);
-  a.Wo = conv3x3s2_size(W);
-  const int64_t pixels = static_cast<int64_t>(batch) * a.Ho * a.Wo;
+MF_EXPORT int memenc_fast_conv3x3s2_ln_gelu(const Conv3x3s2LnGeluArgs* args, int device, void* stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const Conv3x3s2LnGeluArgs& a = *args;
+  if (!all_set(a.x, a.weight, a.bias, a.norm_weight, a.norm_bias, a.out) || a.batch < 1 || a.height < 1 ||
+      a.width < 1)
+    return cudaErrorInvalidValue;
+  if (!has_stage_kernel(a.in_channels, a.out_channels)) return cudaErrorNotSupported;
+  StageParams p{};
+  p.args = a;
+  p.Ho = conv3x3s2_size(a.height);
+  p.Wo = conv3x3s2_size(a.width);
+  const int64_t pixels = static_cast<int64_t>(a.batch) * p.Ho * p.Wo;
   if (pixels > INT32_MAX) return cudaErrorInvalidValue;
-  a.M = static_cast<int>(pixels);
-  a.precise = precise;
-  a.out = out;
+  p.M = static_cast<int>(pixels);
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_dtype<ConvLaunch>(dtype, cin, cout, a, static_cast<cudaStream_t>(stream), device);
+  return dispatch_types<MaskStageLaunch>(a.dtype, a.weight_dtype, p, static_cast<cudaStream_t>(stream), device);
 }
