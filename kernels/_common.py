@@ -1,50 +1,91 @@
-"""What every kernel module shares: dtype names, exact GELU and dot operands in Triton, input
-checks, the device guard, cached weight layouts, output poisoning, fallback logging, and
-``Launch``: one kernel launch (grid, arguments, configuration) that the launcher runs and the
-kernel report compiles, so both always see the same configuration.
+"""What every kernel module shares: the interpreter switch, exact GELU and dot operands in Triton,
+the precision of fp32 dots, the device limits the configuration choosers size against, the
+shared-memory estimate of a software-pipelined loop, and ``Launch``: one kernel launch (grid,
+arguments, configuration) that the backend runs and the kernel report compiles, so both always see
+the same configuration.
+
+This package imports nothing from the rest of ``memenc_fast``: the backend wraps these launches,
+and the kernel report turns a ``Launch`` into what it compiles.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple, TypeVar
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from memenc_fast.backends import triton_interpreted
-from memenc_fast.backends.kernel_args import check_same_device as _check_same_device
-from memenc_fast.dispatch import log_once
-
 __all__ = [
     "INTERPRETED",
-    "REPORT_SM_COUNT",
-    "TYPE_NAMES",
+    "DeviceLimits",
+    "H100",
     "gelu",
     "rounded",
     "operand",
     "dot_precision",
-    "sm_count",
-    "check_same_device",
-    "log_fallback",
+    "type_name",
+    "widest_dtype",
+    "ceil_div",
+    "next_power_of_2",
+    "padded",
+    "SYSTEM_SHARED_BYTES",
+    "pipelined_shared_bytes",
+    "fits_shared_memory",
     "Launch",
 ]
 
 
-INTERPRETED = triton_interpreted()
-"""Kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+"""Kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, read by Triton when
+it is imported, so it must be set before then)."""
 
-REPORT_SM_COUNT = 132
-"""SMs of an H100 SXM: the device the kernel report describes (configs that depend on the
-number of SMs are picked for it)."""
 
-TYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What the configuration choosers need to know of a GPU: its streaming multiprocessors (a grid
+    should fill at least a wave of them) and the shared memory one block may use (bytes, with
+    opt-in)."""
 
-_T = TypeVar("_T")
+    sm_count: int
+    shared_memory_per_block: int
+
+
+H100 = DeviceLimits(sm_count=132, shared_memory_per_block=232448)
+"""An H100 SXM: what the wrappers plan for off a GPU (the interpreter), so that tests there can run
+the configurations a GPU gets."""
+
+_TYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: how configurations name a dtype."""
+    return _TYPE_NAMES[dtype]
+
+
+def widest_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The widest dtype among ``tensors`` (weights): what a configuration must make room for."""
+    return max((t.dtype for t in tensors), key=lambda dtype: dtype.itemsize)
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``a / b`` rounded up, on the host (``triton.cdiv`` costs microseconds per call there)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (at least 1), on the host (``triton.next_power_of_2``
+    costs microseconds per call there)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def padded(size: int) -> int:
+    """``size`` rounded up to a power of two of at least 16, the smallest ``tl.dot`` dimension."""
+    return max(16, next_power_of_2(size))
 
 
 @triton.jit
@@ -62,25 +103,29 @@ def _round_bf16(x):
 
 
 @triton.jit
-def rounded(x, like_ptr, UPCAST: tl.constexpr):
-    """``x`` rounded to the nearest value of ``like_ptr``'s element type, in that type.
+def rounded(x, compute_ptr, UPCAST: tl.constexpr):
+    """``x`` rounded to the nearest value of the compute dtype, in that dtype.
 
+    ``compute_ptr`` points to activations: their element type is the compute dtype, whatever the
+    weights' dtype (fp32 parameters under bf16 autocast round to bf16 here, as torch's casts do).
     UPCAST marks the interpreter, whose fp32 -> bf16 casts truncate: it rounds first.
     """
+    x = x.to(tl.float32)
     if UPCAST:
-        if like_ptr.dtype.element_ty == tl.bfloat16:
-            x = _round_bf16(x.to(tl.float32))
-    return x.to(like_ptr.dtype.element_ty)
+        if compute_ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16(x)
+    return x.to(compute_ptr.dtype.element_ty)
 
 
 @triton.jit
-def operand(x, like_ptr, UPCAST: tl.constexpr):
-    """``x`` rounded to the element type of ``like_ptr`` (the compute dtype), ready for tl.dot.
+def operand(x, compute_ptr, UPCAST: tl.constexpr):
+    """``x`` (activations or a weight tile as stored, in any float dtype) rounded to the compute
+    dtype (see ``rounded``), ready for tl.dot.
 
     On a GPU the dot then runs on bf16/fp16 tensor cores. The interpreter computes bf16/fp16 dots
     wrongly, so with UPCAST the rounded values go back to fp32: same operands, fp32 math.
     """
-    y = rounded(x, like_ptr, UPCAST)
+    y = rounded(x, compute_ptr, UPCAST)
     if UPCAST:
         y = y.to(tl.float32)
     return y
@@ -93,31 +138,34 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+SYSTEM_SHARED_BYTES = 1024
+"""Shared memory sm_90 and later reserve in every block that uses any (counted against the limit)."""
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; the report's H100 figure off CUDA (interpreter)."""
-    if device.type != "cuda":
-        return REPORT_SM_COUNT
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+def pipelined_shared_bytes(num_stages: int, compute: torch.dtype,
+                           tiles: Sequence[Tuple[int, torch.dtype]]) -> int:
+    """Shared memory of a K loop whose dot operands are ``tiles`` (elements, dtype as loaded).
+
+    Triton's software pipeliner keeps ``num_stages`` buffers of each operand in the compute
+    dtype; a tile loaded in a wider dtype (fp32 weights with bf16 activations) is converted on
+    its way, and each of its ``num_stages - 1`` loads in flight takes the difference more. Read
+    off the cubins of triton 3.9: exact for the pointwise kernel on sm_90a, an upper bound on
+    sm_80 and for the other kernels.
+    """
+    total = 0
+    for elements, dtype in tiles:
+        widening = max(0, dtype.itemsize - compute.itemsize)
+        total += elements * (num_stages * compute.itemsize + (num_stages - 1) * widening)
+    return total
 
 
-_CPU_HINT = " (or set TRITON_INTERPRET=1 before importing triton)"
+def fits_shared_memory(size: int, device: DeviceLimits) -> bool:
+    """Whether a block using ``size`` bytes of shared memory (plus the system's share) fits ``device``."""
+    return size + SYSTEM_SHARED_BYTES <= device.shared_memory_per_block
+
+
 # The interpreter is not thread-safe: launches under it run one at a time.
 _interpreter_lock = threading.Lock()
-
-
-def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
-    """The one device of ``tensors``: CUDA, or any under the interpreter; ValueError otherwise."""
-    return _check_same_device(op, INTERPRETED, _CPU_HINT, **tensors)
-
-
-def log_fallback(op: str, reason: str) -> None:
-    """Logs once per (op, reason) that the triton backend ran the torch op instead."""
-    log_once(f"memenc_fast: triton {op} runs the torch op: {reason}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +173,10 @@ class Launch:
     """One kernel launch: what runs on the device, and what the kernel report compiles.
 
     ``args`` are the runtime arguments (tensors, ints, floats) by name, ``constexprs`` the
-    compile-time ones. Built from meta tensors, a Launch only describes (``spec``).
+    compile-time ones; together they bind every parameter of ``fn`` once. ``config`` names the
+    configuration (and the weights' dtype), ``matrix_work`` marks kernels that must run on tensor
+    cores in bf16/fp16, ``flops`` and ``min_bytes`` are this launch's work and least memory
+    traffic. Built from meta tensors, a Launch only describes.
     """
 
     kernel: str
@@ -150,27 +201,3 @@ class Launch:
         with guard, serial:
             self.fn[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                num_stages=self.num_stages)
-
-    def spec(self) -> Any:
-        """The kernel report's TritonKernelSpec of this launch, typed as Triton types it."""
-        from memenc_fast.tools.kernel_report import TritonKernelSpec
-
-        signature: Dict[str, str] = {}
-        constexprs = dict(self.constexprs)
-        aligned = []
-        for name, value in self.args.items():
-            if isinstance(value, torch.Tensor):
-                signature[name] = "*" + TYPE_NAMES[value.dtype]
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            elif value == 1:
-                constexprs[name] = 1  # Triton specialises an int argument equal to 1 at launch
-            else:
-                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    aligned.append(name)
-        return TritonKernelSpec(
-            kernel=self.kernel, fn=self.fn, signature=signature, constexprs=constexprs,
-            num_warps=self.num_warps, num_stages=self.num_stages, config=self.config,
-            matrix_work=self.matrix_work, hot=True, flops=self.flops, min_bytes=self.min_bytes,
-            aligned_ints=tuple(aligned))

@@ -1,20 +1,25 @@
 """The whole mask path in one kernel: [sigmoid] -> *scale+bias -> every conv -> LayerNorm2d -> GELU
-stage of the MaskDownSampler (the final 1x1 conv belongs to ``proj_add``'s GEMM).
+stage of the MaskDownSampler (the final 1x1 conv belongs to ``proj_add``'s kernel).
 
 Design
 ------
 Each program owns TH x TW pixels of the last stage's output and walks the stages forward: stage
 j computes exactly the region of its output grid that the next stage's region reads (a halo of
-``(R - 1) * stride + kernel`` per side), as an implicit GEMM over K = kernel taps x input
-channels with the LayerNorm over channels and the GELU in its epilogue (the whole channel row is
-in the accumulator). Stage 1 reads the mask straight from memory, applying the sigmoid and the
-caller's scale/bias in the operand load; the last stage writes the output. Triton has no
-addressable shared memory, so the regions between stages live in a per-program scratch slot: a
-persistent grid (one program per SM) reuses its slots tile after tile, so they stay in L2 and
-the mask is the only input that comes from DRAM. A barrier separates the stages (each stage
-reads pixels other threads wrote). For SAM 2 (4 stages of conv3x3/s2) an 8x16 output tile
-reads a 143x271 mask patch and recomputes 10-17% of stages 1-3 in halos (8x8 tiles, used at
-small batches: 13-23%); its slot holds 76k values (152 KB in bf16, 20 MB for 132 SMs).
+``(R - 1) * stride + kernel`` per side), as an implicit GEMM over K = input channels x kernel
+taps with the LayerNorm over channels (and its affine) and the GELU in its epilogue (the whole
+channel row is in the accumulator). K runs channel-major, tap-minor: the order of the conv
+weight (C_out, C_in, KH, KW) as stored, so each output channel's weights are one contiguous row
+of K. Each stage's four parameters (conv weight and bias, LayerNorm weight and bias) are kernel
+arguments of their own, read live in their own dtype; unused stages repeat stage 0's.
+
+Stage 1 reads the mask straight from memory, applying the sigmoid and the caller's scale/bias in
+the operand load; the last stage writes the output. Triton has no addressable shared memory, so
+the regions between stages live in a per-program scratch slot: a persistent grid (one program
+per SM) reuses its slots tile after tile, so they stay in L2 and the mask is the only input that
+comes from DRAM. A barrier separates the stages (each stage reads pixels other threads wrote).
+For SAM 2 (4 stages of conv3x3/s2) an 8x16 output tile reads a 143x271 mask patch and recomputes
+10-17% of stages 1-3 in halos (8x8 tiles, used at small batches: 13-23%); its slot holds 76k
+values (152 KB in bf16, 20 MB for 132 SMs).
 
 Stages with fewer than 16 output channels (SAM 2's first: 4) are too narrow for tensor cores and
 run as broadcast FMAs; the others use ``tl.dot`` with fp32 accumulation.
@@ -22,38 +27,58 @@ run as broadcast FMAs; the others use ``tl.dot`` with fp32 accumulation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from memenc_fast.backends import torch_ops
-from memenc_fast.backends.kernel_args import check_tensor, new_output
-from memenc_fast.packing import PackedEncoder, derived
-
 from ._common import (
     INTERPRETED,
-    REPORT_SM_COUNT,
+    DeviceLimits,
     Launch,
-    check_same_device,
+    ceil_div,
     dot_precision,
+    fits_shared_memory,
     gelu,
-    log_fallback,
+    next_power_of_2,
     operand,
+    padded,
+    pipelined_shared_bytes,
     rounded,
-    sm_count,
+    type_name,
+    widest_dtype,
 )
 
-__all__ = ["mask_downsample", "launch_mask_path", "MaskGeometry", "MaskPathConfig", "choose_config",
-           "unsupported_reason", "report_specs", "MAX_STAGES", "MAX_CHANNELS"]
+__all__ = ["MaskGeometry", "MaskPathConfig", "choose_config", "plan_mask_path", "report_launches", "MAX_STAGES",
+           "MAX_CHANNELS", "SAM2_GEOMETRY"]
 
 MAX_STAGES = 4
-"""Stages the kernel unrolls: sam2's configs have 4 (stride 2) or 2 (stride 4)."""
+"""Stages the kernel unrolls (one set of parameter pointers each): sam2's configs have 4 (stride
+2) or 2 (stride 4)."""
 
 MAX_CHANNELS = 256
 """Widest stage output: its LayerNorm needs the whole channel row in one accumulator."""
+
+GATHERED_ELEMENTS = 4096
+"""Most input elements a dot stage gathers per K chunk (BM x BK): each (pixel, channel, tap) has
+an address of its own, and 16 per thread on 8 warps is what the registers hold beside a 64 x 256
+accumulator on sm_80 (256 x 32, 32 per thread, spilled 16-24 bytes there)."""
+
+
+@triton.jit
+def _stage_pointer(J: tl.constexpr, p0, p1, p2, p3):
+    """The pointer of stage J (a compile-time index) among the four stages' pointers."""
+    if J == 0:
+        return p0
+    elif J == 1:
+        return p1
+    elif J == 2:
+        return p2
+    else:
+        return p3
 
 
 @triton.jit
@@ -69,22 +94,12 @@ def _mask_operand(a, ok, scale, bias, FROM_MASK: tl.constexpr, APPLY_SIGMOID: tl
 
 
 @triton.jit
-def _source_rows(oy, ox, m_ok, tap, src_sy, src_sx, src_ry, src_rx, src_h, src_w,
-                 KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
-    """Offsets and validity of tap ``tap``'s source pixel for each output pixel (oy, ox)."""
-    gy = oy * SH + (tap // KW - PH)
-    gx = ox * SW + (tap % KW - PW)
-    ok = m_ok & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w)
-    return (gy - src_ry) * src_sy + (gx - src_rx) * src_sx, ok
-
-
-@triton.jit
 def _conv_ln_gelu_region(
     src, src_sy, src_sx, src_sc, src_ry, src_rx, src_h, src_w,
     dst, dst_sy, dst_sx, dst_ry, dst_rx, dst_h, dst_w,
-    oy0, ox0, prm, scale, bias,
+    oy0, ox0, w_ptr, cb_ptr, nw_ptr, nb_ptr, scale, bias,
     EPS: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, CP_OUT: tl.constexpr,
-    RH: tl.constexpr, RW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+    RH: tl.constexpr, RW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
     PW: tl.constexpr, FROM_MASK: tl.constexpr, TO_OUTPUT: tl.constexpr, APPLY_SIGMOID: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -92,13 +107,14 @@ def _conv_ln_gelu_region(
     """One stage over the RH x RW region at (oy0, ox0) of its output grid.
 
     A source pixel (y, x, c) is at ``src + (y - src_ry) * src_sy + (x - src_rx) * src_sx +
-    c * src_sc``; pixels outside ``src_h x src_w`` are the conv's zero padding. ``prm`` holds
-    the stage's weight as (tap, c_in, c_out), then conv bias, LayerNorm weight and bias.
-    MODE picks how K = taps x C_IN is walked (see ``_stage_mode``): 0 FMA per tap and input
-    channel, 1 tl.dot over flattened K chunks (few input channels), 2 tl.dot per tap over
-    contiguous channel chunks (vector loads).
+    c * src_sc``; pixels outside ``src_h x src_w`` are the conv's zero padding. ``w_ptr`` is the
+    conv weight (C_OUT, C_IN, KH, KW), ``cb_ptr`` its bias, ``nw_ptr``/``nb_ptr`` the LayerNorm
+    affine. ``dst`` (scratch or the output) holds the compute dtype. Without USE_DOT, K is
+    walked one (input channel, tap) at a time as broadcast FMAs; with it, in chunks of BK
+    through tl.dot.
     """
-    K_TOT: tl.constexpr = KH * KW * C_IN
+    TAPS: tl.constexpr = KH * KW
+    K_TOT: tl.constexpr = C_IN * TAPS
     n = tl.arange(0, CP_OUT)
     n_ok = n < C_OUT
     for m0 in range(0, RH * RW, BM):
@@ -107,51 +123,40 @@ def _conv_ln_gelu_region(
         oy = oy0 + m // RW
         ox = ox0 + m % RW
         acc = tl.zeros((BM, CP_OUT), dtype=tl.float32)
-        if MODE == 0:
-            for tap in range(KH * KW):
-                rows, ok = _source_rows(oy, ox, m_ok, tap, src_sy, src_sx, src_ry, src_rx, src_h, src_w,
-                                        KW, SH, SW, PH, PW)
-                for ci in tl.static_range(C_IN):
-                    a = tl.load(src + rows + ci * src_sc, mask=ok, other=0.0)
-                    a = _mask_operand(a, ok, scale, bias, FROM_MASK, APPLY_SIGMOID)
-                    w = tl.load(prm + (tap * C_IN + ci) * C_OUT + n, mask=n_ok, other=0.0).to(tl.float32)
-                    acc += a[:, None] * w[None, :]
-        elif MODE == 1:
+        if USE_DOT:
             for k0 in range(0, K_TOT, BK):
                 k = k0 + tl.arange(0, BK)
                 k_ok = k < K_TOT
-                tap = k // C_IN
-                ci = k % C_IN
+                tap = k % TAPS
                 gy = oy[:, None] * SH + (tap // KW - PH)[None, :]
                 gx = ox[:, None] * SW + (tap % KW - PW)[None, :]
-                ok = (m_ok[:, None] & k_ok[None, :] & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w))
-                a = tl.load(src + (gy - src_ry) * src_sy + (gx - src_rx) * src_sx + ci[None, :] * src_sc,
+                ok = m_ok[:, None] & k_ok[None, :] & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w)
+                a = tl.load(src + (gy - src_ry) * src_sy + (gx - src_rx) * src_sx + (k // TAPS)[None, :] * src_sc,
                             mask=ok, other=0.0)
                 a = _mask_operand(a, ok, scale, bias, FROM_MASK, APPLY_SIGMOID)
-                w = tl.load(prm + k[:, None] * C_OUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(operand(a, prm, UPCAST), operand(w, prm, UPCAST), acc, input_precision=PREC)
+                w = tl.load(w_ptr + n[None, :] * K_TOT + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(operand(a, dst, UPCAST), operand(w, dst, UPCAST), acc, input_precision=PREC)
         else:
-            # One flat loop over (tap, channel chunk), so that the pipeliner overlaps its loads.
-            for k0 in range(0, K_TOT, BK):
-                tap = k0 // C_IN
-                rows, ok = _source_rows(oy, ox, m_ok, tap, src_sy, src_sx, src_ry, src_rx, src_h, src_w,
-                                        KW, SH, SW, PH, PW)
-                ci = k0 % C_IN + tl.arange(0, BK)
-                a = tl.load(src + rows[:, None] + ci[None, :] * src_sc, mask=ok[:, None], other=0.0)
-                a = _mask_operand(a, ok[:, None], scale, bias, FROM_MASK, APPLY_SIGMOID)
-                w = tl.load(prm + (k0 + tl.arange(0, BK))[:, None] * C_OUT + n[None, :], mask=n_ok[None, :],
-                            other=0.0)
-                acc = tl.dot(operand(a, prm, UPCAST), operand(w, prm, UPCAST), acc, input_precision=PREC)
+            for tap in range(TAPS):
+                gy = oy * SH + (tap // KW - PH)
+                gx = ox * SW + (tap % KW - PW)
+                ok = m_ok & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w)
+                rows = (gy - src_ry) * src_sy + (gx - src_rx) * src_sx
+                for ci in tl.static_range(C_IN):
+                    a = tl.load(src + rows + ci * src_sc, mask=ok, other=0.0)
+                    a = _mask_operand(a, ok, scale, bias, FROM_MASK, APPLY_SIGMOID)
+                    w = tl.load(w_ptr + n * K_TOT + ci * TAPS + tap, mask=n_ok, other=0.0).to(tl.float32)
+                    acc += a[:, None] * w[None, :]
         # LayerNorm over the channel row, statistics in fp32; padded channels hold zeros. The
         # per-channel vectors are loaded here, not before the loops: in the accumulator's layout
         # a thread holds a quarter of the row, and they would stay live through the K loop.
-        y = acc + tl.load(prm + K_TOT * C_OUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc + tl.load(cb_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         mean = tl.sum(y, axis=1) / C_OUT
         centered = tl.where(n_ok[None, :], y - mean[:, None], 0.0)
         var = tl.sum(centered * centered, axis=1) / C_OUT
         y = centered * tl.rsqrt(var + EPS)[:, None]
-        y = y * tl.load(prm + K_TOT * C_OUT + C_OUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = gelu(y + tl.load(prm + K_TOT * C_OUT + 2 * C_OUT + n, mask=n_ok, other=0.0).to(tl.float32)[None, :])
+        y = y * tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = gelu(y + tl.load(nb_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :])
         keep = m_ok[:, None] & n_ok[None, :]
         if TO_OUTPUT:
             keep = keep & ((oy < dst_h) & (ox < dst_w))[:, None]
@@ -161,20 +166,24 @@ def _conv_ln_gelu_region(
 
 @triton.jit
 def _mask_path_kernel(
-    mask_ptr, out_ptr, scratch_ptr, params_ptr,
+    mask_ptr, out_ptr, scratch_ptr,
+    w0_ptr, cb0_ptr, nw0_ptr, nb0_ptr, w1_ptr, cb1_ptr, nw1_ptr, nb1_ptr,
+    w2_ptr, cb2_ptr, nw2_ptr, nb2_ptr, w3_ptr, cb3_ptr, nw3_ptr, nb3_ptr,
     mask_sb, mask_sc, mask_sy, mask_sx, mask_h, mask_w, scale, bias,
     tiles_w, tiles_per_image, num_tiles, slot_elems,
     NUM_STAGES: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     C_IN: tl.constexpr, C_OUT: tl.constexpr, CP_OUT: tl.constexpr, EPS: tl.constexpr,
     RH: tl.constexpr, RW: tl.constexpr, ORG_Y: tl.constexpr, ORG_X: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, PRM: tl.constexpr, BUF: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, BUF: tl.constexpr,
     APPLY_SIGMOID: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Persistent: program p runs tiles p, p + P, ... and owns scratch slot p.
 
-    Per-stage constexprs are tuples indexed by stage. Stage j's region origin is
-    ``tile origin * ORG_Y[j][0] - ORG_Y[j][1]`` (folding o_{j-1} = o_j * stride - padding).
+    Stage j's parameters are ``w{j}`` (conv weight), ``cb{j}`` (conv bias), ``nw{j}``/``nb{j}``
+    (LayerNorm weight and bias). Per-stage constexprs are tuples indexed by stage. Stage j's
+    region origin is ``tile origin * ORG_Y[j][0] - ORG_Y[j][1]`` (folding o_{j-1} = o_j * stride
+    - padding).
     """
     pid = tl.program_id(0)
     slot = scratch_ptr + pid.to(tl.int64) * slot_elems
@@ -219,9 +228,13 @@ def _mask_path_kernel(
                 dst_rx = ox
             _conv_ln_gelu_region(
                 src, src_sy, src_sx, src_sc, src_ry, src_rx, src_h, src_w,
-                dst, dst_sy, C_OUT[j], dst_ry, dst_rx, dst_h, dst_w,
-                oy, ox, params_ptr + PRM[j], scale, bias,
-                EPS[j], C_IN[j], C_OUT[j], CP_OUT[j], RH[j], RW[j], BM[j], BK[j], MODE[j],
+                dst, dst_sy, C_OUT[j], dst_ry, dst_rx, dst_h, dst_w, oy, ox,
+                _stage_pointer(j, w0_ptr, w1_ptr, w2_ptr, w3_ptr),
+                _stage_pointer(j, cb0_ptr, cb1_ptr, cb2_ptr, cb3_ptr),
+                _stage_pointer(j, nw0_ptr, nw1_ptr, nw2_ptr, nw3_ptr),
+                _stage_pointer(j, nb0_ptr, nb1_ptr, nb2_ptr, nb3_ptr),
+                scale, bias,
+                EPS[j], C_IN[j], C_OUT[j], CP_OUT[j], RH[j], RW[j], BM[j], BK[j], USE_DOT[j],
                 KH, KW, SH, SW, PH, PW, j == 0, j == NUM_STAGES - 1, APPLY_SIGMOID, UPCAST, PREC,
             )
             src_h = dst_h
@@ -239,6 +252,15 @@ class MaskGeometry:
     padding: Tuple[int, int]
     channels: Tuple[int, ...]  # (C_in of stage 1, C_out of stage 1, ..., C_out of the last)
     eps: Tuple[float, ...]
+
+    @classmethod
+    def of(cls, weights: Sequence[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+           eps: Sequence[float]) -> "MaskGeometry":
+        """The geometry of stages with conv ``weights`` (C_out, C_in, KH, KW) that share one
+        kernel size, ``stride`` and ``padding``."""
+        channels = (weights[0].shape[1],) + tuple(w.shape[0] for w in weights)
+        return cls((weights[0].shape[2], weights[0].shape[3]), (stride[0], stride[1]), (padding[0], padding[1]),
+                   channels, tuple(float(e) for e in eps))
 
     @property
     def num_stages(self) -> int:
@@ -259,60 +281,31 @@ class MaskGeometry:
         return sum(2 * taps * c_in * c_out * h * w for (h, w), c_in, c_out in
                    zip(self.output_size(height, width), self.channels[:-1], self.channels[1:]))
 
+    def parameter_count(self) -> int:
+        """Elements of every stage's conv weight and bias and LayerNorm weight and bias."""
+        taps = self.kernel[0] * self.kernel[1]
+        return sum((taps * c_in + 3) * c_out for c_in, c_out in zip(self.channels[:-1], self.channels[1:]))
+
 
 SAM2_GEOMETRY = MaskGeometry((3, 3), (2, 2), (1, 1), (1, 4, 16, 64, 256), (1e-6,) * 4)
 
 
-def geometry_of(packed: PackedEncoder) -> MaskGeometry:
-    """The MaskGeometry of packed weights (call unsupported_reason first)."""
-    first = packed.stages[0]
-    channels = (first.weight.shape[1],) + tuple(s.weight.shape[0] for s in packed.stages)
-    return MaskGeometry(tuple(first.kernel_size), tuple(first.stride), tuple(first.padding), channels,
-                        tuple(s.norm_eps for s in packed.stages))
-
-
-def unsupported_reason(packed: PackedEncoder) -> Optional[str]:
-    """None when the kernel runs this downsampler, else why not."""
-    stages = packed.stages
-    if not stages:
-        return "the mask downsampler has no conv stage"
-    if len(stages) > MAX_STAGES:
-        return f"the kernel unrolls at most {MAX_STAGES} stages; this downsampler has {len(stages)}"
-    first = stages[0]
-    for i, stage in enumerate(stages):
-        if (stage.kernel_size, stage.stride, stage.padding) != (first.kernel_size, first.stride, first.padding):
-            return f"stage {i} has another kernel/stride/padding than stage 0"
-        if stage.weight.shape[0] > MAX_CHANNELS:
-            return f"stage {i} has {stage.weight.shape[0]} output channels; the kernel takes at most {MAX_CHANNELS}"
-        made = stages[i - 1].weight.shape[0] if i else stage.weight.shape[1]
-        if stage.weight.shape[1] != made:
-            return f"stage {i} takes {stage.weight.shape[1]} channels; stage {i - 1} makes {made}"
-    if not packed.all_activations_exact_gelu:
-        return "the kernel fuses exact GELU only"
-    return None
-
-
-FMA, FLAT_DOT, TAP_DOT = 0, 1, 2
-"""How a stage walks K = taps x input channels (the kernel's MODE)."""
-_MODE_NAMES = {FMA: "fma", FLAT_DOT: "flat", TAP_DOT: "tap"}
-
-
 @dataclass(frozen=True)
 class MaskPathConfig:
-    """Tile and blocking of one launch: TH x TW last-stage pixels per tile; per stage, BM
-    pixels per block, the K walk (MODE) and its chunk BK."""
+    """Tile and blocking of one launch: TH x TW last-stage pixels per tile; per stage, BM pixels
+    per block and whether K runs through tl.dot (in chunks of BK) or as FMAs."""
 
     th: int
     tw: int
     bm: Tuple[int, ...]
     bk: Tuple[int, ...]
-    mode: Tuple[int, ...]
+    use_dot: Tuple[bool, ...]
     num_warps: int
     num_stages: int
     programs_per_sm: int
 
     def describe(self) -> str:
-        stages = " ".join(f"{_MODE_NAMES[d]}:{m}x{k}" for m, k, d in zip(self.bm, self.bk, self.mode))
+        stages = " ".join(f"{'dot' if d else 'fma'}:{m}x{k}" for m, k, d in zip(self.bm, self.bk, self.use_dot))
         return (f"T={self.th}x{self.tw} [{stages}] w{self.num_warps} s{self.num_stages} "
                 f"P={self.programs_per_sm}/SM")
 
@@ -326,96 +319,89 @@ def _region_sizes(geom: MaskGeometry, th: int, tw: int) -> List[Tuple[int, int]]
     return sizes
 
 
-def _stage_mode(c_in: int, c_out: int, dtype: torch.dtype) -> Tuple[int, int]:
-    """(MODE, BK) of a stage. Outputs narrower than 16 channels cannot feed tensor cores; 16 or
-    more input channels (a multiple of 16) are read per tap as contiguous vectors."""
-    if triton.next_power_of_2(c_out) < 16:
-        return FMA, 1
-    if c_in % 16 == 0:
-        bk = 16 if dtype == torch.float32 else max(b for b in (16, 32, 64) if c_in % b == 0)
-        return TAP_DOT, bk
-    return FLAT_DOT, 16
+def _uses_dot(c_out: int) -> bool:
+    """Outputs narrower than 16 channels cannot feed tensor cores: they run as FMAs."""
+    return next_power_of_2(c_out) >= 16
 
 
-def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], dtype: torch.dtype,
-                  sms: int, for_interpreter: bool = False) -> MaskPathConfig:
-    """The one place the launch configuration is chosen (the launcher and the report use it).
+def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], compute: torch.dtype,
+                  weights: torch.dtype, device: DeviceLimits, for_interpreter: bool = False) -> MaskPathConfig:
+    """The one place the launch configuration is chosen (the wrappers and the report use it).
 
     Larger tiles cut the halo recompute and the weight traffic per output pixel; small batches
     take 8x8, then 4x8 tiles (16-bit: with fp32, 4x8 spilled on sm_80) so that the grid still
-    covers the SMs (at B=1, 4x8 tiles halve each program's serial work). ``for_interpreter`` picks
-    the largest blocks instead: the interpreter spends ~0.1 ms of Python per tl op whatever its
-    size, and has no registers to run out of.
+    covers the SMs (at B=1, 4x8 tiles halve each program's serial work). Each dot stage takes
+    the largest K chunk (64 at most, 16 at least) that gathers at most ``GATHERED_ELEMENTS``
+    inputs and whose double-buffered operand tiles, the weights as loaded in their own dtype, fit
+    the device's shared memory. ``for_interpreter`` picks the largest
+    blocks instead: the interpreter spends ~0.1 ms of Python per tl op whatever its size, and has
+    no registers to run out of.
     """
+    k_totals = [geom.kernel[0] * geom.kernel[1] * c_in for c_in in geom.channels[:-1]]
+    use_dot = tuple(_uses_dot(c_out) for c_out in geom.channels[1:])
     if for_interpreter:
         th, tw = min(out_size[0], 16), min(out_size[1], 16)
-        modes = [_stage_mode(c_in, c_out, torch.bfloat16) for c_in, c_out in zip(geom.channels[:-1], geom.channels[1:])]
-        bm = tuple(min(4096, triton.next_power_of_2(rh * rw)) for rh, rw in _region_sizes(geom, th, tw))
-        return MaskPathConfig(th, tw, bm, tuple(k for _, k in modes), tuple(m for m, _ in modes), 8, 1, 1)
+        bm = tuple(min(4096, next_power_of_2(rh * rw)) for rh, rw in _region_sizes(geom, th, tw))
+        bk = tuple(min(128, padded(k)) if dot else 1 for k, dot in zip(k_totals, use_dot))
+        return MaskPathConfig(th, tw, bm, bk, use_dot, 8, 1, 1)
+
     def tiles(th: int, tw: int) -> int:
-        return batch * triton.cdiv(out_size[0], th) * triton.cdiv(out_size[1], tw)
+        return batch * ceil_div(out_size[0], th) * ceil_div(out_size[1], tw)
 
     th, tw = 8, 16
-    if tiles(th, tw) < 2 * sms:
+    if tiles(th, tw) < 2 * device.sm_count:
         tw = 8
-        if dtype != torch.float32 and tiles(th, tw) < sms:
+        if compute != torch.float32 and tiles(th, tw) < device.sm_count:
             th = 4
-    regions = _region_sizes(geom, th, tw)
     # Accumulator budget per block, BM x channels fp32 values, read off the cubins: with 8 warps,
     # 64 x 256 leaves the LayerNorm/GELU epilogue room (128 x 256 spills on sm_80 and sm_90a).
     # fp32 dots run on CUDA cores and hold their operands in registers too: 16 x 256 and at most
-    # 128 pixels (32 x 256, or 256 pixels in the narrow stages, spilled on sm_80).
-    budget, max_bm = (64 * 256, 256) if dtype != torch.float32 else (16 * 256, 128)
-    bm, bk, mode = [], [], []
-    for (rh, rw), c_in, c_out in zip(regions, geom.channels[:-1], geom.channels[1:]):
-        stage_mode, k = _stage_mode(c_in, c_out, dtype)
-        m = budget // triton.next_power_of_2(c_out)
-        bm.append(max(16, min(m, max_bm, triton.next_power_of_2(rh * rw))))
-        bk.append(k)
-        mode.append(stage_mode)
+    # 128 pixels (32 x 256, or 256 pixels in the narrow stages, spilled on sm_80), K in 16s.
+    fp32 = compute == torch.float32
+    budget, max_bm = (16 * 256, 128) if fp32 else (64 * 256, 256)
     # About 240 registers x 8 warps: one program per SM, which the persistent grid matches.
     # fp32's CUDA-core dots gain nothing from cp.async double buffering, and with 8 warps ptxas
     # squeezed them into 128 registers and spilled: 4 warps, single-buffered.
-    if dtype == torch.float32:
-        return MaskPathConfig(th, tw, tuple(bm), tuple(bk), tuple(mode), 4, 1, 1)
-    return MaskPathConfig(th, tw, tuple(bm), tuple(bk), tuple(mode), 8, 2, 1)
+    num_warps, num_stages = (4, 1) if fp32 else (8, 2)
+    bm, bk = [], []
+    for (rh, rw), c_out, k_total, dot in zip(_region_sizes(geom, th, tw), geom.channels[1:], k_totals, use_dot):
+        cp_out = next_power_of_2(c_out)
+        m = max(16, min(budget // cp_out, max_bm, next_power_of_2(rh * rw)))
+        chunk = 1
+        if dot:
+            fitting = [c for c in (64, 32) if m * c <= GATHERED_ELEMENTS and fits_shared_memory(
+                pipelined_shared_bytes(num_stages, compute, [(m * c, compute), (c * cp_out, weights)]), device)]
+            chunk = min(16 if fp32 or not fitting else fitting[0], padded(k_total))
+        bm.append(m)
+        bk.append(chunk)
+    return MaskPathConfig(th, tw, tuple(bm), tuple(bk), use_dot, num_warps, num_stages, 1)
 
 
-def _params(packed: PackedEncoder) -> torch.Tensor:
-    """Every stage's (tap, c_in, c_out) weight, conv bias, LayerNorm weight and bias, in one buffer."""
-    sources = [t for s in packed.stages for t in (s.weight, s.bias, s.norm_weight, s.norm_bias)]
+@dataclass(frozen=True)
+class _Tiling:
+    """What a launch's shapes decide: the configuration, the persistent grid, each program's
+    scratch slot, the constexprs of the tiles and stages, and what the kernel report shows."""
 
-    def build() -> torch.Tensor:
-        parts = []
-        for s in packed.stages:
-            parts += [s.weight.permute(2, 3, 1, 0).reshape(-1), s.bias, s.norm_weight, s.norm_bias]
-        return torch.cat(parts).contiguous()
-
-    return derived(packed, "mask_path_params", sources, build)
-
-
-def params_numel(geom: MaskGeometry) -> int:
-    """Elements of the buffer ``_params`` builds."""
-    taps = geom.kernel[0] * geom.kernel[1]
-    return sum((taps * c_in + 3) * c_out for c_in, c_out in zip(geom.channels[:-1], geom.channels[1:]))
+    cfg: MaskPathConfig
+    programs: int
+    slot_elems: int
+    tiles_w: int
+    tiles_per_image: int
+    num_tiles: int
+    constexprs: Tuple[Tuple[str, Any], ...]
+    config: str
+    flops: int
+    min_bytes: int
 
 
-def plan_mask_path(
-    masks: torch.Tensor,
-    params: torch.Tensor,
-    geom: MaskGeometry,
-    apply_sigmoid: bool,
-    scale: float,
-    bias: float,
-    sms: int,
-    max_programs: Optional[int] = None,
-    for_interpreter: bool = INTERPRETED,
-) -> Tuple[Launch, torch.Tensor]:
-    """The launch (and its output, channels-last (B, h, w, C)) for ``masks`` (real or meta)."""
-    batch, _, height, width = masks.shape
-    sizes = geom.output_size(height, width)
-    out_h, out_w = sizes[-1]
-    cfg = choose_config(geom, batch, (out_h, out_w), masks.dtype, sms, for_interpreter)
+# Planning costs tens of microseconds of Python, as much as the kernel itself at B=1 on a GPU. It
+# depends on these arguments only (shapes, dtypes, the device's limits; never the weights'
+# values), so it is kept per argument tuple.
+@functools.lru_cache(maxsize=64)
+def _tiling(geom: MaskGeometry, batch: int, height: int, width: int, compute: torch.dtype, weights: torch.dtype,
+            device: DeviceLimits, max_programs: Optional[int], for_interpreter: bool) -> _Tiling:
+    out_h, out_w = geom.output_size(height, width)[-1]
+    cfg = choose_config(geom, batch, (out_h, out_w), compute, weights, device, for_interpreter)
     n = geom.num_stages
     regions = _region_sizes(geom, cfg.th, cfg.tw)
     c_out = geom.channels[1:]
@@ -428,104 +414,89 @@ def plan_mask_path(
             scale_j, offset = scale_j * s, offset * s + p
         return scale_j, offset
 
-    prm, offset = [], 0
-    taps = geom.kernel[0] * geom.kernel[1]
-    for c_in, c in zip(geom.channels[:-1], c_out):
-        prm.append(offset)
-        offset += (taps * c_in + 3) * c
     # Two ping-pong buffers per slot: stage j writes buffer j % 2 (the last writes the output).
     buf_sizes = [0, 0]
     for j in range(n - 1):
         buf_sizes[j % 2] = max(buf_sizes[j % 2], regions[j][0] * regions[j][1] * c_out[j])
     align = 64
-    buf1 = triton.cdiv(buf_sizes[0], align) * align
-    slot_elems = max(align, triton.cdiv(buf1 + buf_sizes[1], align) * align)
-    tiles_h, tiles_w = triton.cdiv(out_h, cfg.th), triton.cdiv(out_w, cfg.tw)
+    buf1 = ceil_div(buf_sizes[0], align) * align
+    slot_elems = max(align, ceil_div(buf1 + buf_sizes[1], align) * align)
+    tiles_h, tiles_w = ceil_div(out_h, cfg.th), ceil_div(out_w, cfg.tw)
     num_tiles = batch * tiles_h * tiles_w
-    programs = min(num_tiles, sms * cfg.programs_per_sm)
+    programs = min(num_tiles, device.sm_count * cfg.programs_per_sm)
     if max_programs is not None:
         programs = min(programs, max_programs)
-    programs = max(programs, 1)
-
-    out = new_output((batch, out_h, out_w, c_out[-1]), masks.dtype, masks.device)
-    scratch = torch.empty(programs * slot_elems if n > 1 else 1, dtype=masks.dtype, device=masks.device)
-    args = dict(
-        mask_ptr=masks, out_ptr=out, scratch_ptr=scratch, params_ptr=params,
-        mask_sb=masks.stride(0), mask_sc=masks.stride(1), mask_sy=masks.stride(2), mask_sx=masks.stride(3),
-        mask_h=height, mask_w=width, scale=float(scale), bias=float(bias),
-        tiles_w=tiles_w, tiles_per_image=tiles_h * tiles_w, num_tiles=num_tiles, slot_elems=slot_elems,
-    )
     constexprs = dict(
         NUM_STAGES=n, KH=geom.kernel[0], KW=geom.kernel[1], SH=geom.stride[0], SW=geom.stride[1],
         PH=geom.padding[0], PW=geom.padding[1],
         C_IN=tuple(geom.channels[:-1]), C_OUT=tuple(c_out),
-        CP_OUT=tuple(triton.next_power_of_2(c) for c in c_out), EPS=tuple(float(e) for e in geom.eps),
+        CP_OUT=tuple(next_power_of_2(c) for c in c_out), EPS=geom.eps,
         RH=tuple(r[0] for r in regions), RW=tuple(r[1] for r in regions),
         ORG_Y=tuple(origin(0, j) for j in range(n)), ORG_X=tuple(origin(1, j) for j in range(n)),
-        BM=cfg.bm, BK=cfg.bk, MODE=cfg.mode, PRM=tuple(prm), BUF=tuple(0 if j % 2 == 0 else buf1 for j in range(n)),
-        APPLY_SIGMOID=bool(apply_sigmoid), UPCAST=INTERPRETED, PREC=dot_precision(masks.dtype),
+        BM=cfg.bm, BK=cfg.bk, USE_DOT=cfg.use_dot, BUF=tuple(0 if j % 2 == 0 else buf1 for j in range(n)),
     )
-    item = masks.element_size()
-    launch = Launch(
-        kernel="mask_path", fn=_mask_path_kernel, grid=(programs,), args=args, constexprs=constexprs,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg.describe(), matrix_work=True,
-        flops=batch * geom.flops(height, width),
-        min_bytes=(batch * (height * width * geom.channels[0] + out_h * out_w * c_out[-1]) + params.numel()) * item,
-    )
-    return launch, out
+    min_bytes = (batch * (height * width * geom.channels[0] + out_h * out_w * c_out[-1]) * compute.itemsize
+                 + geom.parameter_count() * weights.itemsize)
+    return _Tiling(cfg, max(programs, 1), slot_elems, tiles_w, tiles_h * tiles_w, num_tiles,
+                   tuple(constexprs.items()), f"{cfg.describe()} W={type_name(weights)}",
+                   batch * geom.flops(height, width), min_bytes)
 
 
-def launch_mask_path(
+def plan_mask_path(
     masks: torch.Tensor,
-    packed: PackedEncoder,
+    geom: MaskGeometry,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    norm_weights: Sequence[torch.Tensor],
+    norm_biases: Sequence[torch.Tensor],
     apply_sigmoid: bool,
-    scale: float = 1.0,
-    bias: float = 0.0,
+    scale: float,
+    bias: float,
+    out: torch.Tensor,
+    device: DeviceLimits,
     max_programs: Optional[int] = None,
     for_interpreter: bool = INTERPRETED,
-) -> torch.Tensor:
-    """Runs the kernel on ``masks`` (B, C_in, H, W): last stage's features as (B, h, w, C).
-
-    ``max_programs`` caps the persistent grid; ``for_interpreter=False`` under the interpreter
-    runs the GPU blocking (tests use both).
-    """
-    op = "mask_downsample"
-    geom = geometry_of(packed)
-    dtype = packed.stages[0].weight.dtype
-    check_tensor(op, "masks", masks, dtype=dtype, shape=(None, geom.channels[0], None, None))
-    check_same_device(op, masks=masks, weights=packed.stages[0].weight)
-    height, width = masks.shape[-2:]
-    sizes = geom.output_size(height, width)
-    if min(min(s) for s in sizes) < 1:
-        raise ValueError(f"{op}: masks of size {height}x{width} are too small for the downsampler: "
-                         f"stage outputs would be {sizes}")
-    if masks.shape[0] == 0:
-        return new_output((0, *sizes[-1], geom.channels[-1]), dtype, masks.device)
-    launch, out = plan_mask_path(masks, _params(packed), geom, apply_sigmoid, scale, bias,
-                                 sm_count(masks.device), max_programs, for_interpreter)
-    launch.run()
-    return out
-
-
-def mask_downsample(
-    masks: torch.Tensor, packed: PackedEncoder, apply_sigmoid: bool, scale: float = 1.0, bias: float = 0.0
-) -> torch.Tensor:
-    """The ``mask_downsample`` op (see ``torch_ops.mask_downsample``): (B, 1, Hm, Wm) mask logits
-    -> last stage's features (B, C, h, w), stored channels-last."""
-    reason = unsupported_reason(packed)
-    if reason is not None:
-        log_fallback("mask_downsample", reason)
-        return torch_ops.mask_downsample(masks, packed, apply_sigmoid, scale, bias)
-    if packed.interpol_size is not None and list(masks.shape[-2:]) != packed.interpol_size:
-        # The resize (SAM 3) runs in torch; the sigmoid and scale/bias must come before it.
-        masks = torch_ops.resized_mask(masks, packed, apply_sigmoid, scale, bias)
-        apply_sigmoid, scale, bias = False, 1.0, 0.0
-    return launch_mask_path(masks, packed, apply_sigmoid, scale, bias).permute(0, 3, 1, 2)
+) -> Launch:
+    """The launch for ``masks`` (B, C_in, H, W), any strides, into ``out``: the last stage's
+    features, (B, h, w, C) contiguous, in the masks' dtype (the compute dtype). Per stage:
+    the conv weight (C_out, C_in, KH, KW), its bias, the LayerNorm weight and bias, contiguous,
+    any float dtype. ``max_programs`` caps the persistent grid (tests use it)."""
+    batch, _, height, width = masks.shape
+    tiling = _tiling(geom, batch, height, width, masks.dtype, widest_dtype(weights), device, max_programs,
+                     for_interpreter)
+    n = geom.num_stages
+    scratch = torch.empty(tiling.programs * tiling.slot_elems if n > 1 else 1, dtype=masks.dtype, device=masks.device)
+    args = dict(mask_ptr=masks, out_ptr=out, scratch_ptr=scratch)
+    for j in range(MAX_STAGES):
+        stage = j if j < n else 0
+        args.update({f"w{j}_ptr": weights[stage], f"cb{j}_ptr": biases[stage], f"nw{j}_ptr": norm_weights[stage],
+                     f"nb{j}_ptr": norm_biases[stage]})
+    args.update(
+        mask_sb=masks.stride(0), mask_sc=masks.stride(1), mask_sy=masks.stride(2), mask_sx=masks.stride(3),
+        mask_h=height, mask_w=width, scale=float(scale), bias=float(bias), tiles_w=tiling.tiles_w,
+        tiles_per_image=tiling.tiles_per_image, num_tiles=tiling.num_tiles, slot_elems=tiling.slot_elems,
+    )
+    constexprs = dict(tiling.constexprs, APPLY_SIGMOID=bool(apply_sigmoid), UPCAST=INTERPRETED,
+                      PREC=dot_precision(masks.dtype))
+    return Launch(
+        kernel="mask_path", fn=_mask_path_kernel, grid=(tiling.programs,), args=args, constexprs=constexprs,
+        num_warps=tiling.cfg.num_warps, num_stages=tiling.cfg.num_stages, config=tiling.config, matrix_work=True,
+        flops=tiling.flops, min_bytes=tiling.min_bytes,
+    )
 
 
-def report_specs(batch: int, dtype: torch.dtype) -> list:
-    """The kernel report's launch of the SAM 2 mask path (1024x1024 masks) at ``batch``."""
+def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
+    """The kernel report's launches of the SAM 2 mask path (1024x1024 masks) at ``batch``, with
+    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    geom = SAM2_GEOMETRY
     masks = torch.empty((batch, 1, 1024, 1024), dtype=dtype, device="meta")
-    params = torch.empty(params_numel(SAM2_GEOMETRY), dtype=dtype, device="meta")
-    launch, _ = plan_mask_path(masks, params, SAM2_GEOMETRY, True, 1.0, 0.0, REPORT_SM_COUNT, for_interpreter=False)
-    return [launch.spec()]
+    out_h, out_w = geom.output_size(1024, 1024)[-1]
+    out = torch.empty((batch, out_h, out_w, geom.channels[-1]), dtype=dtype, device="meta")
+    launches = []
+    for weights in dict.fromkeys((dtype, torch.float32)):
+        convs = [torch.empty((c_out, c_in, *geom.kernel), dtype=weights, device="meta")
+                 for c_in, c_out in zip(geom.channels[:-1], geom.channels[1:])]
+        vectors = [torch.empty((c_out,), dtype=weights, device="meta") for c_out in geom.channels[1:]]
+        launches.append(plan_mask_path(masks, geom, convs, vectors, vectors, vectors, True, 1.0, 0.0, out, device,
+                                       for_interpreter=False))
+    return launches

@@ -1,63 +1,66 @@
-"""``proj_add``: the downsampler's final 1x1 conv plus ``pix_feat_proj`` as one GEMM.
+"""``proj_add``: the downsampler's final 1x1 conv plus ``pix_feat_proj``, added, in one kernel.
 
-``out = [W_m | W_p] . [m ; p] + (b_m + b_p)`` over the concatenated K: each output tile walks
-the mask features' channels, then pix_feat's, reading both straight from their own layouts (the
-mask path's channels-last output, pix_feat's NCHW) through strides, and writes channels-last
-tokens. The same kernel, with one source and an NCHW output, is ``out_proj`` (``out_proj.py``).
+``out = W_m . m + b_m + W_p . p + b_p``: each output tile runs two K loops into one accumulator,
+over the mask features' channels with ``W_m`` and over pix_feat's with ``W_p`` (both 1x1 conv
+weights (C, K, 1, 1) as stored, in their own dtype), and adds both biases in the epilogue. The
+sources are read straight from their own layouts (the mask path's channels-last output,
+pix_feat's NCHW) through strides. With one source the same kernel is ``out_proj``
+(``out_proj.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from memenc_fast.backends.kernel_args import check_tensor, new_output
-from memenc_fast.packing import PackedEncoder
-
 from ._common import (
     INTERPRETED,
-    REPORT_SM_COUNT,
+    DeviceLimits,
     Launch,
-    check_same_device,
+    ceil_div,
     dot_precision,
+    fits_shared_memory,
     operand,
+    padded,
+    pipelined_shared_bytes,
     rounded,
-    sm_count,
+    type_name,
+    widest_dtype,
 )
 
-__all__ = ["proj_add", "launch_pointwise", "plan_pointwise", "PointwiseConfig", "choose_config", "report_specs"]
+__all__ = ["PointwiseConfig", "choose_config", "plan_pointwise", "plan_proj_add", "report_launches"]
 
 
 @triton.jit
-def _accumulate(acc, src, s_c, s_p, p, p_ok, w_ptr, n, n_ok,
-                K: tl.constexpr, W_STRIDE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr):
-    """acc += src[p, 0:K] @ w[n, 0:K]^T, with src pixel p, channel k at ``src + k*s_c + p*s_p``."""
+def _accumulate(acc, src, s_c, s_p, p, p_ok, w_ptr, n, n_ok, compute_ptr,
+                K: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += src[p, 0:K] @ w[n, 0:K]^T: src pixel p, channel k at ``src + k*s_c + p*s_p``; ``w``
+    a (N, K, 1, 1) conv weight as stored."""
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         k_ok = k < K
         a = tl.load(src + k[None, :] * s_c + p[:, None] * s_p, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + n[None, :] * W_STRIDE + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(operand(a, w_ptr, UPCAST), operand(w, w_ptr, UPCAST), acc, input_precision=PREC)
+        w = tl.load(w_ptr + n[None, :] * K + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(operand(a, compute_ptr, UPCAST), operand(w, compute_ptr, UPCAST), acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def _pointwise_kernel(
-    a_ptr, a_sb, a_sc, a_sp, c_ptr, c_sb, c_sc, c_sp,
-    w_ptr, bias_ptr, o_ptr, o_sb, o_sc, o_sp,
-    hw, tiles_per_image,
+    a_ptr, a_sb, a_sc, a_sp, wa_ptr, ba_ptr,
+    c_ptr, c_sb, c_sc, c_sp, wc_ptr, bc_ptr,
+    o_ptr, o_sb, o_sc, o_sp, hw, tiles_per_image,
     KA: tl.constexpr, KC: tl.constexpr, N: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One BM-pixel x BN-channel tile of one image: ``[a ; c] @ w^T + bias``.
+    """One BM-pixel x BN-channel tile of one image: ``a @ wa^T + ba (+ c @ wc^T + bc)``.
 
-    ``w`` is (N, KA + KC) row-major; KC == 0 means no second source. A tile never spans two
-    images, so every address is (batch, channel, pixel) strided.
+    KC == 0 means no second source (its pointers are then never read). A tile never spans two
+    images, so every address is (batch, channel, pixel) strided. The compute dtype is the output's.
     """
     pid = tl.program_id(0)
     b = pid // tiles_per_image
@@ -67,12 +70,12 @@ def _pointwise_kernel(
     n_ok = n < N
     b64 = b.to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _accumulate(acc, a_ptr + b64 * a_sb, a_sc, a_sp, p, p_ok, w_ptr, n, n_ok,
-                      KA, KA + KC, BK, UPCAST, PREC)
+    acc = _accumulate(acc, a_ptr + b64 * a_sb, a_sc, a_sp, p, p_ok, wa_ptr, n, n_ok, o_ptr, KA, BK, UPCAST, PREC)
+    acc += tl.load(ba_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if KC > 0:
-        acc = _accumulate(acc, c_ptr + b64 * c_sb, c_sc, c_sp, p, p_ok, w_ptr + KA, n, n_ok,
-                          KC, KA + KC, BK, UPCAST, PREC)
-    acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _accumulate(acc, c_ptr + b64 * c_sb, c_sc, c_sp, p, p_ok, wc_ptr, n, n_ok, o_ptr, KC, BK, UPCAST,
+                          PREC)
+        acc += tl.load(bc_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     offsets = n[None, :] * o_sc + p[:, None] * o_sp
     tl.store(o_ptr + b64 * o_sb + offsets, rounded(acc, o_ptr, UPCAST), mask=p_ok[:, None] & n_ok[None, :])
 
@@ -91,107 +94,106 @@ class PointwiseConfig:
         return f"BM={self.bm} BN={self.bn} BK={self.bk} w{self.num_warps} s{self.num_stages}"
 
 
-def choose_config(batch: int, hw: int, n: int, dtype: torch.dtype, sms: int,
+def choose_config(batch: int, hw: int, n: int, compute: torch.dtype, weights: torch.dtype, device: DeviceLimits,
                   for_interpreter: bool = False) -> PointwiseConfig:
-    """The one place the launch configuration is chosen (the launcher and the report use it).
+    """The one place the launch configuration is chosen (the wrappers and the report use it).
 
     128 x 128 tiles on 8 warps for tensor cores (128 x 256 spilled on sm_80); 64-pixel tiles
-    when the grid would not cover the SMs (small batches). fp32 dots run on CUDA cores with both
-    operands in registers: 32 x 64 (64 x 64 spilled on sm_90a; a K step under 16 would not
-    compile with triton 3.6).
-    ``for_interpreter``: whole images per program (Python overhead per tl op, no registers).
+    when the grid would not fill the SMs (small batches); K chunks of 64, 32 for weights wider
+    than the activations (fp32 under bf16 autocast); as many pipeline stages (3 at most) as the
+    device's shared memory holds with the weights as loaded. fp32 dots run on CUDA cores with both operands in
+    registers: 32 x 64 (64 x 64 spilled on sm_90a; a K step under 16 would not compile with
+    triton 3.6). ``for_interpreter``: whole images per program (Python overhead per tl op, no
+    registers).
     """
-    n_pad = triton.next_power_of_2(n)
+    n_pad = padded(n)
     if for_interpreter:
-        return PointwiseConfig(min(4096, triton.next_power_of_2(hw)), n_pad, 64, 4, 1)
-    if dtype == torch.float32:
+        return PointwiseConfig(min(4096, padded(hw)), n_pad, 64, 4, 1)
+    if compute == torch.float32:
         return PointwiseConfig(32, min(n_pad, 64), 16, 4, 2)
     bn = min(n_pad, 128)
-    bm = 128 if batch * triton.cdiv(hw, 128) * triton.cdiv(n, bn) >= sms else 64
-    return PointwiseConfig(bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4, 3)
+    bm = 128 if batch * ceil_div(hw, 128) * ceil_div(n, bn) >= device.sm_count else 64
+    # Wider weights pass through registers for their conversion: a BK x BN fp32 tile of 64 x 128
+    # spilled on sm_80 with triton 3.6.
+    bk = 32 if weights.itemsize > compute.itemsize else 64
+    stages = next(s for s in (3, 2, 1) if s == 1 or fits_shared_memory(
+        pipelined_shared_bytes(s, compute, [(bm * bk, compute), (bk * bn, weights)]), device))
+    return PointwiseConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, stages)
+
+
+def _pixel_view(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, channel, pixel) strides of a (B, C, H, W)-indexed tensor whose H and W collapse
+    into one pixel index (NCHW, channels-last, or a single row)."""
+    return t.stride(0), t.stride(1), t.stride(3)
 
 
 def plan_pointwise(
     kernel: str,
     a: torch.Tensor,
+    a_weight: torch.Tensor,
+    a_bias: torch.Tensor,
     c: Optional[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    channels_last_out: bool,
-    sms: int,
+    c_weight: Optional[torch.Tensor],
+    c_bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    device: DeviceLimits,
     for_interpreter: bool = INTERPRETED,
-) -> Tuple[Launch, torch.Tensor]:
-    """The launch of ``[a ; c] @ weight^T + bias`` on (B, K, H, W) inputs (any strides whose
-    H, W collapse into one pixel index), and its output: tokens (B, H, W, N) contiguous when
-    ``channels_last_out``, else NCHW (B, N, H, W) contiguous."""
+) -> Launch:
+    """The launch of ``a_weight . a + a_bias (+ c_weight . c + c_bias)`` per pixel into ``out``.
+
+    ``a``, ``c`` and ``out`` are (B, C, H, W)-indexed views whose H and W collapse into one pixel
+    index (any batch and channel strides); the weights are (N, K, 1, 1) contiguous, the biases
+    (N,), each in any float dtype; the compute dtype is ``out``'s.
+    """
     batch, ka, height, width = a.shape
     kc = 0 if c is None else c.shape[1]
-    n = weight.shape[0]
+    n = a_weight.shape[0]
     hw = height * width
-    cfg = choose_config(batch, hw, n, a.dtype, sms, for_interpreter)
-    if channels_last_out:
-        out = new_output((batch, height, width, n), a.dtype, a.device)
-        o_strides = (hw * n, 1, n)
-    else:
-        out = new_output((batch, n, height, width), a.dtype, a.device)
-        o_strides = (n * hw, hw, 1)
-    second = a if c is None else c
-    tiles = triton.cdiv(hw, cfg.bm)
+    second = c is not None
+    weights = widest_dtype([a_weight] if c_weight is None else [a_weight, c_weight])
+    cfg = choose_config(batch, hw, n, out.dtype, weights, device, for_interpreter)
+    tiles = ceil_div(hw, cfg.bm)
+    a_sb, a_sc, a_sp = _pixel_view(a)
+    c_sb, c_sc, c_sp = _pixel_view(c) if second else (a_sb, a_sc, a_sp)
+    o_sb, o_sc, o_sp = _pixel_view(out)
     args = dict(
-        a_ptr=a, a_sb=a.stride(0), a_sc=a.stride(1), a_sp=a.stride(3),
-        c_ptr=second, c_sb=second.stride(0), c_sc=second.stride(1), c_sp=second.stride(3),
-        w_ptr=weight, bias_ptr=bias, o_ptr=out, o_sb=o_strides[0], o_sc=o_strides[1], o_sp=o_strides[2],
-        hw=hw, tiles_per_image=tiles,
+        a_ptr=a, a_sb=a_sb, a_sc=a_sc, a_sp=a_sp, wa_ptr=a_weight, ba_ptr=a_bias,
+        c_ptr=c if second else a, c_sb=c_sb, c_sc=c_sc, c_sp=c_sp,
+        wc_ptr=c_weight if second else a_weight, bc_ptr=c_bias if second else a_bias,
+        o_ptr=out, o_sb=o_sb, o_sc=o_sc, o_sp=o_sp, hw=hw, tiles_per_image=tiles,
     )
     constexprs = dict(KA=ka, KC=kc, N=n, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, UPCAST=INTERPRETED,
-                      PREC=dot_precision(a.dtype))
-    item = a.element_size()
-    launch = Launch(
-        kernel=kernel, fn=_pointwise_kernel, grid=(batch * tiles, triton.cdiv(n, cfg.bn)), args=args,
-        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg.describe(),
-        matrix_work=True, flops=2 * batch * hw * n * (ka + kc),
-        min_bytes=(batch * hw * (ka + kc + n) + n * (ka + kc + 1)) * item,
+                      PREC=dot_precision(out.dtype))
+    weight_bytes = n * (ka + kc + 2) * weights.itemsize
+    return Launch(
+        kernel=kernel, fn=_pointwise_kernel, grid=(batch * tiles, ceil_div(n, cfg.bn)), args=args,
+        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        config=f"{cfg.describe()} W={type_name(weights)}", matrix_work=True,
+        flops=2 * batch * hw * n * (ka + kc),
+        min_bytes=batch * hw * (ka + kc + n) * out.element_size() + weight_bytes,
     )
-    return launch, out
 
 
-def _pixel_strides_ok(t: torch.Tensor) -> bool:
-    """H and W of an NCHW-indexed tensor collapse into one pixel index (NCHW or channels-last)."""
-    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+def plan_proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_weight: torch.Tensor,
+                  mask_bias: torch.Tensor, pix_weight: torch.Tensor, pix_bias: torch.Tensor, out: torch.Tensor,
+                  device: DeviceLimits, for_interpreter: bool = INTERPRETED) -> Launch:
+    """The proj_add launch: mask features (B, C_m, H, W) and pix_feat (B, C_p, H, W), as
+    (B, C, H, W)-indexed views, into tokens ``out`` (B, H, W, C) contiguous."""
+    return plan_pointwise("proj_add", mask_features, mask_weight, mask_bias, pix_feat, pix_weight, pix_bias,
+                          out.permute(0, 3, 1, 2), device, for_interpreter)
 
 
-def launch_pointwise(
-    op: str, a: torch.Tensor, c: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-    channels_last_out: bool,
-) -> torch.Tensor:
-    """Checks the inputs and runs ``plan_pointwise``'s launch; inputs are (B, K, H, W) views."""
-    check_tensor(op, "weight", weight, shape=(None, a.shape[1] + (0 if c is None else c.shape[1])),
-                 contiguous=True)
-    check_tensor(op, "bias", bias, dtype=weight.dtype, shape=(weight.shape[0],), contiguous=True)
-    inputs = {"input": a} if c is None else {"mask_features": a, "pix_feat": c}
-    for name, t in inputs.items():
-        check_tensor(op, name, t, dtype=weight.dtype, shape=(a.shape[0], None, a.shape[2], a.shape[3]))
-    check_same_device(op, weight=weight, bias=bias, **inputs)
-    a, *rest = (t if _pixel_strides_ok(t) else t.contiguous() for t in inputs.values())
-    launch, out = plan_pointwise(op, a, rest[0] if rest else None, weight, bias, channels_last_out,
-                                 sm_count(a.device))
-    if out.numel():
-        launch.run()
-    return out
+def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
+    """The kernel report's proj_add launches at the SAM 2 shape (64x64 features, 256 + 256 -> 256),
+    with weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    def meta(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
 
-
-def proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, packed: PackedEncoder) -> torch.Tensor:
-    """The ``proj_add`` op (see ``torch_ops.proj_add``): mask features (B, C_m, H, W) and pix_feat
-    (B, C_p, H, W), any layout -> tokens (B, H, W, C) contiguous."""
-    return launch_pointwise("proj_add", mask_features, pix_feat, packed.proj_weight, packed.proj_bias, True)
-
-
-def report_specs(batch: int, dtype: torch.dtype) -> list:
-    """The kernel report's launch of proj_add at the SAM 2 shape (64x64 features, 256 + 256 -> 256)."""
-    mask_features = torch.empty((batch, 64, 64, 256), dtype=dtype, device="meta").permute(0, 3, 1, 2)
-    pix_feat = torch.empty((batch, 256, 64, 64), dtype=dtype, device="meta")
-    weight = torch.empty((256, 512), dtype=dtype, device="meta")
-    bias = torch.empty((256,), dtype=dtype, device="meta")
-    launch, _ = plan_pointwise("proj_add", mask_features, pix_feat, weight, bias, True, REPORT_SM_COUNT,
-                               for_interpreter=False)
-    return [launch.spec()]
+    launches = []
+    for weights in dict.fromkeys((dtype, torch.float32)):
+        mask_features = meta(batch, 64, 64, 256).permute(0, 3, 1, 2)
+        launches.append(plan_proj_add(
+            mask_features, meta(batch, 256, 64, 64), meta(256, 256, 1, 1, dtype=weights), meta(256, dtype=weights),
+            meta(256, 256, 1, 1, dtype=weights), meta(256, dtype=weights), meta(batch, 64, 64, 256), device,
+            for_interpreter=False))
+    return launches

@@ -17,7 +17,7 @@ import pytest
 from memenc_fast.tools import kernel_report as kr
 
 HERE = Path(__file__).resolve().parent
-KERNEL_REPORT_PY = HERE.parent / "memenc_fast" / "kernel_report.py"
+KERNEL_REPORT_PY = HERE.parent / "memenc_fast" / "tools" / "kernel_report.py"
 
 RESOURCE_USAGE = """
 Resource usage:
@@ -228,10 +228,11 @@ def test_json_records_have_the_documented_keys(triton_report: tuple[Path, int, s
 
 
 BROKEN_KERNELS = """
+import torch
 import triton
 import triton.language as tl
 
-from memenc_fast.tools.kernel_report import TritonKernelSpec
+from memenc_fast.kernels._common import Launch
 
 
 @triton.jit
@@ -240,14 +241,13 @@ def scale(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
 
 
-def report_specs(batch, dtype):
-    if str(dtype) == "torch.float16":
+def report_launches(batch, dtype, device):
+    if dtype == torch.float16:
         raise RuntimeError("no fp16 configuration")
-    # 'n' is in neither signature nor constexprs.
-    return [TritonKernelSpec(kernel="scale", fn=scale, signature={"x_ptr": "*fp32"},
-                             constexprs={"BLOCK": 128}, num_warps=4, num_stages=1,
-                             config="BLOCK=128", matrix_work=False, hot=True, flops=0,
-                             min_bytes=0)]
+    # 'n' is in neither args nor constexprs.
+    return [Launch(kernel="scale", fn=scale, grid=(1,), args={"x_ptr": torch.empty(128, device="meta")},
+                   constexprs={"BLOCK": 128}, num_warps=4, num_stages=1, config="BLOCK=128",
+                   matrix_work=False, flops=0, min_bytes=0)]
 """
 
 
@@ -264,8 +264,8 @@ def test_broken_specs_are_compile_failures(tmp_path: Path,
     assert flagged == [
         "VIOLATION does not compile: triton scale [BLOCK=128] sm_90a B=1 bf16: ValueError: "
         "argument 'n' of scale has neither a type in signature nor a value in constexprs",
-        "VIOLATION does not compile: triton broken_kernels [-] - B=1 fp16: report_specs failed: "
-        "RuntimeError: no fp16 configuration",
+        "VIOLATION does not compile: triton broken_kernels [-] sm_90a B=1 fp16: report_launches "
+        "failed: RuntimeError: no fp16 configuration",
     ]
 
 
@@ -278,6 +278,39 @@ def test_spec_validation_names_expected_and_given() -> None:
         kr.TritonKernelSpec(kernel="k", fn=None, signature={"n": "i32"}, constexprs={"n": 1},
                             num_warps=4, num_stages=1, config="", matrix_work=False, hot=True,
                             flops=0, min_bytes=0)
+
+
+@needs_triton
+def test_spec_from_launch_types_arguments_as_triton_does_at_launch() -> None:
+    import torch
+
+    from memenc_fast.kernels._common import Launch
+
+    spec_args = {"x_ptr": torch.empty(4, dtype=torch.bfloat16, device="meta"),
+                 "w_ptr": torch.empty(4, dtype=torch.float32, device="meta"),
+                 "scale": 2.0, "one": 1, "rows": 48, "odd": 7, "huge": 2**40 + 1}
+    launch = Launch(kernel="k", fn=None, grid=(1,), args=spec_args, constexprs={"BLOCK": 64}, num_warps=4,
+                    num_stages=2, config="c", matrix_work=True, flops=10, min_bytes=20)
+    spec = kr.spec_from_launch(launch)
+    assert spec.signature == {"x_ptr": "*bf16", "w_ptr": "*fp32", "scale": "fp32", "rows": "i32", "odd": "i32",
+                              "huge": "i64"}
+    assert spec.constexprs == {"BLOCK": 64, "one": 1}
+    assert spec.aligned_ints == ("rows",)
+    assert (spec.num_warps, spec.num_stages, spec.flops, spec.min_bytes, spec.hot) == (4, 2, 10, 20, True)
+    bad = Launch(kernel="k", fn=None, grid=(1,), args={"x_ptr": torch.empty(4, dtype=torch.int8, device="meta")},
+                 constexprs={}, num_warps=4, num_stages=1, config="c", matrix_work=False, flops=0, min_bytes=0)
+    with pytest.raises(ValueError, match="argument 'x_ptr': expected a float32, bfloat16 or float16 tensor, an "
+                                         "int or a float, got torch.int8"):
+        kr.spec_from_launch(bad)
+
+
+@needs_triton
+def test_target_devices_are_the_gpus_the_limits_describe() -> None:
+    a100, h100 = kr.target_device("sm_80"), kr.target_device("sm_90a")
+    assert (a100.sm_count, a100.shared_memory_per_block) == (108, kr.SHARED_LIMITS["sm_80"].per_block_max)
+    assert (h100.sm_count, h100.shared_memory_per_block) == (132, kr.SHARED_LIMITS["sm_90a"].per_block_max)
+    with pytest.raises(ValueError, match=r"unknown target 'sm_75'; expected one of \['sm_80', 'sm_90a'\]"):
+        kr.target_device("sm_75")
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -10,11 +10,14 @@ for the SAM 2 shape and the floor time they imply on an H100.
 Where the kernels come from
 ---------------------------
 * **Triton**: every module of the package ``memenc_fast.kernels`` that defines
-  ``report_specs(batch: int, dtype: torch.dtype) -> list[TritonKernelSpec]``. Each spec is one
-  launch configuration; it is compiled with ``triton.compile`` for an explicit ``GPUTarget``,
-  with every pointer argument specialised as 16-byte aligned, as a launch on torch tensors is.
-  The compiles run in worker processes (``--jobs``), which also keeps them clear of
-  ``TRITON_INTERPRET``.
+  ``report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> list[Launch]``
+  (``memenc_fast.kernels._common``): the launches the backend makes for the SAM 2 shape on a
+  device with ``device``'s SM count and shared memory per block (each target's, see
+  ``target_device``), built from meta tensors. The report turns each into a
+  ``TritonKernelSpec`` (``spec_from_launch``: the argument types as Triton types them at
+  launch) and compiles it with ``triton.compile`` for an explicit ``GPUTarget``, with every
+  pointer argument specialised as 16-byte aligned, as a launch on torch tensors is. The compiles
+  run in worker processes (``--jobs``), which also keeps them clear of ``TRITON_INTERPRET``.
 * **CUDA**: every ``csrc/*.cu`` is compiled with ``nvcc -cubin -O3 -std=c++17`` per target (``-I
   csrc`` and, when torch is installed, torch's include directories); each ``__global__``
   function in the cubin is a row. Its name is demangled (``c++filt``) into a kernel name and
@@ -73,7 +76,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # the report runs without torch and triton, which the kernels import
+    from memenc_fast.kernels._common import DeviceLimits, Launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +143,10 @@ SHARED_LIMITS: dict[str, SharedLimit] = {
     "sm_80": SharedLimit(static_max=48 * 1024, per_block_max=166912),   # 163 KiB
     "sm_90a": SharedLimit(static_max=48 * 1024, per_block_max=232448),  # 227 KiB
 }
+
+# Streaming multiprocessors of the GPU each target stands for (A100, H100 SXM): the kernels'
+# configuration choosers fill a wave of them.
+SM_COUNTS: dict[str, int] = {"sm_80": 108, "sm_90a": 132}
 
 # H100 SXM rates the floors are computed with: bf16/fp16 measured on dense GEMMs (~80% of the
 # 989 TFLOP/s peak); fp32 with IEEE math runs on the CUDA cores (67 TFLOP/s peak, same ratio).
@@ -549,14 +559,62 @@ def _compile_triton(spec: TritonKernelSpec, target: str, cubin_dir: Path,
     return row
 
 
-def _error_row(kernel: str, error: str, batch: int | None = None, dtype: str = "-") -> Row:
-    return Row(backend="triton", kernel=kernel, target="-", config="-", batch=batch,
+def _error_row(kernel: str, error: str, batch: int | None = None, dtype: str = "-",
+               target: str = "-") -> Row:
+    return Row(backend="triton", kernel=kernel, target=target, config="-", batch=batch,
                dtype=dtype, hot=True, matrix_work=False, error=error)
+
+
+def target_device(target: str) -> DeviceLimits:
+    """The device limits of the GPU a target stands for: the kernels' configuration choosers
+    read its SM count and shared memory per block."""
+    from memenc_fast.kernels._common import DeviceLimits
+
+    if target not in SM_COUNTS:
+        raise ValueError(f"unknown target {target!r}; expected one of {sorted(SM_COUNTS)}")
+    return DeviceLimits(sm_count=SM_COUNTS[target],
+                        shared_memory_per_block=SHARED_LIMITS[target].per_block_max)
+
+
+# Triton's name of each torch dtype a pointer argument may point to, keyed by str(torch.dtype).
+_POINTER_TYPES: dict[str, str] = {"torch.float32": "fp32", "torch.bfloat16": "bf16",
+                                  "torch.float16": "fp16"}
+
+
+def spec_from_launch(launch: Launch) -> TritonKernelSpec:
+    """The ``TritonKernelSpec`` of a kernel module's launch, each runtime argument typed as
+    Triton types it at launch: a tensor as a pointer to its dtype, a float as fp32, an int as
+    i32 or i64 (one equal to 1 becomes a constant, and one divisible by 16 is marked aligned, as
+    Triton specialises them)."""
+    signature: dict[str, str] = {}
+    constexprs = dict(launch.constexprs)
+    aligned = []
+    for name, value in launch.args.items():
+        if isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if value == 1:
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
+        else:
+            dtype = str(getattr(value, "dtype", type(value).__name__))
+            if dtype not in _POINTER_TYPES:
+                raise ValueError(f"{launch.kernel}: argument {name!r}: expected a float32, "
+                                 f"bfloat16 or float16 tensor, an int or a float, got {dtype}")
+            signature[name] = "*" + _POINTER_TYPES[dtype]
+    return TritonKernelSpec(
+        kernel=launch.kernel, fn=launch.fn, signature=signature, constexprs=constexprs,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, config=launch.config,
+        matrix_work=launch.matrix_work, hot=True, flops=launch.flops, min_bytes=launch.min_bytes,
+        aligned_ints=tuple(aligned))
 
 
 def _kernel_modules(report: Report, discover: bool,
                     extra_modules: Sequence[Path]) -> list[ModuleType]:
-    """The modules to report: ``memenc_fast.kernels``'s with ``report_specs``, then the extras.
+    """The modules to report: ``memenc_fast.kernels``'s with ``report_launches``, then the extras.
 
     A module that fails to import becomes an error row: on the GPU machine it would fail too.
     """
@@ -583,26 +641,29 @@ def _kernel_modules(report: Report, discover: bool,
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         modules.append(module)
-    return [m for m in modules if callable(getattr(m, "report_specs", None))]
+    return [m for m in modules if callable(getattr(m, "report_launches", None))]
 
 
 def _compile_modules(options: Options, report: Report, modules: Sequence[ModuleType],
                      cuobjdump: str, compiled: dict[str, Row]) -> None:
-    """Rows for every spec of ``modules`` (a worker's job); ``compiled`` memoizes compiles."""
+    """Rows for every launch of ``modules`` (a worker's job); ``compiled`` memoizes compiles."""
     import torch
 
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for module in modules:
-        for batch in options.batches:
-            for dtype in options.dtypes:
-                try:
-                    specs = list(module.report_specs(batch, torch_dtypes[dtype]))
-                except Exception as exc:  # noqa: BLE001 - a broken spec list is a finding
-                    report.rows.append(_error_row(module.__name__, f"report_specs failed: "
-                                                  f"{type(exc).__name__}: {exc}", batch, dtype))
-                    continue
-                for spec in specs:
-                    for target in options.targets:
+    for target in options.targets:
+        device = target_device(target)
+        for module in modules:
+            for batch in options.batches:
+                for dtype in options.dtypes:
+                    try:
+                        specs = [spec_from_launch(launch) for launch in
+                                 module.report_launches(batch, torch_dtypes[dtype], device)]
+                    except Exception as exc:  # noqa: BLE001 - a broken launch list is a finding
+                        report.rows.append(_error_row(module.__name__, f"report_launches failed: "
+                                                      f"{type(exc).__name__}: {exc}", batch, dtype,
+                                                      target))
+                        continue
+                    for spec in specs:
                         key = _spec_key(spec, target)
                         if key not in compiled:
                             compiled[key] = _compile_triton(spec, target, options.cubin_dir,
@@ -663,7 +724,7 @@ def report_triton(options: Options, report: Report, extra_modules: Sequence[Path
     """Add a row per Triton spec, target, batch and dtype to ``report``.
 
     ``discover`` reports the modules of ``memenc_fast.kernels``; ``extra_modules`` are Python
-    files with a ``report_specs`` reported beside them. The (target, dtype) pairs are shared
+    files with a ``report_launches`` reported beside them. The (target, dtype) pairs are shared
     out among ``options.jobs`` worker processes; B=1 and B=64 of one pair share a worker, so a
     configuration both launch compiles once.
     """
@@ -674,7 +735,7 @@ def report_triton(options: Options, report: Report, extra_modules: Sequence[Path
         return
     if _module_origin("torch") is None:
         report.skipped.append("Triton rows skipped: torch is not installed "
-                              "(report_specs takes a torch.dtype)")
+                              "(report_launches takes a torch.dtype)")
         return
     cuobjdump = find_cuobjdump(prefer_triton=True)
     if cuobjdump is None:

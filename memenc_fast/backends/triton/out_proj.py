@@ -1,0 +1,52 @@
+"""The triton ``out_proj`` op: the 1x1 conv from tokens to the NCHW output on the pointwise
+kernel (``memenc_fast.kernels.out_proj``), on the live weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...kernels.out_proj import plan_out_proj
+from ...structure import Pointwise
+from .. import torch_ops
+from ..kernel_args import check_tensor, eager_or_custom_op, new_output
+from ._common import check_device, check_parameters, device_limits
+
+__all__ = ["out_proj", "out_proj_nchw"]
+
+_OP = "out_proj"
+
+
+def out_proj_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``weight . x + bias`` per pixel: tokens (B, H, W, C) contiguous -> (B, N, H, W) contiguous,
+    in x's dtype; ``weight`` (N, C, 1, 1) and ``bias`` (N,) in any float dtype."""
+    check_tensor(_OP, "x", x, shape=(None, None, None, None), contiguous=True)
+    device = check_device(_OP, x=x)
+    batch, height, width, channels = x.shape
+    n = weight.shape[0]
+    check_parameters(_OP, device, [("weight", weight, (n, channels, 1, 1)), ("bias", bias, (n,))])
+    out = new_output((batch, n, height, width), x.dtype, x.device)
+    if out.numel():
+        plan_out_proj(x, weight.contiguous(), bias.contiguous(), out, device_limits(device)).run()
+    return out
+
+
+@torch.library.custom_op("memenc_fast::triton_out_proj", mutates_args=())
+def _out_proj_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return out_proj_nchw(x, weight, bias)
+
+
+@_out_proj_op.register_fake
+def _(x, weight, bias):
+    batch, height, width, _ = x.shape
+    return x.new_empty((batch, weight.shape[0], height, width))
+
+
+def out_proj(x: torch.Tensor, layer: Optional[Pointwise]) -> torch.Tensor:
+    """The ``out_proj`` op (see ``torch_ops.out_proj``): tokens (B, H, W, C) -> NCHW output
+    (B, N, H, W), contiguous. Without an out_proj (Identity) it is a layout change only, which
+    the torch op does."""
+    if layer is None:
+        return torch_ops.out_proj(x, None)
+    return eager_or_custom_op(out_proj_nchw, _out_proj_op)(x, layer.weight, layer.bias)
