@@ -146,6 +146,12 @@ def test_arguments_reject_unknown_values() -> None:
     assert kr._targets("sm_90a") == ("sm_90a",)
 
 
+def test_default_csrc_is_the_repository_s() -> None:
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+    assert parser.parse_args([]).csrc == HERE.parent / "csrc"
+
+
 # ----------------------------------------------------------------------------- Triton
 
 needs_triton = pytest.mark.skipif(

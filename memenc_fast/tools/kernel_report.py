@@ -163,7 +163,7 @@ JSON_KEYS: tuple[str, ...] = (
     "error",
 )
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # memenc_fast/tools/ -> the repository
 
 
 # ----------------------------------------------------------------------------- parsing
