@@ -124,13 +124,18 @@ class Backend:
         refused = unsupported(structure, device, dtype) if unsupported is not None else {}
         if self.name != "torch" and refused and all(op in refused for op in ops):
             return None, "; ".join(f"{op}: {why}" for op, why in refused.items())
-        table = dict(_registry["torch"].ops())
+        torch_ops = _registry["torch"].ops()
+        table = dict(torch_ops)
+        fallbacks = []
         for op, fn in ops.items():
-            if op in refused:
-                log_once(f"memenc_fast: {self.name} {op} runs the torch op: {refused[op]}")
-            else:
+            if op not in refused:
                 table[op] = fn
-        return table, "; ".join(f"{op} runs the torch op: {why}" for op, why in refused.items())
+                continue
+            # An optional op (not in torch's table) runs as the ops it combines.
+            instead = "runs the torch op" if op in torch_ops else "runs as the separate ops it fuses"
+            fallbacks.append(f"{op} {instead}: {refused[op]}")
+            log_once(f"memenc_fast: {self.name} {fallbacks[-1]}")
+        return table, "; ".join(fallbacks)
 
 
 @dataclass(frozen=True)
