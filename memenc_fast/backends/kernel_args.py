@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+import warnings
+from typing import Callable, Hashable, Iterator, Optional, Sequence, Set, TypeVar
 
 import torch
 
 from ..validation import describe_tensor
 
 __all__ = ["KERNEL_DTYPES", "check_tensor", "check_same_device", "poison_outputs", "new_output",
-           "eager_or_custom_op"]
+           "eager_or_custom_op", "LaunchRefused", "launch_or_fall_back"]
 
 _T = TypeVar("_T")
 
@@ -95,3 +96,31 @@ def eager_or_custom_op(eager: Callable[..., _T], custom_op: Callable[..., _T]) -
     """``custom_op`` while torch.compile or torch.export traces, else the plain wrapper ``eager``:
     a custom op's dispatch costs about 10 us per call, as much as a whole B=1 kernel."""
     return custom_op if torch.compiler.is_compiling() else eager
+
+
+class LaunchRefused(RuntimeError):
+    """The GPU refused a kernel launch: more shared memory than a block may have, no kernel image
+    for this GPU, an invalid launch configuration. The message names the kernel and the reason."""
+
+
+_refused: Set[Hashable] = set()
+_refused_lock = threading.Lock()
+
+
+def launch_or_fall_back(kernel: str, device: torch.device, signature: Hashable, launch: Callable[[], _T],
+                        fall_back: Callable[[], _T]) -> _T:
+    """``launch()``, or ``fall_back()`` (the torch op) where the GPU refuses it: a refusal is
+    remembered per (kernel, device, ``signature``), the dtypes and sizes the launch configuration
+    depends on, and said once in a warning naming the kernel, the GPU and the reason."""
+    key = (kernel, device, signature)
+    if _refused and key in _refused:
+        return fall_back()
+    try:
+        return launch()
+    except LaunchRefused as err:
+        with _refused_lock:
+            _refused.add(key)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        warnings.warn(f"memenc_fast: {kernel} was refused on {gpu} ({device}): {err}; this op runs the torch op "
+                      f"for these inputs from now on", RuntimeWarning, stacklevel=2)
+        return fall_back()
