@@ -68,8 +68,10 @@ class Backend:
     ``ops_module`` is imported only when the backend is first used, so registering a backend
     never imports its toolchain. ``unavailable_reason`` returns None when the backend can run on
     this machine. The ops module may define ``unsupported_ops(structure, device, dtype)``, the
-    one place where it says which of its ops cannot run a structure (op name -> reason); those
-    run the torch op instead.
+    one place where it says which of its ops cannot run a structure on a device in a dtype (op
+    name -> reason); those run the torch op instead. It may also define
+    ``auto_skip_reason(device, dtype)``: why ``auto`` should not prefer it there (it is slower than
+    the next backend on that GPU generation), or None.
     """
 
     name: str
@@ -114,6 +116,11 @@ class Backend:
             return "has no backward; run with torch.no_grad() or use the reference backend for training"
         return None
 
+    def auto_skip_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """Why ``auto`` passes this backend over on ``device`` in ``dtype``, or None."""
+        skip = getattr(self.module(), "auto_skip_reason", None)
+        return skip(device, dtype) if skip is not None else None
+
     def op_table(self, structure: Structure, device: torch.device,
                  dtype: torch.dtype) -> Tuple[Optional[Dict[str, Callable]], str]:
         """The ops that run ``structure`` here: this backend's where it can, torch's elsewhere
@@ -123,6 +130,9 @@ class Backend:
         unsupported = getattr(self.module(), "unsupported_ops", None)
         refused = unsupported(structure, device, dtype) if unsupported is not None else {}
         if self.name != "torch" and refused and all(op in refused for op in ops):
+            reasons = list(dict.fromkeys(refused.values()))  # a device-wide reason once, not per op
+            if len(reasons) == 1:
+                return None, reasons[0]
             return None, "; ".join(f"{op}: {why}" for op, why in refused.items())
         torch_ops = _registry["torch"].ops()
         table = dict(torch_ops)
@@ -317,9 +327,10 @@ def select_backend(
         if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
                 device, dtype, needs_grad) is None:
             table, reason = backend.op_table(structure, device, dtype)
-            if table is not None:
+            skip = backend.auto_skip_reason(device, dtype) if table is not None else reason
+            if skip is None:
                 return Selection(candidate, table, reason or None)
-            log_once(f"memenc_fast: auto skips backend {candidate!r}: {reason}")
+            log_once(f"memenc_fast: auto skips backend {candidate!r}: {skip}")
     reason = f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
     log_once(f"memenc_fast: {reason}; running the reference forward")
     return _reference(reason)

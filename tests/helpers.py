@@ -45,14 +45,17 @@ def backend_device_params(fused_only: bool = False) -> List[object]:
     return [p for p in params if not (fused_only and p.values[0] == "reference")]
 
 
-def stub_backend(name: str, ops: Dict[str, object], unsupported: Dict[str, str] = None) -> "mf.dispatch.Backend":
+def stub_backend(name: str, ops: Dict[str, object], unsupported: Dict[str, str] = None, priority: int = -1,
+                 auto_skip: str = None) -> "mf.dispatch.Backend":
     """A CPU float32 backend named ``name`` whose ops module holds ``ops`` (and an
-    ``unsupported_ops`` refusing ``unsupported``), for ``monkeypatch.setitem(dispatch._registry, ...)``."""
+    ``unsupported_ops`` refusing ``unsupported``, an ``auto_skip_reason`` saying ``auto_skip``),
+    for ``monkeypatch.setitem(dispatch._registry, ...)``."""
     module = types.ModuleType(f"{name}_ops")
     for op, fn in ops.items():
         setattr(module, op, fn)
     module.unsupported_ops = lambda structure, device, dtype: dict(unsupported or {})
-    backend = mf.dispatch.Backend(name=name, priority=-1, device_types=frozenset({"cpu"}),
+    module.auto_skip_reason = lambda device, dtype: auto_skip
+    backend = mf.dispatch.Backend(name=name, priority=priority, device_types=frozenset({"cpu"}),
                                   dtypes=frozenset({torch.float32}), ops_module=module.__name__,
                                   unavailable_reason=lambda: None)
     backend._module.append(module)

@@ -122,6 +122,34 @@ def test_per_op_fallback_to_torch(monkeypatch):
     torch.testing.assert_close(out, _features(encoder, pix_feat, masks, "torch"))
 
 
+def test_auto_passes_over_a_backend_slower_on_this_device(monkeypatch):
+    from memenc_fast.backends import torch_ops
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    encoder = build_encoder(TINY)
+    pix_feat, masks = make_inputs(TINY, 2)
+    for skip, chosen in (("slower than torch here", "torch"), (None, "preferred")):
+        preferred = stub_backend("preferred", {"out_proj": torch_ops.out_proj}, priority=15, auto_skip=skip)
+        monkeypatch.setitem(dispatch._registry, "preferred", preferred)
+        _features(encoder, pix_feat, masks, "auto")
+        assert encoder.last_backend == chosen
+        _features(encoder, pix_feat, masks, "preferred")  # asked for by name: it runs
+        assert encoder.last_backend == "preferred"
+
+
+def test_a_device_wide_refusal_is_said_once(monkeypatch):
+    from memenc_fast.backends import torch_ops
+
+    why = "bf16 needs sm_80; this is sm_75 (T4)"
+    ops = {op: getattr(torch_ops, op) for op in ("mask_downsample", "proj_add", "cxblock")}
+    monkeypatch.setitem(dispatch._registry, "old", stub_backend("old", ops, {op: why for op in ops}))
+    encoder = build_encoder(TINY)
+    pix_feat, masks = make_inputs(TINY, 2)
+    with pytest.raises(mf.BackendUnavailableError) as raised:
+        _features(encoder, pix_feat, masks, "old")
+    assert str(raised.value) == f"memenc_fast backend 'old' cannot run this forward: {why}"
+
+
 def test_selection_is_decided_once_per_structure_and_redecided_after_a_change(monkeypatch):
     encoder = build_encoder(TINY)
     pix_feat, masks = make_inputs(TINY, 2)
