@@ -170,11 +170,14 @@ def _reference(reason: str) -> Selection:
 _registry: Dict[str, Backend] = {}
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("memenc_fast_backend", default=None)
 _logged_reasons: set = set()
+_registry_generation = 0
 
 
 def register_backend(backend: Backend) -> None:
-    """Adds (or replaces) a backend in the registry."""
+    """Adds (or replaces) a backend in the registry (choices made before are made again)."""
+    global _registry_generation
     _registry[backend.name] = backend
+    _registry_generation += 1
 
 
 def registered_backends() -> List[str]:
@@ -348,7 +351,7 @@ def select_cached(
     # (ONNX export runs under torch.export or the JIT tracer.)
     if structure is None or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return select_backend(device, dtype, structure, structure_error, needs_grad)
-    key = (current_backend(), device, dtype, needs_grad)
+    key = (current_backend(), device, dtype, needs_grad, _registry_generation)
     selection = structure.selections.get(key)
     if selection is None:
         selection = select_backend(device, dtype, structure, None, needs_grad, key[0])

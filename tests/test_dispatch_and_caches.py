@@ -126,9 +126,9 @@ def test_auto_passes_over_a_backend_slower_on_this_device(monkeypatch):
     from memenc_fast.backends import torch_ops
 
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    encoder = build_encoder(TINY)
     pix_feat, masks = make_inputs(TINY, 2)
     for skip, chosen in (("slower than torch here", "torch"), (None, "preferred")):
+        encoder = build_encoder(TINY)
         preferred = stub_backend("preferred", {"out_proj": torch_ops.out_proj}, priority=15, auto_skip=skip)
         monkeypatch.setitem(dispatch._registry, "preferred", preferred)
         _features(encoder, pix_feat, masks, "auto")
