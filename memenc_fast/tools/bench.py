@@ -9,40 +9,60 @@ FLOPs / measured matmul rate and minimum bytes / measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
-import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from .. import reference
 from ..backends import triton_interpreted
-from ..dispatch import Selection, available_backends, select_backend, use_backend
+from ..dispatch import REFERENCE, Selection, available_backends, select_backend, use_backend
 from ..structure import Structure, read_structure
 from .presets import PRESETS, Preset, build_encoder, encoder_flops, flop_breakdown, make_inputs
-from .reporting import dtype_name, parse_dtypes, parse_ints, print_table, progress
+from .reporting import (Column, backend_list, batch_sizes, default_device, dtype_list, dtype_name, output_file,
+                        plot_file, positive_int, preset_list, print_table, progress, torch_device, write_json)
 
-__all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "measure_copy_bandwidth", "op_calls"]
+__all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "measure_copy_bandwidth", "op_calls",
+           "end_to_end_columns", "OPS_COLUMNS", "COMPILE_MODES"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The modes ``torch.compile`` takes."""
+
+EAGER, COMPILED = "reference", "reference+compile"
+"""The rows of the reference model itself, eager and under torch.compile."""
+
+GPU_BATCHES = {"sam2": [1, 8, 32, 64], "sam3": [1, 16, 64]}
+OTHER_GPU_BATCHES, CPU_BATCHES = [1, 8], [1, 4]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--batch", default=None,
+    """Registers the ``bench`` subcommand's options on ``parser``."""
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--batch", type=batch_sizes, default=None,
                         help="comma list of batch sizes (default on GPU: sam2 1,8,32,64, sam3 1,16,64; CPU: 1,4)")
-    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32,bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--preset", default="sam2",
-                        help=f"comma list of model/input sizes from {sorted(PRESETS)} (default sam2)")
-    parser.add_argument("--backends", default=None, help="comma list of backends (default: every available one)")
+    parser.add_argument("--dtypes", type=dtype_list, default=None,
+                        help="comma list of fp32,bf16,fp16,fp64 (default fp32,bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--preset", type=preset_list, default="sam2",
+                        help=f"comma list of model/input sizes from {', '.join(sorted(PRESETS))} (default sam2)")
+    parser.add_argument("--backends", type=backend_list, default=None,
+                        help="comma list of backends (default: every available one)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="also time the reference under torch.compile (default: on GPU only)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row")
-    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
-    parser.add_argument("--ops", action="store_true", help="time each op of each backend beside its floor")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON here")
-    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES,
+                        help="torch.compile mode (default max-autotune)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
+    parser.add_argument("--json", dest="json_path", metavar="FILE", type=output_file, default=None,
+                        help="write the rows as JSON here")
+    # The plot draws end-to-end speedups, which --ops does not measure.
+    exclusive = parser.add_mutually_exclusive_group()
+    exclusive.add_argument("--ops", action="store_true", help="time each op of each backend beside its floor")
+    exclusive.add_argument("--plot", dest="plot_path", metavar="FILE.png", type=plot_file, default=None,
+                           help="write a plot of the speedups here (needs matplotlib)")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -103,8 +123,10 @@ def _reference_twin(preset: Preset, encoder: torch.nn.Module, dtype: torch.dtype
     return twin
 
 
-def _end_to_end_rows(args: argparse.Namespace, device: torch.device, preset: Preset, dtypes, batches,
-                     backends: List[str], repeats: int, do_compile: bool) -> List[Dict[str, object]]:
+def _end_to_end_rows(device: torch.device, preset: Preset, dtypes: List[torch.dtype], batches: List[int],
+                     backends: List[str], repeats: int, compile_mode: Optional[str]) -> List[Dict[str, object]]:
+    """One row per (dtype, batch, implementation): the eager reference, the compiled one when
+    ``compile_mode`` is given, and each backend; speedups are against the first two."""
     peak = measure_matmul_tflops(device, torch.bfloat16) if device.type == "cuda" else None
     rows: List[Dict[str, object]] = []
     plan = [(dtype, batch) for dtype in dtypes for batch in batches]
@@ -112,10 +134,10 @@ def _end_to_end_rows(args: argparse.Namespace, device: torch.device, preset: Pre
         encoder = build_encoder(preset, dtype=dtype, device=device)
         twin = _reference_twin(preset, encoder, dtype, device)
         pix_feat, masks = make_inputs(preset, batch, dtype=dtype, device=device)
-        impls: Dict[str, Callable[[], object]] = {"reference": lambda: twin(pix_feat, masks)}
-        if do_compile:
-            compiled = torch.compile(twin, mode=args.compile_mode)
-            impls["reference+compile"] = lambda: compiled(pix_feat, masks)
+        impls: Dict[str, Callable[[], object]] = {EAGER: lambda: twin(pix_feat, masks)}
+        if compile_mode is not None:
+            compiled = torch.compile(twin, mode=compile_mode)
+            impls[COMPILED] = lambda: compiled(pix_feat, masks)
         for name in backends:
             impls[name] = (lambda n: lambda: _with_backend(n, encoder, pix_feat, masks))(name)
         flops = encoder_flops(preset, batch)
@@ -128,13 +150,13 @@ def _end_to_end_rows(args: argparse.Namespace, device: torch.device, preset: Pre
             except Exception as err:  # one broken implementation must not hide the others' numbers
                 progress(f"  {name} failed: {type(err).__name__}: {err}")
                 timings[name] = None
-        eager, compiled_time = timings.get("reference"), timings.get("reference+compile")
+        eager, compiled_time = timings.get(EAGER), timings.get(COMPILED)
         for name, seconds in timings.items():
             row: Dict[str, object] = dict(preset=preset.name, dtype=dtype_name(dtype), batch=batch, impl=name,
-                                          ms=None, us_per_object=None, vs_eager=None, vs_compile=None,
+                                          ms=None, objects_per_s=None, vs_eager=None, vs_compile=None,
                                           tflops=None, pct_peak=None, device=str(device))
             if seconds is not None:
-                row.update(ms=seconds * 1e3, us_per_object=seconds * 1e6 / batch,
+                row.update(ms=seconds * 1e3, objects_per_s=batch / seconds,
                            vs_eager=eager / seconds if eager else None,
                            vs_compile=compiled_time / seconds if compiled_time else None)
                 if device.type == "cuda":
@@ -182,8 +204,8 @@ def op_calls(ops: Mapping[str, Callable], structure: Structure, pix_feat: torch.
     }
 
 
-def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: List[str],
-             repeats: int) -> List[Dict[str, object]]:
+def _op_rows(device: torch.device, preset: Preset, dtypes: List[torch.dtype], batches: List[int],
+             backends: List[str], repeats: int) -> List[Dict[str, object]]:
     bandwidth = measure_copy_bandwidth(device)
     rows: List[Dict[str, object]] = []
     for dtype in dtypes:
@@ -210,81 +232,103 @@ def _op_rows(device: torch.device, preset: Preset, dtypes, batches, backends: Li
     return rows
 
 
-def _plot(rows: List[Dict[str, object]], path: str) -> None:
-    try:
-        import matplotlib
+def _plot(rows: List[Dict[str, object]], path: Path, device: torch.device) -> None:
+    """Writes the speedups to ``path``: one panel per preset (rows) and dtype (columns), each
+    implementation against the eager reference (solid) and the compiled one (dashed, when timed),
+    batch sizes side by side with the eager reference's time under each."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        progress("--plot needs matplotlib (pip install matplotlib); no plot written")
-        return
-    dtypes = sorted({str(r["dtype"]) for r in rows})
-    presets = sorted({str(r["preset"]) for r in rows})
-    panels = [(p, d) for p in presets for d in dtypes]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (preset, dtype) in zip(axes[0], panels):
-        subset = [r for r in rows if r["dtype"] == dtype and r["preset"] == preset and r["us_per_object"]]
-        for impl in sorted({str(r["impl"]) for r in subset}):
-            points = sorted((r["batch"], r["us_per_object"]) for r in subset if r["impl"] == impl)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="batch (objects)", ylabel="µs per object",
-               title=f"{preset} {dtype} ({rows[0]['device']})")
-        ax.legend()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
+
+    presets = list(dict.fromkeys(str(r["preset"]) for r in rows))
+    dtypes = list(dict.fromkeys(str(r["dtype"]) for r in rows))
+    impls = [name for name in dict.fromkeys(str(r["impl"]) for r in rows) if name != EAGER]
+    compiled = any(r["impl"] == COMPILED for r in rows)
+    fig, axes = plt.subplots(len(presets), len(dtypes), figsize=(6 * len(dtypes), 4.5 * len(presets)),
+                             squeeze=False)
+    for (row_index, preset), (column_index, dtype) in ((p, d) for p in enumerate(presets) for d in enumerate(dtypes)):
+        ax = axes[row_index][column_index]
+        panel = {(r["impl"], r["batch"]): r for r in rows if r["preset"] == preset and r["dtype"] == dtype}
+        batches = sorted({batch for _, batch in panel})
+        # Batches as categories, evenly spaced: 1, 8, 32, 64 are sizes to compare, not a scale.
+        positions = list(range(len(batches)))
+        ax.axhline(1.0, color="black", linewidth=1, linestyle=":", label="reference (1.0x)")
+        for color, impl in enumerate(impls):
+            for key, style, baseline in (("vs_eager", "-", "eager"), ("vs_compile", "--", "compiled")):
+                if key == "vs_compile" and (not compiled or impl == COMPILED):
+                    continue
+                speedups = [panel.get((impl, b), {}).get(key) for b in batches]
+                ax.plot(positions, [math.nan if s is None else s for s in speedups], linestyle=style,
+                        marker="o", color=f"C{color}", label=f"{impl} vs {baseline}")
+        eager_ms = [panel.get((EAGER, b), {}).get("ms") for b in batches]
+        ax.set_xticks(positions, [f"{b}" if ms is None else f"{b}\n(eager {ms:,.2f} ms)"
+                                  for b, ms in zip(batches, eager_ms)])
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}x"))
+        ax.grid(axis="y", alpha=0.3)
+        ax.set(xlabel="batch (objects)", ylabel="speedup (higher is faster)", title=f"{preset}, {dtype}")
+    fig.suptitle(f"memenc_fast bench on {device}: speedup over the reference model")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # One legend for all panels, beside them: inside a panel it would cover the lines.
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     progress(f"plot written to {path}")
 
 
-GPU_BATCHES = {"sam2": "1,8,32,64", "sam3": "1,16,64"}
+def end_to_end_columns(device: torch.device, compiled: bool) -> List[Column]:
+    """The bench table's columns: time per forward, throughput, speedups (vs compiled only when it
+    was timed) and, on GPU, the FLOP rate."""
+    columns = [Column("preset", "preset"), Column("dtype", "dtype"), Column("B", "batch", "{:d}"),
+               Column("impl", "impl"), Column("ms/forward", "ms", "{:,.3f}"),
+               Column("objects/s", "objects_per_s", "{:,.1f}"), Column("vs eager", "vs_eager", "{:.2f}x")]
+    if compiled:
+        columns.append(Column("vs compiled", "vs_compile", "{:.2f}x"))
+    if device.type == "cuda":
+        columns += [Column("TFLOP/s", "tflops", "{:.1f}"), Column("% of bf16 peak", "pct_peak", "{:.1f}")]
+    return columns
 
 
-def _default_batches(preset: str, on_gpu: bool) -> str:
-    return GPU_BATCHES.get(preset, "1,8") if on_gpu else "1,4"
+OPS_COLUMNS = [Column("preset", "preset"), Column("backend", "backend"), Column("op", "op"),
+               Column("dtype", "dtype"), Column("B", "batch", "{:d}"), Column("µs", "us", "{:,.1f}"),
+               Column("floor µs", "floor_us", "{:,.1f}"), Column("% of floor", "pct_of_floor", "{:.1f}"),
+               Column("GFLOP", "gflop", "{:.3f}"), Column("MB", "mbytes", "{:.2f}")]
+"""The ``--ops`` table: times in µs, one format per column."""
+
+
+def _default_batches(preset: str, on_gpu: bool) -> List[int]:
+    return GPU_BATCHES.get(preset, OTHER_GPU_BATCHES) if on_gpu else CPU_BATCHES
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Runs ``bench`` with parsed, validated arguments; returns 0."""
+    device = args.device or default_device()
     on_gpu = device.type == "cuda"
-    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
-    try:
-        unknown = [p for p in presets if p not in PRESETS]
-        if unknown or not presets:
-            raise ValueError(f"--preset must be a comma list of {sorted(PRESETS)}; got {args.preset!r}")
-        batches = {p: parse_ints(args.batch or _default_batches(p, on_gpu)) for p in presets}
-        dtypes = parse_dtypes(args.dtypes or ("fp32,bf16" if on_gpu else "fp32"))
-    except ValueError as err:
-        print(f"bench: {err}", file=sys.stderr)
-        return 2
+    dtypes = args.dtypes or ([torch.float32, torch.bfloat16] if on_gpu else [torch.float32])
     if args.backends:
-        backends = args.backends.split(",")
+        # The eager reference is always timed, under its own row.
+        backends = [b for b in args.backends if b != REFERENCE]
     else:
         # The interpreted Triton backend is a correctness tool: timing it says nothing.
         backends = [b for b in available_backends(device)
-                    if b != "reference" and not (b == "triton" and not on_gpu and triton_interpreted())]
+                    if b != REFERENCE and not (b == "triton" and not on_gpu and triton_interpreted())]
     repeats = args.repeats or (50 if on_gpu else 3)
-    rows = []
+    rows: List[Dict[str, object]] = []
+    for name in args.preset:
+        batches = args.batch or _default_batches(name, on_gpu)
+        if args.ops:
+            rows += _op_rows(device, PRESETS[name], dtypes, batches, backends, repeats)
+        else:
+            compile_mode = args.compile_mode if (on_gpu if args.compile is None else args.compile) else None
+            rows += _end_to_end_rows(device, PRESETS[name], dtypes, batches, backends, repeats, compile_mode)
     if args.ops:
-        for name in presets:
-            rows += _op_rows(device, PRESETS[name], dtypes, batches[name], backends, repeats)
-        print_table(rows, [("preset", "preset"), ("backend", "backend"), ("op", "op"), ("dtype", "dtype"),
-                           ("B", "batch"), ("µs", "us"), ("floor µs", "floor_us"), ("% of floor", "pct_of_floor"),
-                           ("GFLOP", "gflop"), ("MB", "mbytes")],
-                    title=f"memenc_fast per-op timings on {device}")
+        print_table(rows, OPS_COLUMNS, title=f"memenc_fast per-op timings on {device}")
     else:
-        do_compile = on_gpu if args.compile is None else args.compile
-        for name in presets:
-            rows += _end_to_end_rows(args, device, PRESETS[name], dtypes, batches[name], backends, repeats,
-                                     do_compile)
-        columns = [("preset", "preset"), ("dtype", "dtype"), ("B", "batch"), ("impl", "impl"),
-                   ("ms/forward", "ms"), ("µs/object", "us_per_object"), ("vs eager", "vs_eager"),
-                   ("vs compile", "vs_compile")]
-        if on_gpu:
-            columns += [("TFLOP/s", "tflops"), ("% bf16 peak", "pct_peak")]
-        print_table(rows, columns, title=f"memenc_fast bench on {device}")
+        compiled = any(r["impl"] == COMPILED for r in rows)
+        print_table(rows, end_to_end_columns(device, compiled), title=f"memenc_fast bench on {device}")
         if args.plot_path:
-            _plot(rows, args.plot_path)
-    if args.json_path:
-        with open(args.json_path, "w") as handle:
-            json.dump({"device": str(device), "torch": torch.__version__, "rows": rows}, handle, indent=2)
+            _plot(rows, args.plot_path, device)
+    write_json(args.json_path, {"device": str(device), "torch": torch.__version__, "rows": rows})
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Dict, List
 
@@ -12,18 +11,36 @@ import torch
 from ..dispatch import available_backends, use_backend
 from .numerics import judge
 from .presets import PRESETS, build_encoder, make_inputs
-from .reporting import dtype_name, parse_dtypes, print_table, progress
+from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, output_file, positive_int,
+                        print_table, progress, torch_device, write_json)
 
-__all__ = ["add_arguments", "run", "check_backends"]
+__all__ = ["add_arguments", "run", "check_backends", "CHECK_COLUMNS"]
+
+CHECK_COLUMNS = [
+    Column("backend", "backend"),
+    Column("dtype", "dtype"),
+    Column("B", "batch", "{:d}"),
+    Column("rel err", "rel_error", "{:.2e}"),
+    Column("bound", "bound", "{:.2e}"),
+    Column("ref same dtype", "reference_same_dtype_error", "{:.2e}"),
+    Column("result", "status"),
+]
+"""The check table: relative errors (the backend's, the bound it must stay under, the reference's own
+in the same dtype) all in one scientific format."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all on GPU, fp32,bf16 on CPU)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    """Registers the ``check`` subcommand's options on ``parser``."""
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--dtypes", type=dtype_list, default=None,
+                        help="comma list of fp32,bf16,fp16,fp64 (default: fp32,bf16,fp16 on GPU, fp32,bf16 on CPU)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="batch size (default 2)")
     parser.add_argument("--preset", default="sam2", choices=sorted(PRESETS), help="model/input size (default sam2)")
-    parser.add_argument("--backends", default=None, help="comma list (default: every available backend)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    parser.add_argument("--backends", type=backend_list, default=None,
+                        help="comma list (default: every backend available on the device)")
+    parser.add_argument("--json", dest="json_path", metavar="FILE", type=output_file, default=None,
+                        help="write the results as JSON here")
 
 
 def check_backends(device: torch.device, dtypes: List[torch.dtype], batch: int, preset_name: str,
@@ -60,24 +77,16 @@ def check_backends(device: torch.device, dtypes: List[torch.dtype], batch: int, 
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    default = "fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16"
-    dtypes = parse_dtypes(args.dtypes or default)
-    backends = args.backends.split(",") if args.backends else available_backends(device)
+    """Runs ``check`` with parsed, validated arguments; 1 when a check fails, else 0."""
+    device = args.device or default_device()
+    dtypes = args.dtypes or [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    backends = args.backends or available_backends(device)
     rows = check_backends(device, dtypes, args.batch, args.preset, backends)
-    print_table(
-        rows,
-        [("backend", "backend"), ("dtype", "dtype"), ("B", "batch"), ("rel err", "rel_error"),
-         ("bound", "bound"), ("ref same dtype", "reference_same_dtype_error"), ("result", "status")],
-        title=f"memenc_fast check on {device} ({args.preset}, vs float64 reference)",
-    )
-    if args.json_path:
-        with open(args.json_path, "w") as handle:
-            json.dump({"device": str(device), "rows": rows}, handle, indent=2)
+    print_table(rows, CHECK_COLUMNS, title=f"memenc_fast check on {device} ({args.preset}, vs float64 reference)")
+    write_json(args.json_path, {"device": str(device), "rows": rows})
     failed = [r for r in rows if r["status"] != "PASS"]
     if failed:
         print(f"{len(failed)} of {len(rows)} checks failed", file=sys.stderr)
         return 1
     print(f"all {len(rows)} checks passed")
     return 0
-

@@ -1,29 +1,42 @@
-"""The command line: ``python -m memenc_fast check | bench | kernels``."""
+"""The command line: ``python -m memenc_fast check | bench | info | kernels``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 __all__ = ["main"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Parses ``argv`` and runs the chosen subcommand; returns its exit code."""
-    from . import bench, check, kernel_report
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: what was wrong, and where the options are listed
+    (argparse's default puts a usage block of several lines before the reason)."""
 
-    parser = argparse.ArgumentParser(prog="python -m memenc_fast", description=__doc__)
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parses ``argv`` and runs the chosen subcommand; returns its exit code (2 for bad arguments,
+    which are all refused here, before any work)."""
+    from . import bench, check, info, kernel_report
+
+    parser = _Parser(prog="python -m memenc_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, text in (
         ("check", check, "every available backend vs the float64 reference; non-zero exit on failure"),
         ("bench", bench, "reference (eager, torch.compile) vs every backend, or per-op timings (--ops)"),
+        ("info", info, "versions, devices, backends and the CUDA library on this machine"),
         ("kernels", kernel_report, "compile every kernel for sm_80/sm_90a and report registers, spills, smem"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, or arguments refused: return the code like a run's
+        return int(exit_request.code or 0)
     return args.run(args)
 
 

@@ -1,14 +1,45 @@
-"""Small shared pieces of the command-line tools: dtype names, tables, progress lines."""
+"""Shared pieces of the command-line tools: argument converters, tables, JSON files, progress lines.
+
+The converters are argparse ``type=`` functions: a bad value stops the command while its arguments
+are parsed, before any work, with argparse's exit code 2 and a one-line reason that says what was
+expected and what was given.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["DTYPES", "dtype_name", "parse_dtypes", "parse_ints", "print_table", "progress", "format_value"]
+from ..dispatch import AUTO, registered_backends
+from .presets import PRESETS
+
+__all__ = [
+    "DTYPES",
+    "dtype_name",
+    "parse_ints",
+    "positive_int",
+    "batch_sizes",
+    "dtype_list",
+    "backend_list",
+    "preset_list",
+    "torch_device",
+    "default_device",
+    "output_file",
+    "plot_file",
+    "Column",
+    "format_cell",
+    "print_table",
+    "write_json",
+    "progress",
+]
 
 DTYPES: Dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -26,19 +57,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def parse_dtypes(text: str) -> List[torch.dtype]:
-    """``"fp32,bf16"`` -> [torch.float32, torch.bfloat16]; unknown names raise ValueError."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in DTYPES]
+def _names_from(text: str, known: Sequence[str], what: str) -> List[str]:
+    """The items of comma list ``text``, each once, in their first order; ArgumentTypeError unless
+    each is one of ``known``."""
+    names = list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(f"dtypes must be a comma list of {sorted(DTYPES)}; got {text!r}")
-    return [DTYPES[n] for n in names]
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {what} from {', '.join(known)}; got {text!r}"
+            + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+    return names
 
 
 def parse_ints(text: str) -> List[int]:
     """``"1,8,32"`` -> [1, 8, 32]; anything else raises ValueError naming the input."""
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
+        values = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values):
@@ -46,30 +80,153 @@ def parse_ints(text: str) -> List[int]:
     return values
 
 
-def format_value(value: object) -> str:
+# ---- argparse converters -------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (a batch size, a repeat count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def batch_sizes(text: str) -> List[int]:
+    """``"1,8,32"`` -> [1, 8, 32], each size once."""
+    try:
+        return list(dict.fromkeys(parse_ints(text)))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def dtype_list(text: str) -> List[torch.dtype]:
+    """``"fp32,bf16"`` -> [torch.float32, torch.bfloat16]."""
+    return [DTYPES[name] for name in _names_from(text, list(DTYPES), "dtypes")]
+
+
+def backend_list(text: str) -> List[str]:
+    """Backend names this build registers (available here or not), or ``auto``."""
+    return _names_from(text, [AUTO] + registered_backends(), "backends")
+
+
+def preset_list(text: str) -> List[str]:
+    """Names of the model/input sizes in ``presets.PRESETS``."""
+    return _names_from(text, sorted(PRESETS), "presets")
+
+
+def torch_device(text: str) -> torch.device:
+    """A device torch knows and this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``meta``..."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1; got {text!r}") from None
+    # Accelerators have a torch.<type> module that knows how many this machine has (meta has none).
+    accelerator = getattr(torch, device.type, None)
+    if not (hasattr(accelerator, "is_available") and hasattr(accelerator, "device_count")):
+        return device
+    kind = device.type.upper()
+    if not accelerator.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} asked for, but this machine has no {kind} device "
+            f"(torch.{device.type}.is_available() is False)")
+    count = accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} asked for, but this machine has {count} {kind} device{'s' if count != 1 else ''} "
+            f"({device.type}:0 to {device.type}:{count - 1})")
+    return device
+
+
+def default_device() -> torch.device:
+    """cuda when this machine has a CUDA device, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def output_file(text: str) -> Path:
+    """A file path this process can write: its folder exists and is writable, and it is no folder."""
+    path = Path(text).expanduser()
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file to write; got {text!r}, a folder")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a file in an existing folder; got {text!r} ({folder} does not exist)")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"expected a file this user may write; got {text!r} (permission denied)")
+    return path
+
+
+def plot_file(text: str) -> Path:
+    """:func:`output_file` for an image matplotlib writes (the format is the file's suffix);
+    refuses when matplotlib is not installed."""
+    path = output_file(text)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            "needs matplotlib, which is not installed here (pip install matplotlib)") from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(
+            f"expected an image file name ending in .png (or .{', .'.join(f for f in formats if f != 'png')}); "
+            f"got {text!r}")
+    return path
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: its header, the row key it shows and, for numbers, one ``str.format``
+    template for every cell (``"{:.2e}"``), so that a column reads in one format."""
+
+    header: str
+    key: str
+    number_format: Optional[str] = None
+
+
+def format_cell(value: object, number_format: Optional[str]) -> str:
+    """``value`` as a table cell: ``-`` for a missing value, numbers in ``number_format``."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
-            return f"{value:.3g}"
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or number_format is None:
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return number_format.format(value)
 
 
-def print_table(rows: Sequence[Dict[str, object]], columns: Sequence[Tuple[str, str]], title: str = "") -> None:
-    """Prints ``rows`` as a markdown table with ``columns`` = [(header, key), ...]."""
+def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[Column], title: str = "") -> None:
+    """Prints ``rows`` as a markdown table, numeric columns aligned right."""
     if title:
         print(f"\n{title}\n")
-    headers = [h for h, _ in columns]
-    cells = [[format_value(row.get(key)) for _, key in columns] for row in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+    cells = [[format_cell(row.get(column.key), column.number_format) for column in columns] for row in rows]
+    widths = [max([len(column.header)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    right = [column.number_format is not None for column in columns]
+
+    def line(texts: Sequence[str]) -> str:
+        return "| " + " | ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, right)) + " |"
+
+    print(line([column.header for column in columns]))
+    print("|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|")
+    for texts in cells:
+        print(line(texts))
     sys.stdout.flush()
+
+
+def write_json(path: Optional[Path], payload: Mapping[str, object]) -> None:
+    """Writes ``payload`` to ``path`` as indented JSON (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    progress(f"wrote {path}")
 
 
 def progress(message: str) -> None:
