@@ -245,8 +245,13 @@ gpu_step tests "$(limit tests 240)" "$PY" -m pytest tests -q -rs -p no:cacheprov
     --junitxml "$OUT/junit.xml"
 gpu_step check "$(limit check 40)" "$PY" -m memenc_fast check --json "$OUT/check.json"
 # torch.compile in its default mode: max-autotune tunes for minutes per shape, past the budget.
+# bench refuses --plot up front without matplotlib: plot only where it is installed.
+PLOT=()
+if timeout 60 "$PY" -c 'import matplotlib' >/dev/null 2>&1 </dev/null; then
+    PLOT=(--plot "$OUT/bench.png")
+fi
 gpu_step bench "$(limit bench 80)" "$PY" -m memenc_fast bench --batch 1,8,32,64 \
-    --dtypes fp32,bf16 --compile-mode default --json "$OUT/bench.json" --plot "$OUT/bench.png"
+    --dtypes fp32,bf16 --compile-mode default --json "$OUT/bench.json" "${PLOT[@]}"
 gpu_step ops "$(limit ops 40)" "$PY" -m memenc_fast bench --ops --batch 1,64 --dtypes bf16 \
     --json "$OUT/ops.json"
 run_step kernels "$(limit kernels 75)" "$PY" -m memenc_fast kernels \
