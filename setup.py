@@ -93,7 +93,8 @@ setup(
     # `editable_mode=compat` does not: it only puts the repository root on sys.path, so
     # memenc_fast.kernels is not found and a top-level `kernels` module appears instead.
     package_dir={f"{PACKAGE}.kernels": "kernels"},
-    install_requires=["torch>=2.4"],
+    # numpy: torch warns on import without it ("Failed to initialize NumPy").
+    install_requires=["torch>=2.7", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],

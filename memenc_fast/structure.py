@@ -169,6 +169,7 @@ _GLOBAL_HOOKS = tuple(getattr(_module_globals, name) for name in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _MISSING = object()
+_call = operator.itemgetter.__call__  # getter(d) mapped over pairs (operator.call is Python 3.11+)
 
 
 class _Reader:
@@ -276,7 +277,7 @@ class Structure:
                 grouped.setdefault(id(d), (d, []))[1].append(k)
         self._value_dicts = tuple(d for d, _ in grouped.values())
         self._value_getters = tuple(operator.itemgetter(*keys) for _, keys in grouped.values())
-        self._values = tuple(map(operator.call, self._value_getters, self._value_dicts))
+        self._values = tuple(map(_call, self._value_getters, self._value_dicts))
         absent = [(d, k) for d, k in reader.slots if k not in d]
         self._absent_dicts, self._absent_keys = tuple(d for d, _ in absent), tuple(k for _, k in absent)
         self._containers = tuple(reader.containers)
@@ -296,7 +297,7 @@ class Structure:
 
     def _current_values(self) -> bool:
         try:
-            return tuple(map(operator.call, self._value_getters, self._value_dicts)) == self._values
+            return tuple(map(_call, self._value_getters, self._value_dicts)) == self._values
         except KeyError:  # a setting was deleted
             return False
 
