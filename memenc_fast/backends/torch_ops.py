@@ -6,7 +6,7 @@ contiguous. The weights are the module's live parameters (``structure``'s record
 compute dtype where they differ from it (autocast).
 
 The CPU twin of the GPU fusion plan: one GEMM over the concatenated K for proj+add, LayerNorm on
-contiguous channels (written out, finite wherever sam2's is), gamma folded into the second MLP weight per call (one pass over 256x1024
+contiguous channels (finite wherever sam2's is), gamma folded into the second MLP weight per call (one pass over 256x1024
 values, against 10^9 multiply-adds of the block), and each CXBlock MLP run over chunks of tokens
 so its 4x-wide hidden stays in cache.
 """
@@ -67,19 +67,33 @@ def transformed_mask(masks: torch.Tensor, interpol_size: Optional[Tuple[int, int
 
 
 def _affine_layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension, then ``* weight + bias``, in the tokens' dtype.
+    """LayerNorm over the last dimension, then ``* weight + bias``, in the tokens' dtype; finite
+    wherever sam2's LayerNorm2d is.
 
-    Written out, in at least float32, rather than ``F.layer_norm``: where squares overflow (inputs
-    of ~1e19 and more) sam2's LayerNorm2d gets an infinite variance and so a finite output, and
-    so does this, while ``F.layer_norm`` returns NaN. On contiguous channels it costs about the
-    same. A separate affine also has its gradients reduced in float32 (torch's CPU layer_norm
-    backward sums them in the input's dtype: in bf16 over a mask stage's 10^6 pixels ~50% off).
+    Where squares overflow (inputs of ~1e19 and more) sam2's formula gets an infinite variance
+    and so a finite output, while ``F.layer_norm`` returns NaN. On the CPU, eagerly,
+    ``F.layer_norm`` (two passes over the data; the formula written out takes six, a third of a
+    B=1 forward) runs first and the written-out formula only where its result is not finite.
+    Elsewhere the formula is written out: compilers fuse it, and a finiteness check would cost a
+    device sync. A separate affine also gets its gradients reduced in float32 (torch's CPU
+    layer_norm backward sums them in the input's dtype: in bf16 over a mask stage's 10^6 pixels
+    ~50% off).
     """
     dtype = tokens.dtype
+    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+    channels = (tokens.shape[-1],)
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and dtype in (torch.bfloat16, torch.float16) and (
+                weight.requires_grad or bias.requires_grad):
+            out = torch.addcmul(bias, F.layer_norm(tokens, channels, eps=eps), weight)
+        else:
+            out = F.layer_norm(tokens, channels, weight, bias, eps)
+        if torch.isfinite(out).all():
+            return out
     x = tokens.float() if dtype in (torch.bfloat16, torch.float16) else tokens
     centered = x - x.mean(-1, keepdim=True)
     normed = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
-    return torch.addcmul(_cast(bias, dtype), normed.to(dtype), _cast(weight, dtype))
+    return torch.addcmul(bias, normed.to(dtype), weight)
 
 
 def _mask_stages(masks: torch.Tensor, stages: Sequence[MaskStage], interpol_size: Optional[Tuple[int, int]],
