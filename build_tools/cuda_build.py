@@ -1,6 +1,7 @@
 """Build step for the CUDA kernels in ``csrc/``: every ``*.cu`` there is compiled by nvcc into one
 shared library, ``libmemenc_fast_cuda.so``, that ships inside the ``memenc_fast`` package (in
-``memenc_fast/_lib/``).
+``memenc_fast/_lib/``). The files compile in parallel (one nvcc per file, each building its
+architectures on several threads), then link.
 
 setup.py drives this module; it is kept free of setuptools and torch so that tests can exercise
 the pure parts (arch parsing, gencode flags, the nvcc command line, the ptxas report) and so that
@@ -11,8 +12,12 @@ against a CPU-only torch.
 Environment variables:
 
 - ``MEMENC_FAST_CUDA_ARCHS``: target GPU architectures, separated by ``;`` or ``,``: ``80``,
-  ``90a``, ``8.0``, ``sm_90`` are all accepted. Default ``80;86;89;90``. Machine code is built for
-  each, plus PTX for the highest one so that newer GPUs can JIT it.
+  ``90a``, ``8.0``, ``sm_90`` are all accepted. Default ``75;80;86;89;90a;100a;120``: every GPU
+  generation SAM 2 users run (T4, A100, A10/RTX 30xx, L4/RTX 40xx, H100, B200, RTX 50xx). Machine
+  code is built for each, plus PTX for the highest one so that newer GPUs can JIT it. The list of
+  embedded code is compiled into the library (``-DMEMENC_CUDA_ARCHS``), so the binding can tell a
+  GPU it has no code for.
+- ``MEMENC_FAST_BUILD_JOBS``: how many nvcc compile steps run at once (default: the CPU count).
 - ``MEMENC_FAST_SKIP_CUDA=1``: skip the CUDA build and install only the Python parts.
 - ``CUDA_HOME``: where to look for nvcc first (then ``PATH``, then ``/usr/local/cuda``).
 
@@ -30,22 +35,24 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 LIBRARY_NAME = "libmemenc_fast_cuda.so"
 PTXAS_REPORT_NAME = "ptxas_report.txt"
-DEFAULT_ARCHS: tuple[str, ...] = ("80", "86", "89", "90")
+DEFAULT_ARCHS: tuple[str, ...] = ("75", "80", "86", "89", "90a", "100a", "120")
 ARCHS_ENV = "MEMENC_FAST_CUDA_ARCHS"
 SKIP_ENV = "MEMENC_FAST_SKIP_CUDA"
+JOBS_ENV = "MEMENC_FAST_BUILD_JOBS"
 
 NVCC_FLAGS: tuple[str, ...] = (
     "-O3",
     "-std=c++17",
     "-Xcompiler",
     "-fPIC",
-    "-shared",  # compile and link in one call, into a shared library
     "-lineinfo",
     "-Xptxas",
     "-v",  # ptxas prints registers, spills and shared memory per kernel
@@ -57,6 +64,9 @@ LINK_FLAGS: tuple[str, ...] = ("-lcudart_static", "-ldl", "-lrt", "-lpthread")
 
 LAUNCH_ARGS_HEADER = "launch_args.h"
 LAUNCH_ARGS_HASH_MACRO = "MEMENC_LAUNCH_ARGS_HASH"
+CUDA_ARCHS_MACRO = "MEMENC_CUDA_ARCHS"
+SOURCES_DIGEST_MACRO = "MEMENC_SOURCES_DIGEST"
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h")
 
 _LOG_PREFIX = "memenc_fast:"
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
@@ -124,43 +134,73 @@ def parse_archs(value: str | None) -> tuple[str, ...]:
     return tuple(sorted(archs, key=_arch_key))
 
 
-def gencode_flags(archs: Sequence[str]) -> list[str]:
-    """nvcc ``-gencode`` flags: machine code (SASS) for every arch, plus PTX for the highest.
+def embedded_code(archs: Sequence[str]) -> list[tuple[str, str]]:
+    """(virtual arch, code) pairs for nvcc's ``-gencode``: machine code (SASS) for every arch, plus
+    PTX for the highest.
 
     The PTX is emitted for the highest arch without its ``a``/``f`` suffix, because
     arch-specific PTX cannot be JIT-compiled for later GPUs, which is what shipping PTX is for.
     """
     if not archs:
         raise ValueError("no CUDA architecture to build for")
-    flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+    pairs = [(f"compute_{arch}", f"sm_{arch}") for arch in archs]
     ptx_arch = str(max(_arch_key(arch)[0] for arch in archs))
-    flags.append(f"-gencode=arch=compute_{ptx_arch},code=compute_{ptx_arch}")
-    return flags
+    pairs.append((f"compute_{ptx_arch}", f"compute_{ptx_arch}"))
+    return pairs
 
 
-def nvcc_command(
+def gencode_flags(archs: Sequence[str]) -> list[str]:
+    """nvcc ``-gencode`` flags for :func:`embedded_code`."""
+    return [f"-gencode=arch={virtual},code={code}" for virtual, code in embedded_code(archs)]
+
+
+def archs_define(archs: Sequence[str]) -> str:
+    """The nvcc flag that records the embedded code in the library (``csrc/library.cu`` reports it
+    as ``sm_80/sm_90a/compute_90``: tokens it stringifies, so no quoting is needed; nvcc would split
+    a value at commas)."""
+    return f"-D{CUDA_ARCHS_MACRO}=" + "/".join(code for _, code in embedded_code(archs))
+
+
+def compile_command(
     nvcc: str,
-    sources: Sequence[Path],
+    source: Path,
     output: Path,
     archs: Sequence[str],
     include_dirs: Sequence[Path] = (),
     defines: Sequence[str] = (),
+    threads: int = 1,
 ) -> list[str]:
-    """The single nvcc command line that compiles ``sources`` and links them into ``output``;
-    ``defines`` are ``-D`` flags."""
-    if not sources:
-        raise ValueError("no CUDA source to compile")
+    """The nvcc command line that compiles ``source`` into the object ``output``, for every arch on
+    up to ``threads`` threads; ``defines`` are ``-D`` flags."""
     return [
         nvcc,
         *NVCC_FLAGS,
+        f"--threads={threads}",
         *gencode_flags(archs),
         *defines,
         *(f"-I{directory}" for directory in include_dirs),
-        *(str(source) for source in sources),
+        "-c",
+        str(source),
         "-o",
         str(output),
-        *LINK_FLAGS,
     ]
+
+
+def link_command(nvcc: str, objects: Sequence[Path], output: Path) -> list[str]:
+    """The nvcc command line that links ``objects`` into the shared library ``output``."""
+    if not objects:
+        raise ValueError("no CUDA object to link")
+    return [nvcc, "-shared", *(str(o) for o in objects), "-o", str(output), *LINK_FLAGS]
+
+
+def build_jobs(env: Mapping[str, str]) -> int:
+    """How many compile steps run at once: ``MEMENC_FAST_BUILD_JOBS``, else the CPU count."""
+    value = env.get(JOBS_ENV, "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{JOBS_ENV}: expected a positive integer, got {value!r}")
+    return int(value)
 
 
 def find_nvcc(
@@ -197,6 +237,21 @@ def launch_args_hash(header: Path) -> int:
 def launch_args_define(header: Path) -> str:
     """The nvcc flag that compiles ``header``'s hash into the library."""
     return f"-D{LAUNCH_ARGS_HASH_MACRO}=0x{launch_args_hash(header):016x}ULL"
+
+
+def sources_digest(csrc_dir: Path) -> int:
+    """The identity of what the build compiles: the first 64 bits of the SHA-256 of every source
+    and header in ``csrc_dir`` (names and bytes, sorted by name). The library records it, so a
+    ptxas report next to it can be told current or stale."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in csrc_dir.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return int.from_bytes(digest.digest()[:8], "big")
+
+
+def sources_define(csrc_dir: Path) -> str:
+    """The nvcc flag that compiles :func:`sources_digest` into the library."""
+    return f"-D{SOURCES_DIGEST_MACRO}=0x{sources_digest(csrc_dir):016x}ULL"
 
 
 def skip_reason(env: Mapping[str, str], sources: Sequence[Path], nvcc: str | None) -> str | None:
@@ -269,6 +324,20 @@ def format_resource_table(kernels: Sequence[KernelResources]) -> str:
     return "\n".join([header, *rows])
 
 
+def _run(command: Sequence[str]) -> tuple[int, str]:
+    """(exit status, stdout and stderr together) of ``command``."""
+    completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    return completed.returncode, completed.stdout
+
+
+def _failure(command: Sequence[str], returncode: int, output: str) -> CudaBuildError:
+    return CudaBuildError(
+        f"nvcc failed with exit status {returncode}.\n"
+        f"command: {shlex.join(command)}\n{output}\n"
+        f"(set {SKIP_ENV}=1 to install without the CUDA kernels)"
+    )
+
+
 def build_cuda_library(
     csrc_dir: Path,
     output_dir: Path,
@@ -280,7 +349,7 @@ def build_cuda_library(
     Returns ``None`` after logging one line when the build is skipped (``MEMENC_FAST_SKIP_CUDA``,
     no sources, no nvcc). Logs nvcc's output, which includes the ptxas report, and writes that
     report next to the library. Raises :class:`CudaBuildError` when nvcc fails and
-    :class:`ValueError` for a bad ``MEMENC_FAST_CUDA_ARCHS``.
+    :class:`ValueError` for a bad ``MEMENC_FAST_CUDA_ARCHS`` or ``MEMENC_FAST_BUILD_JOBS``.
     """
     env = os.environ if env is None else env
     sources = cuda_sources(csrc_dir)
@@ -292,30 +361,42 @@ def build_cuda_library(
     assert nvcc is not None  # skip_reason returned None, so nvcc was found
 
     archs = parse_archs(env.get(ARCHS_ENV))
+    jobs = build_jobs(env)
     output_dir.mkdir(parents=True, exist_ok=True)
     library = output_dir / LIBRARY_NAME
     header = csrc_dir / LAUNCH_ARGS_HEADER
-    defines = [launch_args_define(header)] if header.is_file() else []
-    command = nvcc_command(nvcc, sources, library, archs, include_dirs=[csrc_dir], defines=defines)
-    log(f"{_LOG_PREFIX} building {library.name} for sm_{', sm_'.join(archs)}")
-    log(shlex.join(command))
-    completed = subprocess.run(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
-    )
-    if completed.stdout:
-        log(completed.stdout.rstrip())
-    if completed.returncode != 0:
-        raise CudaBuildError(
-            f"nvcc failed with exit status {completed.returncode}.\n"
-            f"command: {shlex.join(command)}\n{completed.stdout}\n"
-            f"(set {SKIP_ENV}=1 to install without the CUDA kernels)"
-        )
-
-    kernels = parse_ptxas_report(completed.stdout)
+    defines = [archs_define(archs), sources_define(csrc_dir),
+               *([launch_args_define(header)] if header.is_file() else [])]
+    log(f"{_LOG_PREFIX} building {library.name} for sm_{', sm_'.join(archs)} ({len(sources)} files, {jobs} jobs)")
+    with tempfile.TemporaryDirectory(prefix="memenc_fast_cuda_") as object_dir:
+        # The largest files start first. Each file's nvcc builds its archs on `jobs` threads, and
+        # `jobs` files compile at once: the archs keep the cores busy while one file is left.
+        by_size = sorted(sources, key=lambda source: source.stat().st_size, reverse=True)
+        objects = [Path(object_dir) / f"{source.stem}.o" for source in by_size]
+        commands = [compile_command(nvcc, source, obj, archs, [csrc_dir], defines, threads=jobs)
+                    for source, obj in zip(by_size, objects)]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            compiled = list(pool.map(_run, commands))
+        outputs = []
+        for command, (returncode, output) in zip(commands, compiled):
+            log(shlex.join(command))
+            if output:
+                log(output.rstrip())
+            if returncode != 0:
+                raise _failure(command, returncode, output)
+            outputs.append(output)
+        command = link_command(nvcc, objects, library)
+        log(shlex.join(command))
+        returncode, output = _run(command)
+        if returncode != 0:
+            raise _failure(command, returncode, output)
+    stdout = "\n".join(outputs)
+    kernels = parse_ptxas_report(stdout)
     table = format_resource_table(kernels)
     log(table)
     report = output_dir / PTXAS_REPORT_NAME
-    report.write_text(f"{shlex.join(command)}\n\n{table}\n\n{completed.stdout}")
+    # The first line names the targets (memenc_fast.tools.info reads it): a compile command.
+    report.write_text(f"{shlex.join(commands[0])}\n\n{table}\n\n{stdout}")
     installed_header = None
     if header.is_file():
         installed_header = output_dir / header.name

@@ -13,6 +13,9 @@
 // which the MLP's second GEMM accumulates into: x is read here anyway, so the residual costs no
 // extra pass. Parameters are read as the module holds them: the dwconv weight (C, 1, KS, KS), every
 // parameter in the activations' type T or in float32 (W).
+//
+// Launch configuration: one block per kDwTile pixels of a row, so SAM 2's B=1 call (64x64 tokens)
+// launches 512 blocks, a wave on every GPU; the block has one thread per two channels.
 #include <string>
 
 #include "common.cuh"
@@ -41,7 +44,7 @@ struct DwParams {
 };
 
 template <typename T, typename W, int KS>
-__global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(const __grid_constant__ DwParams p) {
+__device__ __forceinline__ void dwconv_ln(const DwParams& p) {
   __shared__ float partial[2][kDwMaxWarps][kDwTile];  // per pass, warp and pixel
   const DwconvLnArgs& a = p.args;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -130,21 +133,58 @@ __global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(const __
   }
 }
 
+template <typename T, typename W, int KS>
+__global__ void __launch_bounds__(32 * kDwMaxWarps, 1) dwconv_ln_kernel(const __grid_constant__ DwParams p) {
+  if constexpr (kServedHere<T>) {
+    dwconv_ln<T, W, KS>(p);
+  } else {
+    unserved_kernel();
+  }
+}
+
+bool dwconv_pointers_set(const DwconvLnArgs& a) {
+  // gamma may be null: no layer scale.
+  return all_set(a.x, a.dw_weight, a.dw_bias, a.norm_weight, a.norm_bias, a.b2, a.normed, a.residual);
+}
+
+cudaError_t dwconv_params(const DwconvLnArgs& a, DwParams* p) {
+  if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
+  if (!has_dwconv_kernel(a.kernel_size, a.channels)) return cudaErrorNotSupported;
+  p->args = a;
+  p->pad = (a.kernel_size - 1) / 2;
+  p->tiles_w = ceil_div(a.width, kDwTile);
+  return static_cast<int64_t>(a.batch) * a.height * p->tiles_w > INT32_MAX ? cudaErrorInvalidValue : cudaSuccess;
+}
+
 template <typename T, typename W>
-struct DwLaunch {
+struct DwPlanner {
+  // One tile, without dynamic shared memory: it fits every GPU.
   template <int KS>
-  static cudaError_t go(const DwParams& p, int blocks, cudaStream_t stream, int device) {
-    return launch(dwconv_ln_kernel<T, W, KS>, dim3(blocks), dim3(p.args.channels / 2), 0, stream, device, p);
+  static Plan<DwParams> plan(const DwParams& p, const GpuTarget& target) {
+    static const KernelInfo info =
+        kernel_info<T, W, KS>("dwconv_ln_kernel", std::to_string(kDwTile) + " pixels of a row per block");
+    const TileCandidate tiles[] = {{static_cast<int64_t>(p.args.batch) * p.args.height * p.tiles_w, 0, kDwTile}};
+    return plan_of<dwconv_ln_kernel<T, W, KS>, DwParams>(info, tiles[0].blocks, 1, p.args.channels / 2, 0,
+                                                         fill_a_wave(tiles, target).small_grid_reason);
   }
 
-  static cudaError_t run(const DwParams& p, int blocks, cudaStream_t stream, int device) {
-#define MF_DWCONV_CASE(KS) \
-  if (p.args.kernel_size == KS) return go<KS>(p, blocks, stream, device);
+  static cudaError_t run(const DwParams& p, const GpuTarget& target, Plan<DwParams>* plan) {
+#define MF_DWCONV_CASE(KS)                \
+  if (p.args.kernel_size == KS) {         \
+    *plan = DwPlanner::plan<KS>(p, target); \
+    return cudaSuccess;                   \
+  }
     MF_DWCONV_KERNEL_SIZES(MF_DWCONV_CASE)
 #undef MF_DWCONV_CASE
     return cudaErrorNotSupported;
   }
 };
+
+cudaError_t plan_dwconv(const DwParams& p, const GpuTarget& target, Plan<DwParams>* plan) {
+  return dispatch_types<DwPlanner>(p.args.dtype, p.args.weight_dtype, p, target, plan);
+}
+
+const Op<DwconvLnArgs, DwParams> kDwconvOp{dwconv_pointers_set, dwconv_params, plan_dwconv};
 
 std::string cxblock_kernel_configs() {
   std::string sizes;
@@ -160,21 +200,9 @@ std::string cxblock_kernel_configs() {
 using namespace mf;
 
 MF_EXPORT int memenc_fast_dwconv_ln(const DwconvLnArgs* args, int device, void* stream) {
-  if (args == nullptr) return cudaErrorInvalidValue;
-  const DwconvLnArgs& a = *args;
-  // gamma may be null: no layer scale.
-  if (!all_set(a.x, a.dw_weight, a.dw_bias, a.norm_weight, a.norm_bias, a.b2, a.normed, a.residual) ||
-      a.batch < 1 || a.height < 1 || a.width < 1)
-    return cudaErrorInvalidValue;
-  if (!has_dwconv_kernel(a.kernel_size, a.channels)) return cudaErrorNotSupported;
-  DwParams p{};
-  p.args = a;
-  p.pad = (a.kernel_size - 1) / 2;
-  p.tiles_w = ceil_div(a.width, kDwTile);
-  const int64_t blocks = static_cast<int64_t>(a.batch) * a.height * p.tiles_w;
-  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_types<DwLaunch>(a.dtype, a.weight_dtype, p, static_cast<int>(blocks),
-                                  static_cast<cudaStream_t>(stream), device);
+  return launch_op(kDwconvOp, args, device, stream);
+}
+
+MF_EXPORT int memenc_fast_dwconv_ln_plan(const DwconvLnArgs* args, const GpuTarget* target, KernelLaunch* launch) {
+  return plan_op(kDwconvOp, args, target, launch);
 }

@@ -8,6 +8,12 @@
 // matrix multiplies rebuild the full operands from every lane's fragment registers following the
 // PTX ISA's fragment layouts, independently of how the kernels fill those registers: a kernel that
 // loads a fragment wrongly computes a wrong product here too.
+//
+// The "device" is an emulated GPU (emu::gpu(): the arch its code reports, SM count, shared memory
+// per block) that the device queries answer from and launches are checked against: more dynamic
+// shared memory than 48 KiB without the kernel's opt-in attribute, or than the GPU has, is refused
+// as the CUDA runtime refuses it. MEMENC_EMULATE_ARCH picks the generation whose code paths the
+// kernels compile (common.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -201,8 +208,36 @@ inline void run_block() {
   b.current = nullptr;
 }
 
+// The emulated GPU: `arch` is what its kernels' ptxVersion reports (0: the library has no code for
+// it), then its SM count and its shared memory per block, opt-in included. An H100 by default.
+struct Gpu {
+  int arch = MEMENC_EMULATE_ARCH;
+  int sm_count = 132;
+  int shared_memory_per_block = 232448;
+};
+
+inline Gpu& gpu() {
+  static Gpu current;
+  return current;
+}
+
+// Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, as cudaFuncSetAttribute set it.
+inline std::map<const void*, int>& dynamic_smem_limits() {
+  static std::map<const void*, int> limits;
+  return limits;
+}
+
+constexpr size_t kSmemWithoutOptIn = 48 * 1024;
+
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  if (gpu().arch == 0) return cudaErrorNoKernelImageForDevice;
+  const auto limit = dynamic_smem_limits().find(reinterpret_cast<const void*>(kernel));
+  const size_t allowed = limit == dynamic_smem_limits().end() ? kSmemWithoutOptIn : limit->second;
+  if (smem > allowed || smem > static_cast<size_t>(gpu().shared_memory_per_block)) return cudaErrorInvalidValue;
+  if (block.x * block.y * block.z > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+    return cudaErrorInvalidConfiguration;
+  }
   Block& b = state();
   b.grid_dim = grid;
   b.block_dim = block;
@@ -288,6 +323,33 @@ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
   syncwarp();
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 (sm_75), per "Matrix Fragments for mma.m16n8k8"
+// (.f16): a0,a1 (g, 2t..2t+1), a2,a3 (g+8, 2t..2t+1); b0,b1 (k 2t..2t+1, n g).
+inline void mma_m16n8k8_f16(float d[4], const uint32_t a[2], const uint32_t b[1]) {
+  const int lane = lane_id();
+  const uint32_t a_regs[4] = {a[0], a[1], 0u, 0u}, b_regs[2] = {b[0], 0u};
+  publish_mma_fragments(lane, a_regs, b_regs);
+  float A[16][8], B[8][8];
+  for (int l = 0; l < 32; ++l) {
+    const uint32_t* s = exchange_slot(l);
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * t + e] = half_bits_to_float<__half>(static_cast<uint16_t>(s[0] >> (16 * e)));
+      A[g + 8][2 * t + e] = half_bits_to_float<__half>(static_cast<uint16_t>(s[1] >> (16 * e)));
+      B[2 * t + e][g] = half_bits_to_float<__half>(static_cast<uint16_t>(s[4] >> (16 * e)));
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = i < 2 ? g : g + 8;
+    const int col = t * 2 + (i & 1);
+    float sum = 0.f;
+    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];
+    d[i] += sum;
+  }
+  syncwarp();
+}
+
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, per "Matrix Fragments for mma.m16n8k8"
 // (.tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (k t, n g), b1 (k t+4, n g).
 inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -330,8 +392,42 @@ inline T __ldg(const T* p) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-// The runtime calls the launchers make; the emulated "device" is the host.
+// A kernel instantiation its arch does not serve: the launchers never launch one.
+[[noreturn]] inline void __trap() {
+  std::fprintf(stderr, "emulation: a kernel trapped (an instantiation this arch does not serve was launched)\n");
+  std::abort();
+}
+
+// The runtime calls the launchers make; the emulated "device" is the host, as emu::gpu() describes it.
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = emu::gpu().sm_count;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = emu::gpu().shared_memory_per_block;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
+  if (emu::gpu().arch == 0) return cudaErrorNoKernelImageForDevice;
+  *attributes = cudaFuncAttributes{};
+  attributes->ptxVersion = emu::gpu().arch;
+  attributes->binaryVersion = emu::gpu().arch;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value > emu::gpu().shared_memory_per_block) {
+    return cudaErrorInvalidValue;
+  }
+  emu::dynamic_smem_limits()[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -341,6 +437,20 @@ inline cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
+// The runtime's texts for the errors the launchers return.
 inline const char* cudaGetErrorString(cudaError_t error) {
-  return error == cudaSuccess ? "no error" : "emulated CUDA error";
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorNoKernelImageForDevice:
+      return "no kernel image is available for execution on the device";
+    case cudaErrorNotSupported:
+      return "operation not supported";
+    default:
+      return "emulated CUDA error";
+  }
 }

@@ -1,15 +1,19 @@
 // A block-level tensor-core GEMM: C[BM x BN] = A[BM x K] * B[BN x K]^T with fp32 accumulators,
 // fed from shared memory in BK-wide k tiles, double-buffered through registers.
 //
-// bf16/fp16 operands run mma.m16n8k16. fp32 operands run mma.m16n8k8 on tf32: "precise" mode
-// splits each operand into a tf32 value and its tf32 remainder and sums three products (big*big
-// + big*small + small*big, about fp32 accuracy: what the fp32 tolerance needs and what torch gives
-// without TF32); otherwise one tf32 product, as torch does when TF32 is allowed.
+// bf16/fp16 operands run mma.m16n8k16 (on sm_75, fp16 only, as two mma.m16n8k8). fp32 operands
+// run mma.m16n8k8 on tf32 from sm_80 on: "precise" mode splits each operand into a tf32 value and its
+// tf32 remainder and sums three products (big*big + big*small + small*big, about fp32 accuracy: what
+// the fp32 tolerance needs and what torch gives without TF32); otherwise one tf32 product, as torch
+// does when TF32 is allowed. Before sm_80 (no tf32) fp32 runs on the CUDA cores, in full fp32 either
+// way, each thread computing the accumulator elements its mma fragments would hold.
 //
 // Shared-memory tile formats (rows padded so that the fragment loads are bank-conflict free):
 //   A m-major: a[m * kLda + k] (channels-last sources), A k-major: a[k * kLdt + m] (channels-first
 //   sources), B n-major: b[n * kLdb + k] (weights as (out, in) rows).
 #pragma once
+
+#include <string>
 
 #include "common.cuh"
 
@@ -58,6 +62,12 @@ struct BlockGemm {
 
   float acc[MT][NT][4];
 
+  // The tile in a few words, for a plan's KernelLaunch.
+  __host__ static std::string describe() {
+    return std::to_string(BM) + "x" + std::to_string(BN) + " tile, k " + std::to_string(BK) + ", " +
+           std::to_string(WARPS_M) + "x" + std::to_string(WARPS_N) + " warps";
+  }
+
   __device__ __forceinline__ static T* a_tile(T* smem, int stage) { return smem + stage * kStageElems; }
   __device__ __forceinline__ static T* b_tile(T* smem, int stage) {
     return smem + stage * kStageElems + kATileElems;
@@ -103,6 +113,9 @@ struct BlockGemm {
           for (int j = 0; j < NT; ++j) mma_16816<T>(acc[i][j], af, bf[j]);
         }
       }
+    } else if constexpr (!has_tf32_mma(MF_CODE_ARCH)) {
+      (void)precise;
+      fma_tile(a, a_kmajor, b);
     } else {
       for (int ks = 0; ks < BK; ks += 8) {
         uint32_t b_big[NT][2], b_small[NT][2];
@@ -131,11 +144,40 @@ struct BlockGemm {
           for (int e = 0; e < 4; ++e) split_tf32(av[e], a_big[e], a_small[e]);
           for (int j = 0; j < NT; ++j) {
             if (precise) {
-              mma_1688_tf32(acc[i][j], a_small, b_big[j]);
-              mma_1688_tf32(acc[i][j], a_big, b_small[j]);
+              mma_m16n8k8_tf32(acc[i][j], a_small, b_big[j]);
+              mma_m16n8k8_tf32(acc[i][j], a_big, b_small[j]);
             }
-            mma_1688_tf32(acc[i][j], a_big, b_big[j]);
+            mma_m16n8k8_tf32(acc[i][j], a_big, b_big[j]);
           }
+        }
+      }
+    }
+  }
+
+  // acc += A_tile * B_tile^T over one k tile of fp32 operands on the CUDA cores. Element e of
+  // acc[i][j] is row m_base + 16 i + 8 (e / 2), column n_base + 8 j + e % 2, as in the mma
+  // fragments (the row and column sets a lane reads are bank-conflict free with the padded rows).
+  __device__ __forceinline__ void fma_tile(const T* a, bool a_kmajor, const T* b) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m_base = (warp / WARPS_N) * kWarpM + g;
+    const int n_base = (warp % WARPS_N) * kWarpN + 2 * t;
+    for (int k = 0; k < BK; ++k) {
+      float bv[NT][2];
+      for (int j = 0; j < NT; ++j) {
+        const T* p = b + (n_base + j * 8) * kLdb + k;
+        bv[j][0] = p[0];
+        bv[j][1] = p[kLdb];
+      }
+      for (int i = 0; i < MT; ++i) {
+        const int m = m_base + i * 16;
+        const float a0 = a_kmajor ? a[k * kLdt + m] : a[m * kLda + k];
+        const float a1 = a_kmajor ? a[k * kLdt + m + 8] : a[(m + 8) * kLda + k];
+        for (int j = 0; j < NT; ++j) {
+          acc[i][j][0] += a0 * bv[j][0];
+          acc[i][j][1] += a0 * bv[j][1];
+          acc[i][j][2] += a1 * bv[j][0];
+          acc[i][j][3] += a1 * bv[j][1];
         }
       }
     }

@@ -1,4 +1,5 @@
-// The arguments of every launcher the CUDA library exports: one plain-C struct per launcher.
+// The arguments of every launcher the CUDA library exports: one plain-C struct per launcher, and the
+// records its launch plans are made of.
 //
 // This header is the only declaration of the launchers' signatures. The .cu files include it, and
 // the Python binding (memenc_fast/backends/cuda/library.py) parses it into ctypes.Structure classes
@@ -7,14 +8,20 @@
 // file. Changing a launcher's arguments therefore means changing its struct here and its kernel,
 // nothing else.
 //
-// The format is deliberately small (memenc_fast/backends/cuda/launch_args.py parses it):
+// The format is deliberately small (memenc_fast/backends/cuda/library.py parses it):
 // - `#define MEMENC_<NAME> <integer>`: a constant that the binding reads as well.
 // - `struct <Name>Args {` ... `};`: the arguments of launcher `memenc_fast_<name>`, where <name> is
 //   <Name> in snake_case (Conv3x3s2LnGelu -> conv3x3s2_ln_gelu). The launcher is
 //   `int memenc_fast_<name>(const <Name>Args* args, int device, void* stream)` and returns a CUDA
-//   error code (it refuses null pointers and sizes it has no kernel for).
+//   error code (it refuses null pointers and sizes it has no kernel for). Each launcher has a plan:
+//   `int memenc_fast_<name>_plan(const <Name>Args* args, const GpuTarget* target, KernelLaunch* launch)`
+//   fills `launch` with the kernel launch the launcher makes for those sizes and dtypes on a GPU
+//   like `target` (pointers are not read), or returns the error code the launcher would return.
+//   The launcher runs the same plan for the GPU it runs on, so the two cannot disagree.
+// - `struct <Name> {` ... `};` (a name not ending in Args): a record the plans read or fill.
 // - One member per line, `<type> <name>;`, <type> one of: int32_t, int64_t, float, const void*,
-//   void*. Pointers are device addresses; sizes and strides count elements.
+//   void*, const char* (a NUL-terminated string the library owns and never frees). Pointers are
+//   device addresses; sizes and strides count elements.
 // - `//` comments, blank lines, `#pragma once` and `#include <stdint.h>`; nothing else.
 #pragma once
 
@@ -26,6 +33,24 @@
 #define MEMENC_DTYPE_FLOAT32 0
 #define MEMENC_DTYPE_BFLOAT16 1
 #define MEMENC_DTYPE_FLOAT16 2
+
+// A GPU as launch plans see it (memenc_fast.gpus.GpuSpec).
+struct GpuTarget {
+  int32_t arch;                     // of the code that runs: major * 10 + minor (86 for sm_86)
+  int32_t sm_count;                 // streaming multiprocessors
+  int32_t shared_memory_per_block;  // bytes a block may use, opt-in included
+};
+
+// One kernel launch, as a plan chooses it.
+struct KernelLaunch {
+  const char* kernel;  // the instantiation's name as c++filt prints it: mf::proj_add_kernel<__half, float, 64, 64>
+  const char* config;  // its tile configuration, in a few words
+  int32_t grid_x;
+  int32_t grid_y;
+  int32_t block;         // threads per block
+  int32_t dynamic_smem;  // bytes of dynamic shared memory per block
+  const char* small_grid_reason;  // why the grid has fewer blocks than the GPU has SMs; null where it has not
+};
 
 // Mask stages 1 and 2, fused: sigmoid (when apply_sigmoid), `* scale + bias`, then twice
 // conv3x3 stride 2 padding 1 -> + bias -> LayerNorm over channels -> exact GELU.

@@ -21,6 +21,10 @@
 // Both read the module's parameters as they are: conv weights in nn.Conv2d's (C_out, C_in, 3, 3)
 // layout, every parameter in the activations' type T or in float32 (W). All math is fp32
 // (accumulation, LayerNorm statistics); I/O in the activations' dtype.
+//
+// Launch configurations: the stem's 16x16 tile gives SAM 2's B=1 mask 256 blocks, a wave on every
+// GPU up to an RTX 5090's 170 SMs. Each stage kernel has row tiles (output pixels per block) to choose
+// from per GPU (plan_stage): stage 3 fills a wave; stage 4 chooses by its floor (stage4_tile).
 #include <string>
 
 #include "common.cuh"
@@ -75,7 +79,7 @@ struct StemParams {
 };
 
 template <typename T, typename W>
-__global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(const __grid_constant__ StemParams p) {
+__device__ __forceinline__ void mask_stem(const StemParams& p) {
   __shared__ __align__(16) float in_patch[kStemIn * kStemInLd];
   __shared__ __align__(16) float4 s1[kStemS1 * kStemS1];
   __shared__ __align__(16) float w2s[kStemC2 * 9 * kStemC1];  // [c_out][tap][c_in]: matches s1
@@ -171,14 +175,51 @@ __global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(const __grid_co
 }
 
 template <typename T, typename W>
-struct MaskStemLaunch {
-  static cudaError_t run(const StemParams& p, cudaStream_t stream, int device) {
-    const int64_t blocks = static_cast<int64_t>(p.args.batch) * p.tiles_per_image;
-    if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-    return launch(mask_stem_kernel<T, W>, dim3(static_cast<unsigned>(blocks)), dim3(kStemThreads), 0, stream,
-                  device, p);
+__global__ void __launch_bounds__(kStemThreads) mask_stem_kernel(const __grid_constant__ StemParams p) {
+  if constexpr (kServedHere<T>) {
+    mask_stem<T, W>(p);
+  } else {
+    unserved_kernel();
+  }
+}
+
+bool stem_pointers_set(const MaskStemArgs& a) {
+  return all_set(a.masks, a.conv1_weight, a.conv1_bias, a.norm1_weight, a.norm1_bias, a.conv2_weight, a.conv2_bias,
+                 a.norm2_weight, a.norm2_bias, a.out);
+}
+
+cudaError_t stem_params(const MaskStemArgs& a, StemParams* p) {
+  if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
+  if (a.channels1 != kStemC1 || a.channels2 != kStemC2) return cudaErrorNotSupported;
+  p->args = a;
+  p->H1 = conv3x3s2_size(a.height);
+  p->W1 = conv3x3s2_size(a.width);
+  p->H2 = conv3x3s2_size(p->H1);
+  p->W2 = conv3x3s2_size(p->W1);
+  p->tiles_x = ceil_div(p->W2, kStemTile);
+  p->tiles_per_image = p->tiles_x * ceil_div(p->H2, kStemTile);
+  return static_cast<int64_t>(a.batch) * p->tiles_per_image > INT32_MAX ? cudaErrorInvalidValue : cudaSuccess;
+}
+
+template <typename T, typename W>
+struct StemPlanner {
+  // One tile, whose 38 KB of static shared memory fit every GPU.
+  static cudaError_t run(const StemParams& p, const GpuTarget& target, Plan<StemParams>* plan) {
+    static const KernelInfo info = kernel_info<T, W>(
+        "mask_stem_kernel", std::to_string(kStemTile) + "x" + std::to_string(kStemTile) + " stage-2 pixels per block");
+    const TileCandidate tiles[] = {{static_cast<int64_t>(p.args.batch) * p.tiles_per_image, 0, kStemTile}};
+    const TileChoice choice = fill_a_wave(tiles, target);
+    *plan = plan_of<mask_stem_kernel<T, W>, StemParams>(info, tiles[0].blocks, 1, kStemThreads, 0,
+                                                        choice.small_grid_reason);
+    return cudaSuccess;
   }
 };
+
+cudaError_t plan_stem(const StemParams& p, const GpuTarget& target, Plan<StemParams>* plan) {
+  return dispatch_types<StemPlanner>(p.args.dtype, p.args.weight_dtype, p, target, plan);
+}
+
+const Op<MaskStemArgs, StemParams> kStemOp{stem_pointers_set, stem_params, plan_stem};
 
 // ---- one stage on tensor cores ------------------------------------------------------------------
 
@@ -198,17 +239,29 @@ struct StageParams {
   int Ho, Wo, M;  // M = batch * Ho * Wo output pixels
 };
 
-template <typename T, int CIN, int COUT>
-struct ConvConfig;
-template <typename T>
-struct ConvConfig<T, 16, 64> {  // stage 3: 128 pixels x 64 channels per block, one tap per k tile
-  static constexpr int BM = 128, BK = 16;
-  using Gemm = BlockGemm<T, BM, 64, BK, 4, 2>;
+// A stage kernel's block GEMM: BM output pixels (its row tile, chosen per GPU by plan_stage) x all COUT
+// channels (LayerNorm needs the whole row), 8 warps. k tiles cover one tap of BK channels: 16 for
+// stage 3 (CIN 16); 32 for stage 4's 16-bit types and 16 for its fp32, whose 32-row tile then fits
+// a T4's 64 KiB of shared memory.
+template <typename T, int COUT, int BM>
+struct ConvTile {
+  static constexpr int BK = COUT == 64 || sizeof(T) == 4 ? 16 : 32;
+  static constexpr int kWarpsN = COUT == 64 ? 2 : (BM >= 32 ? 4 : 8);
+  using Gemm = BlockGemm<T, BM, COUT, BK, 8 / kWarpsN, kWarpsN>;
 };
-template <typename T>
-struct ConvConfig<T, 64, 256> {  // stage 4: 64 pixels x all 256 channels (LayerNorm needs the row)
-  static constexpr int BM = 64, BK = 32;
-  using Gemm = BlockGemm<T, BM, 256, BK, 2, 4>;
+
+// The row tiles each stage's kernel is built with, largest first.
+template <int... BMs>
+struct RowTiles {};
+template <int COUT>
+struct StageRowTiles;
+template <>
+struct StageRowTiles<64> {
+  using type = RowTiles<128, 64>;
+};
+template <>
+struct StageRowTiles<256> {
+  using type = RowTiles<64, 32, 16>;
 };
 
 // The weight tile of one k tile (one tap, channels c0 .. c0 + BK) read straight from the conv
@@ -302,11 +355,10 @@ struct ConvLoader {
   __device__ __forceinline__ bool a_kmajor(int) const { return false; }
 };
 
-template <typename T, typename W, int CIN, int COUT>
-__global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(const __grid_constant__ StageParams p) {
-  using Config = ConvConfig<T, CIN, COUT>;
-  using G = typename Config::Gemm;
-  constexpr int BM = Config::BM, BK = Config::BK;
+template <typename T, typename W, int CIN, int COUT, int BM>
+__device__ __forceinline__ void conv3x3s2_ln_gelu(const StageParams& p) {
+  using G = typename ConvTile<T, COUT, BM>::Gemm;
+  constexpr int BK = ConvTile<T, COUT, BM>::BK;
   static_assert(G::kThreads == 256, "launched with 256 threads");
   const Conv3x3s2LnGeluArgs& a = p.args;
   T* smem = reinterpret_cast<T*>(dynamic_smem());
@@ -354,24 +406,107 @@ __global__ void __launch_bounds__(256) conv3x3s2_ln_gelu_kernel(const __grid_con
   }
 }
 
-template <typename T, typename W>
-struct MaskStageLaunch {
-  template <int CIN, int COUT>
-  static cudaError_t go(const StageParams& p, cudaStream_t stream, int device) {
-    using Config = ConvConfig<T, CIN, COUT>;
-    return launch(conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT>, dim3(ceil_div(p.M, Config::BM)),
-                  dim3(Config::Gemm::kThreads), Config::Gemm::kSmemBytes, stream, device, p);
+template <typename T, typename W, int CIN, int COUT, int BM>
+__global__ void __launch_bounds__(256, 1) conv3x3s2_ln_gelu_kernel(const __grid_constant__ StageParams p) {
+  if constexpr (kServedHere<T>) {
+    conv3x3s2_ln_gelu<T, W, CIN, COUT, BM>(p);
+  } else {
+    unserved_kernel();
+  }
+}
+
+// Mask stage 4 chooses its row tile by its floor rather than by filling a wave. Each block reads the
+// whole conv weight (COUT x 9 CIN: 295 KB in bf16) from L2 whatever its tile, so a second block on an
+// SM costs a second weight read; on SAM 2's B=1 grid (4096 pixels) one 32-pixel block per SM (128
+// blocks, 0.97 of an H100's 132 SMs) beats a wave of 16-pixel blocks two to an SM. A candidate's
+// floor is its busiest SM's time: blocks per SM x the longer of a block's math and its weight read,
+// both counted in pixels of math. Reading a weight of COUT x K elements takes sizeof(W) F / (2 L)
+// pixels' math (2 COUT K FLOPs each) on an SM doing F FLOP and reading L bytes of L2 per clock: 21.6
+// sizeof(W) on an A100 (1024 fp16 FMA per SM, 5120 L2 bytes per clock over 108 SMs; the generation
+// with published figures); fp32 math takes 6x longer in precise 3xTF32 mode, 2x with one tf32
+// product, 8x on the CUDA cores before sm_80. Ties go to more blocks.
+template <typename T, typename W, size_t N>
+TileChoice stage4_tile(const TileCandidate (&candidates)[N], const GpuTarget& target, bool precise) {
+  constexpr double kPixelsPerWeightByte = 21.6;
+  double slowdown = 1.0;
+  if constexpr (std::is_same<T, float>::value) slowdown = !has_tf32_mma(target.arch) ? 8.0 : precise ? 6.0 : 2.0;
+  const double weight_read = kPixelsPerWeightByte * sizeof(W) / slowdown;
+  int chosen = -1;
+  double best = 0.0;
+  for (int i = 0; i < static_cast<int>(N); ++i) {
+    if (candidates[i].smem > target.shared_memory_per_block) continue;
+    const double floor = static_cast<double>(blocks_per_sm(candidates[i].blocks, target.sm_count)) *
+                         (candidates[i].rows > weight_read ? candidates[i].rows : weight_read);
+    if (chosen < 0 || floor <= best) {
+      chosen = i;
+      best = floor;
+    }
+  }
+  if (chosen < 0 || candidates[chosen].blocks >= target.sm_count) return TileChoice{chosen, nullptr};
+  if (candidates[most_blocks(candidates, target)].blocks < target.sm_count) return TileChoice{chosen, kSizesBelowAWave};
+  return TileChoice{chosen,
+                    "every block reads the whole conv weight from L2: a smaller tile would put two blocks, two weight "
+                    "reads, on some SM, slower by the floor (blocks per SM x the longer of a block's math and its "
+                    "weight read)"};
+}
+
+template <typename T, typename W, int CIN, int COUT>
+struct StageKernels {
+  template <int BM>
+  static Plan<StageParams> plan(const StageParams& p, const char* small_grid_reason) {
+    using Tile = ConvTile<T, COUT, BM>;
+    static const KernelInfo info = kernel_info<T, W, CIN, COUT, BM>("conv3x3s2_ln_gelu_kernel", Tile::Gemm::describe());
+    return plan_of<conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT, BM>, StageParams>(
+        info, ceil_div(p.M, BM), 1, Tile::Gemm::kThreads, Tile::Gemm::kSmemBytes, small_grid_reason);
   }
 
-  static cudaError_t run(const StageParams& p, cudaStream_t stream, int device) {
+  template <int... BMs>
+  static cudaError_t choose(const StageParams& p, const GpuTarget& target, Plan<StageParams>* plan, RowTiles<BMs...>) {
+    const TileCandidate candidates[] = {
+        {ceil_div(p.M, BMs), ConvTile<T, COUT, BMs>::Gemm::kSmemBytes, BMs}...};
+    const TileChoice choice = COUT == 256 ? stage4_tile<T, W>(candidates, target, p.args.precise != 0)
+                                          : fill_a_wave(candidates, target);
+    if (choice.index < 0) return cudaErrorInvalidConfiguration;  // no tile fits this GPU's shared memory
+    int index = 0;
+    ((index++ == choice.index ? (*plan = StageKernels::plan<BMs>(p, choice.small_grid_reason), true) : false) || ...);
+    return cudaSuccess;
+  }
+};
+
+template <typename T, typename W>
+struct StagePlanner {
+  static cudaError_t run(const StageParams& p, const GpuTarget& target, Plan<StageParams>* plan) {
     const int cin = p.args.in_channels, cout = p.args.out_channels;
 #define MF_STAGE_CASE(CIN, COUT) \
-  if (cin == CIN && cout == COUT) return go<CIN, COUT>(p, stream, device);
+  if (cin == CIN && cout == COUT)  \
+    return StageKernels<T, W, CIN, COUT>::choose(p, target, plan, typename StageRowTiles<COUT>::type{});
     MF_MASK_STAGE_CHANNELS(MF_STAGE_CASE)
 #undef MF_STAGE_CASE
     return cudaErrorNotSupported;
   }
 };
+
+bool stage_pointers_set(const Conv3x3s2LnGeluArgs& a) {
+  return all_set(a.x, a.weight, a.bias, a.norm_weight, a.norm_bias, a.out);
+}
+
+cudaError_t stage_params(const Conv3x3s2LnGeluArgs& a, StageParams* p) {
+  if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
+  if (!has_stage_kernel(a.in_channels, a.out_channels)) return cudaErrorNotSupported;
+  p->args = a;
+  p->Ho = conv3x3s2_size(a.height);
+  p->Wo = conv3x3s2_size(a.width);
+  const int64_t pixels = static_cast<int64_t>(a.batch) * p->Ho * p->Wo;
+  if (pixels > INT32_MAX) return cudaErrorInvalidValue;
+  p->M = static_cast<int>(pixels);
+  return cudaSuccess;
+}
+
+cudaError_t plan_stage(const StageParams& p, const GpuTarget& target, Plan<StageParams>* plan) {
+  return dispatch_types<StagePlanner>(p.args.dtype, p.args.weight_dtype, p, target, plan);
+}
+
+const Op<Conv3x3s2LnGeluArgs, StageParams> kStageOp{stage_pointers_set, stage_params, plan_stage};
 
 std::string mask_downsample_kernel_configs() {
   std::string lines = "mask_stem in_channels=1 mid_channels=" + std::to_string(kStemC1) +
@@ -388,41 +523,18 @@ std::string mask_downsample_kernel_configs() {
 using namespace mf;
 
 MF_EXPORT int memenc_fast_mask_stem(const MaskStemArgs* args, int device, void* stream) {
-  if (args == nullptr) return cudaErrorInvalidValue;
-  const MaskStemArgs& a = *args;
-  if (!all_set(a.masks, a.conv1_weight, a.conv1_bias, a.norm1_weight, a.norm1_bias, a.conv2_weight, a.conv2_bias,
-               a.norm2_weight, a.norm2_bias, a.out) ||
-      a.batch < 1 || a.height < 1 || a.width < 1)
-    return cudaErrorInvalidValue;
-  if (a.channels1 != kStemC1 || a.channels2 != kStemC2) return cudaErrorNotSupported;
-  StemParams p{};
-  p.args = a;
-  p.H1 = conv3x3s2_size(a.height);
-  p.W1 = conv3x3s2_size(a.width);
-  p.H2 = conv3x3s2_size(p.H1);
-  p.W2 = conv3x3s2_size(p.W1);
-  p.tiles_x = ceil_div(p.W2, kStemTile);
-  p.tiles_per_image = p.tiles_x * ceil_div(p.H2, kStemTile);
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_types<MaskStemLaunch>(a.dtype, a.weight_dtype, p, static_cast<cudaStream_t>(stream), device);
+  return launch_op(kStemOp, args, device, stream);
+}
+
+MF_EXPORT int memenc_fast_mask_stem_plan(const MaskStemArgs* args, const GpuTarget* target, KernelLaunch* launch) {
+  return plan_op(kStemOp, args, target, launch);
 }
 
 MF_EXPORT int memenc_fast_conv3x3s2_ln_gelu(const Conv3x3s2LnGeluArgs* args, int device, void* stream) {
-  if (args == nullptr) return cudaErrorInvalidValue;
-  const Conv3x3s2LnGeluArgs& a = *args;
-  if (!all_set(a.x, a.weight, a.bias, a.norm_weight, a.norm_bias, a.out) || a.batch < 1 || a.height < 1 ||
-      a.width < 1)
-    return cudaErrorInvalidValue;
-  if (!has_stage_kernel(a.in_channels, a.out_channels)) return cudaErrorNotSupported;
-  StageParams p{};
-  p.args = a;
-  p.Ho = conv3x3s2_size(a.height);
-  p.Wo = conv3x3s2_size(a.width);
-  const int64_t pixels = static_cast<int64_t>(a.batch) * p.Ho * p.Wo;
-  if (pixels > INT32_MAX) return cudaErrorInvalidValue;
-  p.M = static_cast<int>(pixels);
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_types<MaskStageLaunch>(a.dtype, a.weight_dtype, p, static_cast<cudaStream_t>(stream), device);
+  return launch_op(kStageOp, args, device, stream);
+}
+
+MF_EXPORT int memenc_fast_conv3x3s2_ln_gelu_plan(const Conv3x3s2LnGeluArgs* args, const GpuTarget* target,
+                                                 KernelLaunch* launch) {
+  return plan_op(kStageOp, args, target, launch);
 }

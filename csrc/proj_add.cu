@@ -8,6 +8,10 @@
 //   channels-first (pixel stride 1: NCHW pix_feat, as SAM 2 passes it): A tiles are filled
 //     k-major, 16-byte vectors along pixels, and the GEMM reads them transposed;
 // so neither input is copied or transposed in memory first. A k tile never straddles the two.
+//
+// Launch configuration: 64 tokens x BN output channels per block, BN 128 where that fills a wave
+// of SMs, else 64 (SAM 2's B=1 call: 128 blocks of 128 channels on up to 128 SMs, 256 blocks of 64
+// on an H100, B200 or RTX 5090). Blocks that share their tokens read them from L2 once each.
 #include <string>
 
 #include "common.cuh"
@@ -17,11 +21,15 @@
 namespace mf {
 
 constexpr int kProjBM = 64;
-constexpr int kProjBN = 128;
 constexpr int kProjBK = 32;
 
-template <typename T>
-using ProjGemm = BlockGemm<T, kProjBM, kProjBN, kProjBK, 2, 4>;
+// The output-channel tiles the kernel is built with, largest first; out_channels must be a multiple
+// of the smallest.
+#define MF_PROJ_TILES(X) X(128) X(64)
+constexpr int kProjMinBN = 64;
+
+template <typename T, int BN>
+using ProjGemm = BlockGemm<T, kProjBM, BN, kProjBK, 2, 4>;
 
 struct ProjSource {
   const void* ptr;
@@ -33,15 +41,16 @@ struct ProjSource {
 };
 
 struct ProjParams {
-  ProjSource src[2];  // mask features, pix_feat
+  int dtype, weight_dtype;  // MEMENC_DTYPE_*
+  ProjSource src[2];        // mask features, pix_feat
   int HW, M, N;       // M = batch * HW tokens
   int precise;
   void* out;  // (M, N)
 };
 
-template <typename T, typename W>
+template <typename T, typename W, int BN>
 struct ProjLoader {
-  using G = ProjGemm<T>;
+  using G = ProjGemm<T, BN>;
   static constexpr int kVec = G::kVec;
   static constexpr int kTotal = kProjBM * kProjBK / kVec;  // 16-byte vectors per A tile, either layout
   static constexpr int kSlots = (kTotal + G::kThreads - 1) / G::kThreads;
@@ -51,7 +60,7 @@ struct ProjLoader {
   int m0, n0, first_tiles;
   int fetched_kmajor;
   uint4 ra[kSlots];
-  WeightRows<T, W, kProjBN, kProjBK, G::kThreads> wrows;
+  WeightRows<T, W, BN, kProjBK, G::kThreads> wrows;
 
   __device__ __forceinline__ void fetch(int kt) {
     const int s = kt < first_tiles ? 0 : 1;
@@ -91,15 +100,15 @@ struct ProjLoader {
   __device__ __forceinline__ bool a_kmajor(int kt) const { return p->src[kt < first_tiles ? 0 : 1].kmajor != 0; }
 };
 
-// __grid_constant__: the loader keeps a pointer to the parameters (which source a k tile reads is
-// known only at run time) without a local copy of them.
-template <typename T, typename W>
-__global__ void __launch_bounds__(256) proj_add_kernel(const __grid_constant__ ProjParams p) {
-  using G = ProjGemm<T>;
+// The loader keeps a pointer to the parameters (which source a k tile reads is known only at run
+// time): the kernel's __grid_constant__ parameter, without a local copy of it.
+template <typename T, typename W, int BN>
+__device__ __forceinline__ void proj_add(const ProjParams& p) {
+  using G = ProjGemm<T, BN>;
   T* smem = reinterpret_cast<T*>(dynamic_smem());
-  const int m0 = blockIdx.x * kProjBM, n0 = blockIdx.y * kProjBN;
+  const int m0 = blockIdx.x * kProjBM, n0 = blockIdx.y * BN;
 
-  ProjLoader<T, W> loader;
+  ProjLoader<T, W, BN> loader;
   loader.p = &p;
   loader.m0 = m0;
   loader.n0 = n0;
@@ -111,7 +120,7 @@ __global__ void __launch_bounds__(256) proj_add_kernel(const __grid_constant__ P
   gemm.store(c);
   __syncthreads();
 
-  constexpr int kPairs = kProjBN / 64;
+  constexpr int kPairs = BN / 64;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float bias[2 * kPairs];
   for (int q = 0; q < kPairs; ++q) {
@@ -131,26 +140,86 @@ __global__ void __launch_bounds__(256) proj_add_kernel(const __grid_constant__ P
   }
 }
 
+template <typename T, typename W, int BM, int BN>
+__global__ void __launch_bounds__(256, 1) proj_add_kernel(const __grid_constant__ ProjParams p) {
+  static_assert(BM == kProjBM, "one row tile");
+  if constexpr (kServedHere<T>) {
+    proj_add<T, W, BN>(p);
+  } else {
+    unserved_kernel();
+  }
+}
+
+bool proj_pointers_set(const ProjAddArgs& a) {
+  return all_set(a.mask_features, a.pix_feat, a.mask_weight, a.mask_bias, a.pix_weight, a.pix_bias, a.out);
+}
+
+cudaError_t proj_params(const ProjAddArgs& a, ProjParams* p) {
+  if (a.batch < 1 || a.pixels < 1) return cudaErrorInvalidValue;
+  const bool sizes_have_kernel = a.mask_channels > 0 && a.mask_channels % kProjBK == 0 && a.pix_channels > 0 &&
+                                 a.pix_channels % kProjBK == 0 && a.out_channels > 0 &&
+                                 a.out_channels % kProjMinBN == 0;
+  if (!sizes_have_kernel) return cudaErrorNotSupported;
+  const int64_t tokens = static_cast<int64_t>(a.batch) * a.pixels;
+  if (tokens > INT32_MAX) return cudaErrorInvalidValue;
+  p->src[0] = ProjSource{a.mask_features, a.mask_stride_b, a.mask_stride_c, a.mask_stride_p, a.mask_channels,
+                         a.mask_stride_c != 1, a.mask_weight, a.mask_bias};
+  p->src[1] = ProjSource{a.pix_feat, a.pix_stride_b, a.pix_stride_c, a.pix_stride_p, a.pix_channels,
+                         a.pix_stride_c != 1, a.pix_weight, a.pix_bias};
+  // Every 16-byte vector must be aligned and, channels-first, inside one image.
+  const int vec = a.dtype == MEMENC_DTYPE_FLOAT32 ? 4 : 8;
+  for (const ProjSource& s : p->src) {
+    const bool aligned = reinterpret_cast<uintptr_t>(s.ptr) % 16 == 0 && s.stride_b % vec == 0 &&
+                         (s.kmajor ? (s.stride_p == 1 && s.stride_c % vec == 0 && a.pixels % vec == 0)
+                                   : (s.stride_c == 1 && s.stride_p % vec == 0)) &&
+                         reinterpret_cast<uintptr_t>(s.weight) % 16 == 0;
+    if (!aligned) return cudaErrorInvalidValue;
+  }
+  p->dtype = a.dtype;
+  p->weight_dtype = a.weight_dtype;
+  p->HW = a.pixels;
+  p->M = static_cast<int>(tokens);
+  p->N = a.out_channels;
+  p->precise = a.precise;
+  p->out = a.out;
+  return cudaSuccess;
+}
+
 template <typename T, typename W>
-struct ProjLaunch {
-  static cudaError_t run(const ProjParams& p, cudaStream_t stream, int device) {
-    constexpr int kVec = ProjGemm<T>::kVec;
-    for (const ProjSource& s : p.src) {
-      // Every 16-byte vector must be aligned and, channels-first, inside one image.
-      const bool aligned = reinterpret_cast<uintptr_t>(s.ptr) % 16 == 0 && s.stride_b % kVec == 0 &&
-                           (s.kmajor ? (s.stride_p == 1 && s.stride_c % kVec == 0 && p.HW % kVec == 0)
-                                     : (s.stride_c == 1 && s.stride_p % kVec == 0)) &&
-                           reinterpret_cast<uintptr_t>(s.weight) % 16 == 0;
-      if (!aligned) return cudaErrorInvalidValue;
-    }
-    return launch(proj_add_kernel<T, W>, dim3(ceil_div(p.M, kProjBM), p.N / kProjBN), dim3(ProjGemm<T>::kThreads),
-                  ProjGemm<T>::kSmemBytes, stream, device, p);
+struct ProjPlanner {
+  template <int BN>
+  static Plan<ProjParams> plan(const ProjParams& p, const char* small_grid_reason) {
+    static const KernelInfo info = kernel_info<T, W, kProjBM, BN>("proj_add_kernel", ProjGemm<T, BN>::describe());
+    return plan_of<proj_add_kernel<T, W, kProjBM, BN>, ProjParams>(info, ceil_div(p.M, kProjBM), p.N / BN,
+                                                                    ProjGemm<T, BN>::kThreads,
+                                                                    ProjGemm<T, BN>::kSmemBytes, small_grid_reason);
+  }
+
+  static cudaError_t run(const ProjParams& p, const GpuTarget& target, Plan<ProjParams>* plan) {
+    const int64_t row_blocks = ceil_div(p.M, kProjBM);
+#define MF_PROJ_CANDIDATE(BN) {p.N % BN == 0 ? row_blocks * (p.N / BN) : 0, ProjGemm<T, BN>::kSmemBytes, kProjBM},
+    const TileCandidate candidates[] = {MF_PROJ_TILES(MF_PROJ_CANDIDATE)};
+#undef MF_PROJ_CANDIDATE
+    const TileChoice choice = fill_a_wave(candidates, target);
+    if (choice.index < 0) return cudaErrorInvalidConfiguration;  // no tile fits this GPU's shared memory
+    int index = 0;
+#define MF_PROJ_CHOICE(BN) \
+  if (index++ == choice.index) *plan = ProjPlanner::plan<BN>(p, choice.small_grid_reason);
+    MF_PROJ_TILES(MF_PROJ_CHOICE)
+#undef MF_PROJ_CHOICE
+    return cudaSuccess;
   }
 };
 
+cudaError_t plan_proj(const ProjParams& p, const GpuTarget& target, Plan<ProjParams>* plan) {
+  return dispatch_types<ProjPlanner>(p.dtype, p.weight_dtype, p, target, plan);
+}
+
+const Op<ProjAddArgs, ProjParams> kProjOp{proj_pointers_set, proj_params, plan_proj};
+
 std::string proj_add_kernel_configs() {
   const std::string k = std::to_string(kProjBK);
-  return "proj_add mask_channels%" + k + " pix_channels%" + k + " out_channels%" + std::to_string(kProjBN) + "\n";
+  return "proj_add mask_channels%" + k + " pix_channels%" + k + " out_channels%" + std::to_string(kProjMinBN) + "\n";
 }
 
 }  // namespace mf
@@ -158,28 +227,9 @@ std::string proj_add_kernel_configs() {
 using namespace mf;
 
 MF_EXPORT int memenc_fast_proj_add(const ProjAddArgs* args, int device, void* stream) {
-  if (args == nullptr) return cudaErrorInvalidValue;
-  const ProjAddArgs& a = *args;
-  if (!all_set(a.mask_features, a.pix_feat, a.mask_weight, a.mask_bias, a.pix_weight, a.pix_bias, a.out) ||
-      a.batch < 1 || a.pixels < 1)
-    return cudaErrorInvalidValue;
-  const bool sizes_have_kernel = a.mask_channels > 0 && a.mask_channels % kProjBK == 0 && a.pix_channels > 0 &&
-                                 a.pix_channels % kProjBK == 0 && a.out_channels > 0 &&
-                                 a.out_channels % kProjBN == 0;
-  if (!sizes_have_kernel) return cudaErrorNotSupported;
-  const int64_t tokens = static_cast<int64_t>(a.batch) * a.pixels;
-  if (tokens > INT32_MAX) return cudaErrorInvalidValue;
-  ProjParams p{};
-  p.src[0] = ProjSource{a.mask_features, a.mask_stride_b, a.mask_stride_c, a.mask_stride_p, a.mask_channels,
-                        a.mask_stride_c != 1, a.mask_weight, a.mask_bias};
-  p.src[1] = ProjSource{a.pix_feat, a.pix_stride_b, a.pix_stride_c, a.pix_stride_p, a.pix_channels,
-                        a.pix_stride_c != 1, a.pix_weight, a.pix_bias};
-  p.HW = a.pixels;
-  p.M = static_cast<int>(tokens);
-  p.N = a.out_channels;
-  p.precise = a.precise;
-  p.out = a.out;
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  return dispatch_types<ProjLaunch>(a.dtype, a.weight_dtype, p, static_cast<cudaStream_t>(stream), device);
+  return launch_op(kProjOp, args, device, stream);
+}
+
+MF_EXPORT int memenc_fast_proj_add_plan(const ProjAddArgs* args, const GpuTarget* target, KernelLaunch* launch) {
+  return plan_op(kProjOp, args, target, launch);
 }

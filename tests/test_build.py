@@ -19,16 +19,21 @@ from build_tools import cuda_build  # noqa: E402
 from build_tools.cuda_build import (  # noqa: E402
     ARCHS_ENV,
     DEFAULT_ARCHS,
+    JOBS_ENV,
     LIBRARY_NAME,
     SKIP_ENV,
     CudaBuildError,
+    archs_define,
     build_cuda_library,
+    build_jobs,
+    compile_command,
     find_nvcc,
     gencode_flags,
-    nvcc_command,
+    link_command,
     parse_archs,
     parse_ptxas_report,
     skip_reason,
+    sources_digest,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,14 +71,17 @@ ptxas info    : Used 8 registers, used 0 barriers, 364 bytes cmem[0]
 
 def _env_for_build(**overrides: str) -> dict[str, str]:
     """The current environment without this project's build knobs, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if k not in (ARCHS_ENV, SKIP_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in (ARCHS_ENV, SKIP_ENV, JOBS_ENV)}
     env.update(overrides)
     return env
 
 
 @pytest.mark.parametrize("value", [None, "", "  "])
-def test_archs_default(value: str | None) -> None:
-    assert parse_archs(value) == DEFAULT_ARCHS == ("80", "86", "89", "90")
+def test_archs_default_covers_every_generation_sam2_users_run(value: str | None) -> None:
+    from memenc_fast import gpus
+
+    assert parse_archs(value) == DEFAULT_ARCHS == ("75", "80", "86", "89", "90a", "100a", "120")
+    assert {f"sm_{arch}" for arch in DEFAULT_ARCHS} == set(gpus.TARGETS)
 
 
 @pytest.mark.parametrize(
@@ -105,11 +113,14 @@ def test_archs_only_separators() -> None:
 
 def test_gencode_default_sass_for_each_plus_ptx_for_highest() -> None:
     assert gencode_flags(DEFAULT_ARCHS) == [
+        "-gencode=arch=compute_75,code=sm_75",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_86,code=sm_86",
         "-gencode=arch=compute_89,code=sm_89",
-        "-gencode=arch=compute_90,code=sm_90",
-        "-gencode=arch=compute_90,code=compute_90",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_100a,code=sm_100a",
+        "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120",
     ]
 
 
@@ -126,31 +137,61 @@ def test_gencode_needs_an_arch() -> None:
         gencode_flags(())
 
 
-def test_nvcc_command() -> None:
-    command = nvcc_command(
-        "nvcc", [Path("csrc/a.cu"), Path("csrc/b.cu")], Path("out/lib.so"), ("90a",), [Path("csrc")]
+def test_archs_define_names_the_embedded_code_without_commas() -> None:
+    # nvcc splits an option's value at commas: -DX=a,b would define b as well.
+    assert archs_define(("80", "90a")) == "-DMEMENC_CUDA_ARCHS=sm_80/sm_90a/compute_90"
+
+
+def test_compile_command() -> None:
+    command = compile_command(
+        "nvcc", Path("csrc/a.cu"), Path("out/a.o"), ("90a",), [Path("csrc")], ["-DANSWER=42"], threads=3
     )
     assert command[0] == "nvcc"
-    for flag in ("-O3", "-std=c++17", "-shared", "-lineinfo", "-lcudart_static"):
+    for flag in ("-O3", "-std=c++17", "-lineinfo", "-c", "--threads=3"):
         assert flag in command
+    assert "-shared" not in command
     assert command[command.index("-Xcompiler") + 1] == "-fPIC"
     assert command[command.index("-Xptxas") + 1] == "-v"
     assert "-gencode=arch=compute_90a,code=sm_90a" in command
     assert "-Icsrc" in command
+    assert command.index("-DANSWER=42") < command.index(str(Path("csrc/a.cu")))
+    assert command[command.index("-o") + 1] == str(Path("out/a.o"))
+
+
+def test_link_command() -> None:
+    command = link_command("nvcc", [Path("a.o"), Path("b.o")], Path("out/lib.so"))
+    assert command[:2] == ["nvcc", "-shared"]
     assert command[command.index("-o") + 1] == str(Path("out/lib.so"))
-    assert command.index(str(Path("csrc/a.cu"))) < command.index(str(Path("csrc/b.cu")))
     # Libraries come after the inputs, or the linker drops the symbols they need.
-    assert command.index("-lcudart_static") > command.index(str(Path("csrc/b.cu")))
-
-
-def test_nvcc_command_passes_defines_before_the_sources() -> None:
-    command = nvcc_command("nvcc", [Path("a.cu")], Path("lib.so"), ("80",), defines=["-DANSWER=42"])
-    assert command.index("-DANSWER=42") < command.index("a.cu")
-
-
-def test_nvcc_command_needs_sources() -> None:
+    assert command.index("-lcudart_static") > command.index("b.o") > command.index("a.o")
     with pytest.raises(ValueError):
-        nvcc_command("nvcc", [], Path("lib.so"), DEFAULT_ARCHS)
+        link_command("nvcc", [], Path("lib.so"))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, os.cpu_count() or 1), ("", os.cpu_count() or 1), ("3", 3)])
+def test_build_jobs(value: str | None, expected: int) -> None:
+    assert build_jobs({} if value is None else {JOBS_ENV: value}) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_build_jobs_bad_value(value: str) -> None:
+    with pytest.raises(ValueError, match=rf"{JOBS_ENV}: expected a positive integer, got '{value}'"):
+        build_jobs({JOBS_ENV: value})
+
+
+def test_sources_digest_follows_what_the_build_compiles(tmp_path: Path) -> None:
+    (tmp_path / "a.cu").write_text("// a\n")
+    (tmp_path / "common.cuh").write_text("// common\n")
+    digest = sources_digest(tmp_path)
+    (tmp_path / "kernels.json").write_text("{}")
+    (tmp_path / "README.md").write_text("notes")
+    assert sources_digest(tmp_path) == digest  # not compiled
+    for name in ("a.cu", "common.cuh"):
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "// edit\n")
+        assert sources_digest(tmp_path) != digest
+        digest = sources_digest(tmp_path)
+    (tmp_path / "launch_args.h").write_text("#pragma once\n")
+    assert sources_digest(tmp_path) != digest
 
 
 @pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
@@ -225,14 +266,23 @@ def test_parse_ptxas_report() -> None:
     assert kernels[1].stack_bytes == 0 and kernels[1].smem_bytes == 0
 
 
+ARCHS_PROBE = """
+#define TEXT(...) #__VA_ARGS__
+#define EXPANDED_TEXT(...) TEXT(__VA_ARGS__)
+extern "C" const char* memenc_fast_test_archs() { return EXPANDED_TEXT(MEMENC_CUDA_ARCHS); }
+extern "C" unsigned long long memenc_fast_test_digest() { return MEMENC_SOURCES_DIGEST; }
+"""
+
+
 @needs_nvcc
-def test_nvcc_builds_library_and_reports_resources(tmp_path: Path) -> None:
+def test_nvcc_builds_library_from_files_in_parallel_and_reports_resources(tmp_path: Path) -> None:
     csrc = tmp_path / "csrc"
     csrc.mkdir()
     (csrc / "tiny.cu").write_text(TINY_KERNEL)
+    (csrc / "archs.cu").write_text(ARCHS_PROBE)
     lines: list[str] = []
     result = build_cuda_library(
-        csrc, tmp_path / "out", env=_env_for_build(**{ARCHS_ENV: "80;90a"}), log=lines.append
+        csrc, tmp_path / "out", env=_env_for_build(**{ARCHS_ENV: "80;90a", JOBS_ENV: "2"}), log=lines.append
     )
     assert result is not None
     assert result.library == tmp_path / "out" / LIBRARY_NAME and result.library.is_file()
@@ -243,10 +293,18 @@ def test_nvcc_builds_library_and_reports_resources(tmp_path: Path) -> None:
     assert all(k.registers > 0 and k.smem_bytes == 256 * 4 for k in result.kernels)
     log = "\n".join(lines)
     assert "Used" in log and "registers" in log  # the raw ptxas report is in the build log
-    assert "_Z7add_onePfi" in result.report.read_text()
+    assert "2 files, 2 jobs" in log
+    report = result.report.read_text()
+    assert "_Z7add_onePfi" in report
+    assert "-gencode=arch=compute_90a,code=sm_90a" in report.split("\n", 1)[0]  # the targets, on the first line
     assert result.header is None  # no launch_args.h in this csrc/
 
-    assert ctypes.CDLL(str(result.library)).memenc_fast_test_probe() == 42
+    built = ctypes.CDLL(str(result.library))
+    assert built.memenc_fast_test_probe() == 42
+    built.memenc_fast_test_archs.restype = ctypes.c_char_p
+    assert built.memenc_fast_test_archs() == b"sm_80/sm_90a/compute_90"
+    built.memenc_fast_test_digest.restype = ctypes.c_uint64
+    assert built.memenc_fast_test_digest() == sources_digest(csrc) != 0
 
 
 def test_the_build_hashes_the_header_as_the_binding_does(tmp_path: Path) -> None:

@@ -1,15 +1,20 @@
 """The ``cuda`` backend (csrc/ kernels through memenc_fast/backends/cuda/).
 
-CPU part (runs everywhere): the library builds, loads and matches csrc/library.h (the header's
+CPU part (runs everywhere): the library builds, loads and matches csrc/launch_args.h (the header's
 format, its C layout, the hash check refusing a library built from another header); the launchers
-refuse null arguments and sizes without a kernel; the kernels compile for sm_80 and sm_90a
-without spills; the wrappers reject bad input before any launch; the backend reports that there is
-no device and says per op what it cannot run; the custom ops' fakes give the right shapes; and the
-kernels themselves run on the CPU through the host emulation in csrc/emulation.h (the real kernel
-source built with the host compiler: warps as fibers, mma.sync rebuilt from the PTX fragment
-layouts) and match the torch ops and the float64 reference, with parameters in the activations'
-dtype or in float32, with and without gamma, after in-place parameter updates, under
-torch.compile and torch.export.
+and their plans refuse null arguments and sizes without a kernel; every kernel compiles for every GPU
+generation SAM 2 users run (gpus.TARGETS) without spills, on tensor cores where the arch has them for
+the dtype, a trap where it does not serve the dtype; the plans give SAM 2's and SAM 3's B=1 calls at
+least a wave of blocks on every GPU of gpus.REPORT_GPUS (or say why not) within each GPU's shared
+memory, and csrc/kernels.json describes every kernel; the backend refuses, per GPU, what the
+library has no code for or its arch does not serve, with the reason; the wrappers reject bad input
+before any launch; the custom ops' fakes give the right shapes; and the kernels themselves run on
+the CPU through the host emulation in csrc/emulation.h (the real kernel source built with the host
+compiler: warps as fibers, mma.sync rebuilt from the PTX fragment layouts, an emulated GPU the
+launchers plan for) and match the torch ops and the float64 reference, with parameters in the
+activations' dtype or in float32, with and without gamma, after in-place parameter updates, with
+every tile configuration, on sm_75's code paths (fp16 on mma.m16n8k8, fp32 on CUDA cores), under
+torch.compile and torch.export; a launch the GPU refuses runs the torch op, warned once.
 
 GPU part (``requires_cuda``, skipped without a CUDA device): each op against the torch op and the
 whole module against the float64 reference, full SAM 2 size, B in {1, 8}, fp32/bf16/fp16 and
@@ -17,23 +22,30 @@ autocast over fp32 parameters, outputs poisoned, odd sizes, B=3, a SAM 3 size, l
 updates, torch.compile and opcheck.
 """
 
+import copy
 import ctypes
 import importlib
+import itertools
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast import pipeline
-from memenc_fast.backends import torch_ops
+from memenc_fast import gpus, pipeline
+from memenc_fast.backends import kernel_args, torch_ops
 from memenc_fast.backends.cuda import library
 from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import OPS, BackendUnavailableError
@@ -47,13 +59,20 @@ CSRC = ROOT / "csrc"
 HEADER = CSRC / library.HEADER_NAME
 sys.path.insert(0, str(ROOT))
 from build_tools.cuda_build import (  # noqa: E402
-    ARCHS_ENV, SKIP_ENV, build_cuda_library, find_nvcc, launch_args_define)
+    ARCHS_ENV, DEFAULT_ARCHS, JOBS_ENV, PTXAS_REPORT_NAME, SKIP_ENV, KernelResources, build_cuda_library, find_nvcc,
+    launch_args_define, parse_ptxas_report, sources_digest)
 
 NVCC = find_nvcc(os.environ)
 HOST_COMPILER = shutil.which("g++") or shutil.which("c++")
+CXXFILT = shutil.which("c++filt")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda)")
 needs_host_compiler = pytest.mark.skipif(HOST_COMPILER is None, reason="no host C++ compiler (g++, c++)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (activations, parameters): alike, or fp32 parameters under 16-bit activations (autocast).
+DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+               (torch.float16, torch.float32), (torch.float32, torch.float32)]
+KERNEL_FAMILIES = ("mf::mask_stem_kernel", "mf::conv3x3s2_ln_gelu_kernel", "mf::proj_add_kernel",
+                   "mf::dwconv_ln_kernel")
 # SAM 2's channels (1 -> 4 -> 16 -> 64 -> 256, dim 256, out 64) at a small spatial size.
 SMALL = Preset("small256", mask_size=64, feature_size=4)
 # (activation dtype, parameter dtype, gamma): the dtypes alike, and fp32 parameters with 16-bit
@@ -97,34 +116,69 @@ def _op_table(backend: ModuleType = None) -> Dict[str, Callable]:
 # ------------------------------------------------------------------------------ the binding
 
 
-@pytest.fixture(scope="module")
-def built_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
-    """The installed library when it matches the header, else one built here for sm_80 with the
-    project's build step."""
+def _demangle(symbols: List[str]) -> Dict[str, str]:
+    """Mangled kernel name -> its name as c++filt prints it, without ``void`` and parameters."""
+    if CXXFILT is None:
+        pytest.skip("c++filt not found")
+    printed = subprocess.run([CXXFILT], input="\n".join(symbols), capture_output=True, text=True, check=True)
+    return {symbol: re.sub(r"^void |\(.*$", "", name)
+            for symbol, name in zip(symbols, printed.stdout.splitlines())}
+
+
+@dataclass(frozen=True)
+class TargetBuild:
+    """The library with code for every target, and what ptxas reported of its kernels."""
+
+    library: library.CudaLibrary
+    kernels: Tuple[KernelResources, ...]
+
+    def names(self, target: str) -> Dict[str, KernelResources]:
+        """The kernels compiled for ``target``, by their name as c++filt prints it."""
+        rows = [k for k in self.kernels if k.arch == target]
+        names = _demangle([k.name for k in rows])
+        return {names[k.name]: k for k in rows}
+
+
+@pytest.fixture(scope="session")
+def target_build(tmp_path_factory: pytest.TempPathFactory) -> TargetBuild:
+    """The installed library where it was built from these very sources (its sources digest) for
+    every target, with its ptxas report; else one built here, once per session, by the project's
+    build step (the files compile in parallel)."""
     try:
-        return library.CudaLibrary(library.library_path())
+        installed = library.CudaLibrary(library.library_path())
     except (OSError, library.CudaLibraryError):
-        pass
+        installed = None
+    report = library.library_path().parent / PTXAS_REPORT_NAME
+    if (installed is not None and installed.sources_digest == sources_digest(CSRC) and report.is_file()
+            and {f"sm_{arch}" for arch in DEFAULT_ARCHS} <= set(installed.archs)):
+        return TargetBuild(installed, tuple(parse_ptxas_report(report.read_text())))
     if NVCC is None:
-        pytest.skip("no usable CUDA library is installed and nvcc is not found")
-    env = {k: v for k, v in os.environ.items() if k != SKIP_ENV}
-    env[ARCHS_ENV] = "80"
+        pytest.skip("no CUDA library built from these sources is installed and nvcc is not found")
+    env = {k: v for k, v in os.environ.items() if k not in (SKIP_ENV, ARCHS_ENV, JOBS_ENV)}
     result = build_cuda_library(CSRC, tmp_path_factory.mktemp("cudalib"), env=env, log=lambda line: None)
     assert result is not None and result.header is not None and result.header.read_bytes() == HEADER.read_bytes()
-    return library.CudaLibrary(result.library)
+    return TargetBuild(library.CudaLibrary(result.library), result.kernels)
+
+
+@pytest.fixture(scope="module")
+def built_library(target_build: TargetBuild) -> library.CudaLibrary:
+    return target_build.library
 
 
 def test_library_declares_every_launcher_of_the_header(built_library: library.CudaLibrary) -> None:
     header = library.read_header(HEADER)
     assert set(built_library.args) == set(header.structs) == {"mask_stem", "conv3x3s2_ln_gelu", "proj_add",
                                                               "dwconv_ln"}
+    assert set(built_library.records) == set(header.records) == {"GpuTarget", "KernelLaunch"}
     for op, struct in header.structs.items():
         assert [name for name, _ in built_library.args[op]._fields_] == [name for name, _ in struct.fields]
         assert hasattr(ctypes.CDLL(str(built_library.path)), struct.launcher)
+        assert hasattr(ctypes.CDLL(str(built_library.path)), struct.planner)
     with pytest.raises(AttributeError):  # a misspelled member is an error, not an ignored attribute
         built_library.args["proj_add"](mask_weigth=1)
     assert built_library.dtype_codes == {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
     assert not built_library.runs_on_host
+    assert built_library.archs == ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120", "compute_120")
     assert built_library.error_string(0) == "no error"
     assert "invalid argument" in built_library.error_string(1)
 
@@ -167,11 +221,31 @@ def test_launchers_refuse_null_arguments_and_sizes_without_a_kernel(built_librar
         "proj_add": dict(batch=1, pixels=16, mask_channels=256, pix_channels=250, out_channels=256),
         "dwconv_ln": dict(batch=1, height=4, width=4, channels=256, kernel_size=9),
     }
+    h100 = gpus.TARGETS["sm_90a"]
     for op, sizes in unsupported.items():
         cls = built_library.args[op]
         pointers = {name: 16 for name, c_type in cls._fields_ if c_type is ctypes.c_void_p}
-        with pytest.raises(library.CudaLaunchError, match=rf"memenc_fast {op}: CUDA error 801"):
-            built_library.launch(op, cls(**pointers, **sizes), 0, None)
+        for call in (lambda: built_library.launch(op, cls(**pointers, **sizes), 0, None),
+                     lambda: built_library.plan(op, h100, **sizes)):
+            with pytest.raises(library.CudaLaunchError, match=rf"memenc_fast {op}: CUDA error 801") as err:
+                call()
+            assert not isinstance(err.value, kernel_args.LaunchRefused)  # an error of the caller, not the GPU's
+    with pytest.raises(library.CudaLaunchError, match=r"memenc_fast dwconv_ln: CUDA error 1: invalid argument"):
+        built_library.plan("dwconv_ln", h100, batch=0, height=4, width=4, channels=256, kernel_size=7)
+
+
+@pytest.mark.parametrize("code", sorted(library.REFUSED_CODES))
+def test_refusal_codes_raise_launch_refused_and_others_errors(built_library: library.CudaLibrary,
+                                                              monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    monkeypatch.setitem(built_library._launchers, "proj_add", lambda *args: code)
+    with pytest.raises(library.CudaLaunchRefused, match=rf"memenc_fast proj_add: CUDA error {code} "
+                                                        rf"\({library.REFUSED_CODES[code]}\)"):
+        built_library.launch("proj_add", built_library.args["proj_add"](), 0, None)
+    for error in (1, 700, 719):  # invalid argument, illegal address, launch failure: errors, not refusals
+        monkeypatch.setitem(built_library._launchers, "proj_add", lambda *args, error=error: error)
+        with pytest.raises(library.CudaLaunchError) as err:
+            built_library.launch("proj_add", built_library.args["proj_add"](), 0, None)
+        assert not isinstance(err.value, kernel_args.LaunchRefused)
 
 
 SAMPLE_HEADER = b"""// comment
@@ -187,16 +261,24 @@ struct Conv3x3s2LnGeluArgs {
   float eps;
   void* out;
 };
+
+struct KernelLaunch {
+  const char* kernel;
+  int32_t block;
+};
 """
 
 
-def test_header_format_parses_structs_and_constants() -> None:
+def test_header_format_parses_structs_records_and_constants() -> None:
     header = library.parse_header(SAMPLE_HEADER)
     assert header.constants == {"MEMENC_DTYPE_FLOAT32": 0, "MEMENC_ANSWER": -42}
     struct = header.structs["conv3x3s2_ln_gelu"]
-    assert (struct.name, struct.launcher) == ("Conv3x3s2LnGeluArgs", "memenc_fast_conv3x3s2_ln_gelu")
+    assert (struct.name, struct.launcher, struct.planner) == (
+        "Conv3x3s2LnGeluArgs", "memenc_fast_conv3x3s2_ln_gelu", "memenc_fast_conv3x3s2_ln_gelu_plan")
     assert struct.fields == (("dtype", "int32_t"), ("x", "const void*"), ("stride", "int64_t"), ("eps", "float"),
                              ("out", "void*"))
+    assert set(header.structs) == {"conv3x3s2_ln_gelu"}
+    assert header.records["KernelLaunch"].fields == (("kernel", "const char*"), ("block", "int32_t"))
     assert header.digest == library.header_hash(SAMPLE_HEADER) != library.header_hash(SAMPLE_HEADER + b"\n")
 
 
@@ -205,9 +287,10 @@ def test_header_format_parses_structs_and_constants() -> None:
     (b"struct FooArgs {\n  int32_t a;\n  float a;\n};\n", r"sample\.h:3: FooArgs declares a twice"),
     (b"struct FooArgs {\n  int32_t a;\n", r"sample\.h:1: FooArgs is not closed"),
     (b"struct FooArgs {\n};\n", r"sample\.h:1: FooArgs has no members"),
-    (b"int memenc_fast_foo(int x);\n", r"sample\.h:1: expected `struct <Name>Args \{`.*got 'int memenc_fast_foo"),
+    (b"int memenc_fast_foo(int x);\n", r"sample\.h:1: expected `struct <Name> \{`.*got 'int memenc_fast_foo"),
     (b"struct FooArgs {\n  int32_t a;\n};\nstruct FooArgs {\n  int32_t b;\n};\n",
-     r"sample\.h:4: a second struct for memenc_fast_foo"),
+     r"sample\.h:4: a second struct FooArgs"),
+    (b"struct Target {\n  int32_t a;\n};\nstruct Target {\n  int32_t b;\n};\n", r"sample\.h:4: a second struct Target"),
 ])
 def test_header_format_errors_name_the_line(text: bytes, message: str) -> None:
     with pytest.raises(library.LaunchArgsFormatError, match=message):
@@ -220,18 +303,18 @@ def test_header_structs_have_the_c_compilers_layout(built_library: library.CudaL
     offset of every member."""
     header = library.read_header(HEADER)
     lines = [f'#include "{HEADER}"', "#include <cstddef>", "#include <cstdio>", "int main() {"]
-    for struct in header.structs.values():
-        lines.append(f'  std::printf("{struct.op} size %zu\\n", sizeof({struct.name}));')
-        lines += [f'  std::printf("{struct.op} {name} %zu\\n", offsetof({struct.name}, {name}));'
+    for struct in [*header.structs.values(), *header.records.values()]:
+        lines.append(f'  std::printf("{struct.name} size %zu\\n", sizeof({struct.name}));')
+        lines += [f'  std::printf("{struct.name} {name} %zu\\n", offsetof({struct.name}, {name}));'
                   for name, _ in struct.fields]
     source, program = tmp_path / "layout.cpp", tmp_path / "layout"
     source.write_text("\n".join(lines + ["}"]) + "\n")
     subprocess.run([HOST_COMPILER, "-std=c++17", str(source), "-o", str(program)], check=True)
     printed = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout.splitlines()
     expected = []
-    for op, cls in built_library.args.items():
-        expected.append(f"{op} size {ctypes.sizeof(cls)}")
-        expected += [f"{op} {name} {getattr(cls, name).offset}" for name, _ in cls._fields_]
+    for cls in [*built_library.args.values(), *built_library.records.values()]:
+        expected.append(f"{cls.__name__} size {ctypes.sizeof(cls)}")
+        expected += [f"{cls.__name__} {name} {getattr(cls, name).offset}" for name, _ in cls._fields_]
     assert sorted(printed) == sorted(expected)
 
 
@@ -278,29 +361,292 @@ def test_has_kernel_is_answered_while_tracing(built_library: library.CudaLibrary
     assert compiled(torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
-@needs_nvcc
-def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path: Path) -> None:
-    """The CI gate: every csrc kernel compiles for both targets, hot kernels do not spill, shared
-    memory fits, and the matrix kernels run on tensor cores (the kernel report's rules)."""
-    from memenc_fast.tools import kernel_report as kr
+# ------------------------------------------------------------------------------ every GPU generation
 
-    options = kr.Options(targets=("sm_80", "sm_90a"), batches=(1,), dtypes=kr.DTYPES, cubin_dir=tmp_path,
-                         csrc_dir=CSRC, jobs=os.cpu_count() or 1)
-    report = kr.Report()
-    kr.report_cuda(options, report)
-    print(kr.format_table(report.rows))
-    names = {row.kernel for row in report.rows}
-    assert {"mf::mask_stem_kernel", "mf::conv3x3s2_ln_gelu_kernel", "mf::proj_add_kernel",
-            "mf::dwconv_ln_kernel"} <= names
-    assert kr.violations(report.rows) == []
-    sidecar = kr.load_sidecar(CSRC / "kernels.json")
-    for row in report.rows:  # every kernel instantiation is annotated
-        assert f"{row.kernel}<{row.config}>" in sidecar, (row.kernel, row.config)
-        if row.matrix_work:
-            assert row.tensor_core_instructions.get("HMMA", 0) > 0, (row.kernel, row.target, row.config)
-    configs = {row.config for row in report.rows if row.kernel == "mf::proj_add_kernel"}
-    assert configs == {"float, float", "__nv_bfloat16, __nv_bfloat16", "__nv_bfloat16, float", "__half, __half",
-                       "__half, float"}
+
+def _family(kernel: str) -> str:
+    return kernel.split("<", 1)[0]
+
+
+def _dtype_pair(kernel: str) -> Tuple[str, str]:
+    """(activation type, parameter type) of a kernel instantiation's name."""
+    activation, parameter = kernel.split("<", 1)[1].rstrip(">").split(", ")[:2]
+    return activation, parameter
+
+
+_TYPE_NAMES = {torch.float32: "float", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+_DTYPE_OF_TYPE = {name: dtype for dtype, name in _TYPE_NAMES.items()}
+
+
+def _sidecar() -> Dict[str, Dict[str, object]]:
+    return json.loads((CSRC / "kernels.json").read_text())
+
+
+def _cuobjdump() -> Optional[str]:
+    """cuobjdump: the toolkit's, else the one the triton wheel ships."""
+    found = shutil.which("cuobjdump") or (NVCC and shutil.which("cuobjdump", path=str(Path(NVCC).parent)))
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump" if spec and spec.origin else None
+    return str(bundled) if bundled is not None and bundled.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def sass(target_build: TargetBuild) -> Dict[str, Dict[str, List[str]]]:
+    """target -> kernel name (as c++filt prints it) -> its SASS opcodes, from the built library."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit, triton wheel)")
+
+    def dump(target: str) -> Dict[str, List[str]]:
+        text = subprocess.run([tool, "-sass", "-arch", target, str(target_build.library.path)], capture_output=True,
+                              text=True, check=True).stdout
+        functions: Dict[str, List[str]] = {}
+        current: List[str] = []
+        for line in text.splitlines():
+            header = re.match(r"\s*Function : (\S+)", line)
+            if header:
+                current = functions.setdefault(header.group(1), [])
+            else:
+                opcode = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", line)
+                if opcode:
+                    current.append(opcode.group(1))
+        names = _demangle(sorted(functions))
+        return {names[symbol]: opcodes for symbol, opcodes in functions.items()}
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(gpus.TARGETS, pool.map(dump, gpus.TARGETS)))
+
+
+def test_every_kernel_compiles_for_every_target_without_spills(target_build: TargetBuild) -> None:
+    """The CI gate: every csrc kernel has code for every GPU generation (gpus.TARGETS), no hot kernel
+    spills, and static shared memory needs no opt-in."""
+    sidecar = _sidecar()
+    assert {k.arch for k in target_build.kernels} == set(gpus.TARGETS)
+    for target in gpus.TARGETS:
+        kernels = target_build.names(target)
+        assert {_family(name) for name in kernels} == {*KERNEL_FAMILIES, "mf::arch_probe_kernel"}, target
+        for name, k in kernels.items():
+            if sidecar[name].get("hot", True):
+                assert (k.spill_store_bytes, k.spill_load_bytes, k.stack_bytes) == (0, 0, 0), (target, name, k)
+            assert k.smem_bytes <= 48 * 1024, (target, name, k)
+
+
+def test_matrix_math_runs_as_each_arch_serves_it(built_library: library.CudaLibrary,
+                                                 sass: Dict[str, Dict[str, List[str]]]) -> None:
+    """bf16/fp16 GEMMs on HMMA.16816 from sm_80 on, fp16 on sm_75 on HMMA.1688 (mma.m16n8k8), fp32 on
+    tf32 HMMA from sm_80 on and on the CUDA cores (FFMA) on sm_75; an instantiation of a dtype its arch
+    does not serve is a trap; no kernel touches local memory."""
+    sidecar = _sidecar()
+    for target, kernels in sass.items():
+        arch = 10 * gpus.TARGETS[target].capability[0] + gpus.TARGETS[target].capability[1]
+        assert set(kernels) == set(sidecar), target
+        for name, opcodes in kernels.items():
+            assert not any(op.startswith(("STL", "LDL")) for op in opcodes), (target, name)
+            if name == "mf::arch_probe_kernel":
+                continue
+            dtype = _DTYPE_OF_TYPE[_dtype_pair(name)[0]]
+            served = built_library.matrix_math(arch, dtype) is not None
+            assert ("BPT.TRAP" in opcodes) == (not served), (target, name)
+            mma = {op for op in opcodes if op.startswith("HMMA")}
+            if not served or not sidecar[name]["matrix_work"]:
+                assert not mma, (target, name)
+            elif dtype == torch.float32:
+                assert mma == ({"HMMA.1688.F32.TF32"} if arch >= 80 else set()), (target, name)
+                assert arch >= 80 or "FFMA" in opcodes, (target, name)
+            else:
+                wanted = "HMMA.16816.F32" + (".BF16" if dtype == torch.bfloat16 else "")
+                assert mma == ({wanted} if arch >= 80 else {"HMMA.1688.F32"}), (target, name)
+
+
+SAM_SHAPES = [pytest.param(1024, 64, id="sam2"), pytest.param(1152, 72, id="sam3")]
+
+
+@pytest.mark.parametrize(("mask_size", "feature_size"), SAM_SHAPES)
+@pytest.mark.parametrize("spec", gpus.REPORT_GPUS, ids=lambda spec: spec.name)
+def test_b1_launches_fill_a_wave_and_fit_the_gpu(target_build: TargetBuild, spec: gpus.GpuSpec, mask_size: int,
+                                                 feature_size: int) -> None:
+    """At B=1 every hot kernel launches at least one block per SM, within the GPU's shared memory and
+    with code for its arch. The exception is the conv of mask stage 4, which chooses by its floor
+    (every block reads the whole weight): below a wave only where a tile of half the rows would put two
+    blocks, two weight reads, on some SM, and then the launch says so."""
+    from memenc_fast.backends import cuda
+
+    kernels = target_build.names(spec.arch)
+    for dtype, weight_dtype in DTYPE_PAIRS:
+        launches = cuda.report_launches(1, dtype, weight_dtype, spec, mask_size=mask_size, feature_size=feature_size)
+        if dtype == torch.bfloat16 and spec.capability < (8, 0):
+            assert launches == []
+            continue
+        assert [_family(launch["kernel"]) for launch in launches] == [
+            "mf::mask_stem_kernel", "mf::conv3x3s2_ln_gelu_kernel", "mf::conv3x3s2_ln_gelu_kernel",
+            "mf::proj_add_kernel", "mf::dwconv_ln_kernel", "mf::dwconv_ln_kernel"]
+        for launch in launches:
+            where = (spec.name, str(dtype), str(weight_dtype), launch)
+            assert _dtype_pair(launch["kernel"]) == (_TYPE_NAMES[dtype], _TYPE_NAMES[weight_dtype]), where
+            static = kernels[launch["kernel"]].smem_bytes  # KeyError: a name the library does not have
+            assert static + launch["dynamic_smem"] <= spec.shared_memory_per_block, where
+            assert 0 < launch["block"] <= 1024 and launch["block"] % 32 == 0, where
+            assert launch["config"], where
+            weight_bound = launch["kernel"].startswith("mf::conv3x3s2_ln_gelu_kernel") and ", 64, 256, " in launch[
+                "kernel"]
+            if weight_bound and launch["grid"] < spec.sm_count:
+                assert 2 * launch["grid"] > spec.sm_count and not launch["kernel"].endswith(", 16>"), where
+                assert "reads the whole conv weight" in launch["small_grid_reason"], where
+            else:
+                assert launch["grid"] >= spec.sm_count and "small_grid_reason" not in launch, where
+
+
+def test_launch_report_follows_batch_and_says_bad_shapes(built_library: library.CudaLibrary,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from memenc_fast.backends import cuda
+
+    monkeypatch.setattr(library, "load", lambda path=None: built_library)
+    h100 = gpus.TARGETS["sm_90a"]
+    one, eight = (cuda.report_launches(batch, torch.bfloat16, torch.float32, h100) for batch in (1, 8))
+    stem = [launch["grid"] for launch in (one[0], eight[0])]
+    assert stem == [256, 8 * 256]  # 16x16 tiles of the 256x256 stage-2 image per object
+    assert all(b["grid"] >= a["grid"] for a, b in zip(one, eight))
+    small = cuda.report_launches(1, torch.bfloat16, torch.float32, h100, mask_size=256, feature_size=16)
+    assert [launch.get("small_grid_reason") for launch in small] == [
+        "these sizes give fewer blocks than SMs even in the smallest tile"] * 6
+    with pytest.raises(ValueError, match=r"masks of 1024² make 64² features, not 72²"):
+        cuda.report_launches(1, torch.bfloat16, torch.bfloat16, h100, feature_size=72)
+
+
+def _every_plan(lib: library.CudaLibrary) -> Iterator[library.PlannedLaunch]:
+    """The plans of every kernel configuration: each op's sizes in SAM 2's channels, on GPUs of one
+    SM and of very many (the largest and the smallest tiles), small and large shared memory, both
+    fp32 GEMM modes, one object and many."""
+    for sm_count, shared, (dtype, weight_dtype), batch, precise in itertools.product(
+            (1, 40, 132, 10**6), (65536, 232448), DTYPE_PAIRS, (1, 64), (0, 1)):
+        spec = gpus.GpuSpec("any", (9, 0), sm_count, shared)
+        common = dict(dtype=lib.dtype_codes[dtype], weight_dtype=lib.dtype_codes[weight_dtype], batch=batch)
+        yield lib.plan("mask_stem", spec, **common, height=64, width=64, channels1=4, channels2=16)
+        for in_channels, out_channels in ((16, 64), (64, 256)):
+            yield lib.plan("conv3x3s2_ln_gelu", spec, **common, height=32, width=32, in_channels=in_channels,
+                           out_channels=out_channels, precise=precise)
+        yield lib.plan("proj_add", spec, **common, pixels=64, mask_channels=256, pix_channels=256, out_channels=256,
+                       mask_stride_c=1, mask_stride_p=256, pix_stride_c=64, pix_stride_p=1)
+        for kernel_size in (3, 5, 7):
+            yield lib.plan("dwconv_ln", spec, **common, height=8, width=8, channels=256, kernel_size=kernel_size)
+
+
+def _expected_figures(kernel: str) -> Tuple[int, int]:
+    """(FLOPs, minimum bytes) of a kernel per SAM 2 object: its inputs, outputs and parameters once."""
+    activation, parameter = (4 if t == "float" else 2 for t in _dtype_pair(kernel))
+    ints = [int(v) for v in re.findall(r", (\d+)", kernel)]
+    family = _family(kernel)
+    if family == "mf::mask_stem_kernel":
+        return 512 * 512 * 4 * 9 * 2 + 256 * 256 * 16 * 36 * 2, (1024 * 1024 + 256 * 256 * 16) * activation
+    if family == "mf::conv3x3s2_ln_gelu_kernel":
+        in_channels, out_channels = ints[:2]
+        out_side = 128 if out_channels == 64 else 64
+        return (out_side ** 2 * out_channels * 9 * in_channels * 2,
+                (4 * out_side ** 2 * in_channels + out_side ** 2 * out_channels) * activation
+                + out_channels * 9 * in_channels * parameter)
+    if family == "mf::proj_add_kernel":
+        return 4096 * 256 * 512 * 2, 3 * 4096 * 256 * activation + 2 * 256 * 256 * parameter
+    kernel_size = ints[0]
+    return 4096 * 256 * (2 * kernel_size ** 2 + 8), 3 * 4096 * 256 * activation
+
+
+def test_kernels_json_describes_every_kernel(target_build: TargetBuild) -> None:
+    """csrc/kernels.json (the kernel report's sidecar) has an entry for every kernel the library holds
+    and no other, with its SAM 2 FLOPs and bytes and the dynamic shared memory its launches ask for."""
+    sidecar = _sidecar()
+    assert set(sidecar) == set(target_build.names("sm_90a"))
+    planned = {plan.kernel: plan.dynamic_smem for plan in _every_plan(target_build.library)}
+    assert set(planned) == set(sidecar) - {"mf::arch_probe_kernel"}  # every configuration is reachable
+    for kernel, entry in sidecar.items():
+        if kernel == "mf::arch_probe_kernel":
+            assert entry == {"hot": False, "matrix_work": False}
+            continue
+        matrix_work = _family(kernel) in ("mf::conv3x3s2_ln_gelu_kernel", "mf::proj_add_kernel")
+        assert entry["hot"] is True and entry["matrix_work"] is matrix_work, kernel
+        assert (entry["flops_per_object"], entry["min_bytes_per_object"]) == _expected_figures(kernel), kernel
+        assert entry.get("dynamic_shared_bytes", 0) == planned[kernel], kernel
+
+
+# ------------------------------------------------------------------------------ which GPUs it serves
+
+
+DEFAULT_CODE = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120", "compute_120")
+
+
+def _with_code(lib: library.CudaLibrary, *code: str) -> library.CudaLibrary:
+    """``lib`` as if built with only ``code``."""
+    twin = copy.copy(lib)
+    twin.archs = code
+    return twin
+
+
+@pytest.mark.parametrize(("code", "capability", "runs"), [
+    ("sm_86", (8, 6), True), ("sm_86", (8, 9), True), ("sm_86", (8, 0), False), ("sm_86", (9, 0), False),
+    ("sm_90a", (9, 0), True), ("sm_100a", (10, 3), False), ("sm_100f", (10, 3), True), ("sm_120", (12, 1), True),
+    ("compute_120", (12, 0), True), ("compute_120", (13, 0), True), ("compute_120", (10, 0), False),
+    ("compute_100f", (10, 3), True), ("compute_100f", (12, 0), False),
+])
+def test_embedded_code_runs_where_cuda_runs_it(code: str, capability: Tuple[int, int], runs: bool) -> None:
+    assert library.EmbeddedCode(code).runs_on(capability) is runs
+
+
+def _refusals(lib: library.CudaLibrary, spec: gpus.GpuSpec) -> Dict[str, Optional[str]]:
+    return {str(dtype).replace("torch.", ""): lib.device_refusal(spec, dtype) for dtype in DTYPES}
+
+
+def test_every_target_is_served_but_bf16_on_sm75(built_library: library.CudaLibrary) -> None:
+    lib = _with_code(built_library, *DEFAULT_CODE)
+    for spec in gpus.REPORT_GPUS:
+        expected = {"float32": None, "bfloat16": None, "float16": None}
+        if spec.capability == (7, 5):
+            expected["bfloat16"] = "bf16 needs sm_80; this is sm_75 (T4)"
+        assert _refusals(lib, spec) == expected, spec
+        assert lib.code_for(spec.capability).name == spec.arch
+
+
+@pytest.mark.parametrize(("code", "spec", "expected"), [
+    (DEFAULT_CODE, gpus.GpuSpec("Jetson Orin", (8, 7), 16, 166912), {}),  # sm_86's SASS
+    (DEFAULT_CODE, gpus.GpuSpec("DGX Spark", (12, 1), 48, 101376), {}),  # sm_120's SASS
+    (DEFAULT_CODE, gpus.GpuSpec("next", (13, 0), 200, 232448), {}),  # compute_120 PTX, JIT-compiled
+    (DEFAULT_CODE, gpus.GpuSpec("V100", (7, 0), 80, 98304),
+     dict.fromkeys(("float32", "bfloat16", "float16"),
+                   "the CUDA kernels need sm_75 or newer; this GPU is sm_70 (V100)")),
+    (DEFAULT_CODE, gpus.GpuSpec("B300", (10, 3), 148, 232448),
+     dict.fromkeys(("float32", "bfloat16", "float16"),
+                   "the CUDA library is built for 75;80;86;89;90a;100a;120 (PTX compute_120); this GPU is sm_103 "
+                   "(B300): rebuild with MEMENC_FAST_CUDA_ARCHS=75;80;86;89;90a;100a;103a;120")),
+    (("sm_90a",), gpus.TARGETS["sm_80"],
+     dict.fromkeys(("float32", "bfloat16", "float16"),
+                   "the CUDA library is built for 90a; this GPU is sm_80 (A100): rebuild with "
+                   "MEMENC_FAST_CUDA_ARCHS=80;90a")),
+    (("sm_75", "compute_75"), gpus.TARGETS["sm_86"],
+     {"bfloat16": "bf16 needs sm_80 code; the library runs compute_75 on this sm_86 (A10): rebuild with "
+                  "MEMENC_FAST_CUDA_ARCHS=75;86"}),
+], ids=lambda value: getattr(value, "name", None))
+def test_device_refusal_names_the_gpu_and_what_to_do(built_library: library.CudaLibrary, code: Tuple[str, ...],
+                                                     spec: gpus.GpuSpec, expected: Dict[str, str]) -> None:
+    refusals = _refusals(_with_code(built_library, *code), spec)
+    assert {dtype: why for dtype, why in refusals.items() if why is not None} == expected
+
+
+def test_unsupported_ops_refuses_every_op_where_the_gpu_cannot_serve_the_dtype(
+        built_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = _cuda_backend()
+    monkeypatch.setattr(library, "load", lambda path=None: _with_code(built_library, *DEFAULT_CODE))
+    structure = read_structure(_encoder(seed=1))
+    device = torch.device("cuda", 0)
+    for spec in (gpus.TARGETS["sm_75"], gpus.TARGETS["sm_90a"]):
+        monkeypatch.setattr(gpus, "gpu_spec", lambda device, spec=spec: spec)
+        for dtype in DTYPES:
+            refused = cuda.unsupported_ops(structure, device, dtype)
+            if spec.capability == (7, 5) and dtype == torch.bfloat16:
+                assert refused == dict.fromkeys(("mask_downsample", "proj_add", "cxblock"),
+                                                "bf16 needs sm_80; this is sm_75 (T4)")
+            else:
+                assert refused == {}, (spec, dtype)
+            assert cuda.auto_skip_reason(device, dtype) is None
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -440,22 +786,38 @@ def _cuda_include_dir() -> Path:
     pytest.skip("could not find the CUDA headers from nvcc --dryrun")
 
 
-@pytest.fixture(scope="module")
-def emulated_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
-    """csrc/*.cu built by the host C++ compiler against csrc/emulation.h, with the header's hash."""
+EMULATED_H100 = (90, 132, 232448)  # the emulated GPU (emulation.h's default): arch of its code, SMs, shared memory
+EMULATED_T4 = (75, 40, 65536)
+
+
+def _build_emulated(directory: Path, arch: int) -> library.CudaLibrary:
+    """csrc/*.cu built by the host C++ compiler against csrc/emulation.h with the code paths of
+    ``arch``, with the header's hash."""
     if HOST_COMPILER is None or platform.machine() != "x86_64":
         pytest.skip("the kernel emulation needs an x86-64 host C++ compiler")
     if NVCC is None:
         pytest.skip("the kernel emulation needs the CUDA headers (nvcc not found)")
-    out = tmp_path_factory.mktemp("emulated") / "libmemenc_fast_emulated.so"
-    command = [HOST_COMPILER, "-x", "c++", "-DMEMENC_EMULATE", launch_args_define(HEADER), "-std=c++17", "-O1",
-               "-fPIC", "-shared", f"-I{CSRC}", f"-I{_cuda_include_dir()}", *map(str, sorted(CSRC.glob("*.cu"))),
-               "-o", str(out)]
+    out = directory / f"libmemenc_fast_emulated_sm{arch}.so"
+    command = [HOST_COMPILER, "-x", "c++", "-DMEMENC_EMULATE", f"-DMEMENC_EMULATE_ARCH={arch}",
+               launch_args_define(HEADER), "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{CSRC}",
+               f"-I{_cuda_include_dir()}", *map(str, sorted(CSRC.glob("*.cu"))), "-o", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     emulated = library.CudaLibrary(out)
-    assert emulated.runs_on_host
+    assert emulated.runs_on_host and emulated.archs == (f"sm_{arch}",)
     return emulated
+
+
+@pytest.fixture(scope="module")
+def emulated_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
+    """The host build with sm_90's code paths."""
+    return _build_emulated(tmp_path_factory.mktemp("emulated"), 90)
+
+
+@pytest.fixture(scope="module")
+def emulated_sm75_library(tmp_path_factory: pytest.TempPathFactory) -> library.CudaLibrary:
+    """The host build with sm_75's code paths: fp16 on mma.m16n8k8, fp32 on CUDA cores, bf16 a trap."""
+    return _build_emulated(tmp_path_factory.mktemp("emulated_sm75"), 75)
 
 
 @pytest.fixture
@@ -465,6 +827,25 @@ def emulated(emulated_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(library, "load", lambda path=None: emulated_library)
     with poison_outputs():
         yield _cuda_backend()
+
+
+@pytest.fixture
+def on_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[library.CudaLibrary, Tuple[int, int, int]], None]]:
+    """``on_gpu(emulated library, (arch, SMs, shared memory))``: the cuda backend launches on that
+    library, emulating that GPU, until the test ends (then emulation.h's default GPU again); no
+    launch refused before."""
+    monkeypatch.setattr(kernel_args, "_refused", set())
+    used: List[library.CudaLibrary] = []
+
+    def use(emulated_library: library.CudaLibrary, gpu: Tuple[int, int, int]) -> None:
+        monkeypatch.setattr(library, "load", lambda path=None: emulated_library)
+        emulated_library.emulate_gpu(*gpu)
+        used.append(emulated_library)
+
+    with poison_outputs():
+        yield use
+    for emulated_library in used:
+        emulated_library.emulate_gpu(int(emulated_library.archs[0].removeprefix("sm_")), *EMULATED_H100[1:])
 
 
 def _close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -615,6 +996,149 @@ def test_emulated_launchers_refuse_what_has_no_kernel(emulated: ModuleType) -> N
     with pytest.raises(library.CudaLaunchError, match=r"conv3x3s2_ln_gelu: CUDA error 801"):
         _op_module("mask_downsample").conv3x3s2_ln_gelu(**_stage_args(weight=_t(128, 16, 3, 3), bias=_t(128),
                                                                       norm_weight=_t(128), norm_bias=_t(128)))
+
+
+@pytest.mark.parametrize(("gpu", "tiles"), [
+    # One SM: the largest tiles; a T4's 64 KiB: stage 4 in 32-row tiles; an H100 at this small size: the
+    # smallest (most blocks).
+    pytest.param((90, 1, 232448), ("16, 64, 128>", "64, 256, 64>", "64, 128>"), id="one-sm"),
+    pytest.param((90, 1, 65536), ("16, 64, 128>", "64, 256, 32>", "64, 128>"), id="one-sm-64k"),
+    pytest.param(EMULATED_H100, ("16, 64, 64>", "64, 256, 16>", "64, 64>"), id="h100"),
+])
+def test_emulated_ops_match_torch_ops_with_each_tile(emulated_library: library.CudaLibrary, on_gpu,
+                                                     gpu: Tuple[int, int, int], tiles: Tuple[str, ...]) -> None:
+    """The launchers plan for the GPU they run on: each tile configuration computes the same."""
+    on_gpu(emulated_library, gpu)
+    structure = read_structure(_encoder(seed=42, dtype=torch.float32))
+    pix_feat, masks = make_inputs(SMALL, 3, seed=43, dtype=torch.bfloat16)
+    spec = gpus.GpuSpec("emulated", divmod(gpu[0], 10), gpu[1], gpu[2])
+    common = dict(dtype=1, weight_dtype=0, batch=3)
+    chosen = (emulated_library.plan("conv3x3s2_ln_gelu", spec, **common, height=16, width=16, in_channels=16,
+                                    out_channels=64).kernel,
+              emulated_library.plan("conv3x3s2_ln_gelu", spec, **common, height=8, width=8, in_channels=64,
+                                    out_channels=256).kernel,
+              emulated_library.plan("proj_add", spec, **common, pixels=16, mask_channels=256, pix_channels=256,
+                                    out_channels=256, mask_stride_c=1, mask_stride_p=256, pix_stride_c=16,
+                                    pix_stride_p=1).kernel)
+    assert all(kernel.endswith(tile) for kernel, tile in zip(chosen, tiles)), chosen
+    with torch.no_grad():
+        _compare_ops(_cuda_backend(), structure, pix_feat, masks)
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype", "gamma"), [PRECISIONS[0], PRECISIONS[2], PRECISIONS[4]])
+def test_emulated_sm75_code_paths_match_torch_ops(emulated_sm75_library: library.CudaLibrary, on_gpu,
+                                                  dtype: torch.dtype, param_dtype: torch.dtype, gamma: bool) -> None:
+    """sm_75's code: fp16 GEMMs as two mma.m16n8k8 per k16, fp32 GEMMs on the CUDA cores, in T4's
+    tiles (64 KiB of shared memory)."""
+    on_gpu(emulated_sm75_library, EMULATED_T4)
+    structure = read_structure(_encoder(seed=44, dtype=param_dtype, gamma=gamma))
+    pix_feat, masks = make_inputs(SMALL, 2, seed=45, dtype=dtype, mask_size=(61, 45))
+    with torch.no_grad():
+        _compare_ops(_cuda_backend(), structure, pix_feat[..., :3].contiguous(), masks)
+
+
+def test_emulated_sm75_fp32_is_full_precision(emulated_sm75_library: library.CudaLibrary, on_gpu) -> None:
+    """On the CUDA cores fp32 GEMMs are fp32 whether or not torch allows TF32."""
+    on_gpu(emulated_sm75_library, EMULATED_T4)
+    encoder = _encoder(seed=46)
+    pix_feat, masks = make_inputs(SMALL, 1, seed=47)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad():
+            out = pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+    assert relative_error(out, oracle) < 1e-5
+
+
+def _counting_launches(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The ops the cuda backend's wrappers launch from now on, in order."""
+    launched: List[str] = []
+    launch = library.launch
+
+    def counting(op: str, device: torch.device, **fields: object) -> None:
+        launched.append(op)
+        launch(op, device, **fields)
+
+    monkeypatch.setattr(library, "launch", counting)
+    return launched
+
+
+@pytest.mark.parametrize(("library_arch", "gpu", "dtype", "refused", "reason"), [
+    pytest.param(75, EMULATED_T4, torch.bfloat16, {"mask_stem", "conv3x3s2_ln_gelu", "proj_add", "dwconv_ln"},
+                 r"CUDA error 209 \(cudaErrorNoKernelImageForDevice\)", id="bf16-on-sm75"),
+    pytest.param(90, (90, 132, 16 * 1024), torch.float32, {"conv3x3s2_ln_gelu", "proj_add"},
+                 r"CUDA error 9 \(cudaErrorInvalidConfiguration\)", id="no-tile-fits-16k"),
+    pytest.param(90, (0, 132, 232448), torch.float16, {"mask_stem", "conv3x3s2_ln_gelu", "proj_add", "dwconv_ln"},
+                 r"CUDA error 209 \(cudaErrorNoKernelImageForDevice\)", id="no-code-for-the-gpu"),
+])
+def test_emulated_refused_launch_runs_the_torch_op_warned_once(
+        emulated_library: library.CudaLibrary, emulated_sm75_library: library.CudaLibrary, on_gpu,
+        monkeypatch: pytest.MonkeyPatch, library_arch: int, gpu: Tuple[int, int, int], dtype: torch.dtype,
+        refused: set, reason: str) -> None:
+    """A launch the GPU refuses (no code for it, a dtype its code does not serve, no tile that fits
+    its shared memory) runs the torch op: the pipeline's result is the torch ops', one warning per
+    kernel and signature names the kernel, the GPU and the reason, and the next call goes straight
+    to torch without trying the launch."""
+    on_gpu(emulated_library if library_arch == 90 else emulated_sm75_library, gpu)
+    structure = read_structure(_encoder(seed=48, dtype=dtype))
+    pix_feat, masks = make_inputs(SMALL, 2, seed=49, dtype=dtype)
+    launched = _counting_launches(monkeypatch)
+    with torch.no_grad():
+        expected = pipeline.run_ops(_op_table(torch_ops), structure, pix_feat, masks, True, 1.0, 0.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = pipeline.run_ops(_op_table(), structure, pix_feat, masks, True, 1.0, 0.0)
+        _close(out, expected, dtype)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        kernels = {re.match(r"memenc_fast: (mf::\w+) was refused on cpu \(cpu\): ", m).group(1) for m in messages}
+        assert kernels == {f"mf::{op}_kernel" for op in refused}, messages
+        assert all(re.search(reason, m) and m.endswith("this op runs the torch op for these inputs from now on")
+                   for m in messages), messages
+        # One warning per kernel and signature: the stage conv twice (two stages), the CXBlocks' dwconv once.
+        assert len(messages) == len(refused) + ("conv3x3s2_ln_gelu" in refused)
+        tried = list(launched)
+        launched.clear()
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            second = pipeline.run_ops(_op_table(), structure, pix_feat, masks, True, 1.0, 0.0)
+    assert not [w for w in again if issubclass(w.category, RuntimeWarning)]
+    assert launched == [op for op in tried if op not in refused]
+    _close(second, expected, dtype)
+
+
+@pytest.mark.parametrize("code", [1, 700])
+def test_emulated_other_cuda_errors_stay_errors(emulated_library: library.CudaLibrary, on_gpu,
+                                                monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    on_gpu(emulated_library, EMULATED_H100)
+    monkeypatch.setitem(emulated_library._launchers, "proj_add", lambda *args: code)
+    with pytest.raises(library.CudaLaunchError, match=rf"memenc_fast proj_add: CUDA error {code}"):
+        _op_module("proj_add").proj_add_tokens(**_proj_args())
+    assert not kernel_args._refused
+
+
+def test_emulated_refused_launch_falls_back_inside_compiled_code(emulated_sm75_library: library.CudaLibrary,
+                                                                 on_gpu) -> None:
+    """Compiled code runs each kernel as its custom op, whose implementation falls back: the compiled
+    pipeline gives the torch ops' result where the GPU refuses every launch."""
+    on_gpu(emulated_sm75_library, EMULATED_T4)
+    structure = read_structure(_encoder(seed=50, dtype=torch.bfloat16))
+    pix_feat, masks = make_inputs(SMALL, 2, seed=51, dtype=torch.bfloat16)
+    ops = _op_table()
+    with torch.no_grad():
+        expected = pipeline.run_ops(_op_table(torch_ops), structure, pix_feat, masks, True, 20.0, -10.0)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda p, m: pipeline.run_ops(ops, structure, p, m, True, 20.0, -10.0),
+                                 fullgraph=True, backend="aot_eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = compiled(pix_feat, masks)
+    _close(out, expected, torch.bfloat16)
+    assert {str(w.message).split(" was refused")[0] for w in caught if issubclass(w.category, RuntimeWarning)} == {
+        "memenc_fast: mf::mask_stem_kernel", "memenc_fast: mf::conv3x3s2_ln_gelu_kernel",
+        "memenc_fast: mf::proj_add_kernel", "memenc_fast: mf::dwconv_ln_kernel"}
 
 
 # ------------------------------------------------------------------------------------- GPU

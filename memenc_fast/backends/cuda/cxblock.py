@@ -1,6 +1,7 @@
 """``cxblock`` on the CUDA kernel of ``csrc/cxblock.cu`` (depthwise conv + LayerNorm with its affine,
 and the residual ``x + gamma * b2``) and cuBLAS through torch for the MLP, whose second GEMM
-accumulates into that residual with ``gamma[:, None] * w2``.
+accumulates into that residual with ``gamma[:, None] * w2``. A launch the GPU refuses runs the kernel's
+computation in torch instead (``kernel_args.launch_or_fall_back``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...structure import Block, is_exact_gelu
-from ..kernel_args import check_tensor, eager_or_custom_op, new_output
+from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
 from .library import optional_parameter, parameter, parameter_dtype
 
@@ -44,13 +45,34 @@ def dwconv_ln(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, n
     params = dict(dw_weight=dw_weight, dw_bias=dw_bias, norm_weight=norm_weight, norm_bias=norm_bias, b2=b2)
     device = library.kernel_device(op, x=x, **params, **({} if gamma is None else {"gamma": gamma}))
     x = x.contiguous()
-    normed, residual = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)
-    library.launch(op, device, dtype=library.dtype_code(x.dtype), weight_dtype=library.dtype_code(weight_dtype),
-                   x=x.data_ptr(), batch=batch, height=height, width=width, channels=channels,
-                   kernel_size=kernel_size, eps=eps, gamma=None if gamma is None else gamma.data_ptr(),
-                   normed=normed.data_ptr(), residual=residual.data_ptr(),
-                   **{name: t.data_ptr() for name, t in params.items()})
-    return normed, residual
+
+    def launch() -> Tuple[torch.Tensor, torch.Tensor]:
+        normed, residual = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)
+        library.launch(op, device, dtype=library.dtype_code(x.dtype), weight_dtype=library.dtype_code(weight_dtype),
+                       x=x.data_ptr(), batch=batch, height=height, width=width, channels=channels,
+                       kernel_size=kernel_size, eps=eps, gamma=None if gamma is None else gamma.data_ptr(),
+                       normed=normed.data_ptr(), residual=residual.data_ptr(),
+                       **{name: t.data_ptr() for name, t in params.items()})
+        return normed, residual
+
+    def fall_back() -> Tuple[torch.Tensor, torch.Tensor]:
+        return _dwconv_ln_in_torch(x, dw_weight, dw_bias, norm_weight, norm_bias, eps, b2, gamma)
+
+    return launch_or_fall_back("mf::dwconv_ln_kernel", device, (x.dtype, weight_dtype, channels, kernel_size), launch,
+                               fall_back)
+
+
+def _dwconv_ln_in_torch(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, norm_weight: torch.Tensor,
+                        norm_bias: torch.Tensor, eps: float, b2: torch.Tensor,
+                        gamma: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``dwconv_ln``'s kernel computes, in torch: the depthwise conv in x's dtype, LayerNorm
+    with its affine and the residual ``x + gamma * b2`` in float32, each rounded once."""
+    channels, dtype = x.shape[-1], x.dtype
+    mixed = F.conv2d(x.permute(0, 3, 1, 2), _as(dw_weight, dtype), _as(dw_bias, dtype),
+                     padding=dw_weight.shape[-1] // 2, groups=channels)
+    normed = F.layer_norm(mixed.permute(0, 2, 3, 1).float(), (channels,), norm_weight.float(), norm_bias.float(), eps)
+    shift = b2.float() if gamma is None else gamma.float() * b2.float()
+    return normed.to(dtype).contiguous(), (x.float() + shift).to(dtype)
 
 
 @torch.library.custom_op("memenc_fast::cuda_dwconv_ln", mutates_args=())

@@ -8,7 +8,14 @@ header into ``ctypes.Structure`` classes and refuses a library built from anothe
 (the build compiles the header's hash, :func:`header_hash`, into the library). It reads the kernel
 configurations the library contains once, when it loads it (:func:`has_kernel` answers from them),
 and turns a launcher's non-zero return into :class:`CudaLaunchError` with the CUDA runtime's text
-for it.
+for it, or into :class:`CudaLaunchRefused` (a ``kernel_args.LaunchRefused``) where the GPU cannot
+run the launch (:data:`REFUSED_CODES`), which the op modules answer with the torch op.
+
+Each launcher has a plan (``memenc_fast_<op>_plan``): the kernel launch it makes for given sizes on
+a GPU like a given ``gpus.GpuSpec``, chosen by the same code the launcher runs on the device.
+:meth:`CudaLibrary.plan` calls it, without a GPU; the kernel report reads it through
+``report_launches``. The library also says which GPUs it has code for (:meth:`CudaLibrary.code_for`)
+and which dtypes each architecture serves (:meth:`CudaLibrary.device_refusal`).
 
 The kernels read the module's parameters as it holds them, in PyTorch's layouts, in the
 activations' dtype or in float32 (autocast's usual case). :func:`parameter` copies, per call and
@@ -31,13 +38,15 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 
+from ... import gpus
 from ...dispatch import constant_while_tracing
-from ..kernel_args import check_same_device, check_tensor
+from ..kernel_args import LaunchRefused, check_same_device, check_tensor
 
 __all__ = [
     "LIBRARY_NAME",
     "HEADER_NAME",
     "HASH_MACRO",
+    "HeaderStruct",
     "LaunchStruct",
     "LaunchArgsHeader",
     "LaunchArgsFormatError",
@@ -46,6 +55,10 @@ __all__ = [
     "read_header",
     "CudaLibraryError",
     "CudaLaunchError",
+    "CudaLaunchRefused",
+    "REFUSED_CODES",
+    "PlannedLaunch",
+    "EmbeddedCode",
     "SizeCondition",
     "parse_kernel_configs",
     "CudaLibrary",
@@ -53,6 +66,7 @@ __all__ = [
     "header_path",
     "load",
     "unavailable_reason",
+    "device_refusal",
     "has_kernel",
     "dtype_code",
     "kernel_device",
@@ -72,9 +86,9 @@ HASH_MACRO = "MEMENC_LAUNCH_ARGS_HASH"
 """The macro through which the build passes :func:`header_hash` to ``csrc/library.cu``."""
 
 _CTYPES = {"int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "float": ctypes.c_float,
-           "const void*": ctypes.c_void_p, "void*": ctypes.c_void_p}
-_STRUCT_OPEN = re.compile(r"struct ([A-Z][A-Za-z0-9]*)Args \{")
-_MEMBER = re.compile(r"(int32_t|int64_t|float|const void\*|void\*) ([a-z_][a-z0-9_]*);")
+           "const void*": ctypes.c_void_p, "void*": ctypes.c_void_p, "const char*": ctypes.c_char_p}
+_STRUCT_OPEN = re.compile(r"struct ([A-Z][A-Za-z0-9]*) \{")
+_MEMBER = re.compile(r"(int32_t|int64_t|float|const void\*|void\*|const char\*) ([a-z_][a-z0-9_]*);")
 _CONSTANT = re.compile(r"#define (MEMENC_[A-Z0-9_]+) (-?[0-9]+)")
 _IGNORED = re.compile(r"#pragma once|#include <stdint\.h>")
 _WORD_START = re.compile(r"(?<!^)(?=[A-Z])")
@@ -85,24 +99,37 @@ class LaunchArgsFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class LaunchStruct:
+class HeaderStruct:
+    """One struct of the header: its C name and its members."""
+
+    name: str  # the C struct's name, e.g. "MaskStemArgs" or "GpuTarget"
+    fields: Tuple[Tuple[str, str], ...]  # (member name, C type), in declaration order
+
+
+@dataclass(frozen=True)
+class LaunchStruct(HeaderStruct):
     """One launcher's arguments: ``struct <Name>Args`` for ``memenc_fast_<name>``."""
 
-    name: str  # the C struct's name, e.g. "MaskStemArgs"
-    op: str  # the launcher's name without its prefix, e.g. "mask_stem"
-    fields: Tuple[Tuple[str, str], ...]  # (member name, C type), in declaration order
+    op: str = ""  # the launcher's name without its prefix, e.g. "mask_stem"
 
     @property
     def launcher(self) -> str:
         """The exported C function: ``memenc_fast_<op>``."""
         return f"memenc_fast_{self.op}"
 
+    @property
+    def planner(self) -> str:
+        """The exported C function that says what the launcher would launch on a given GPU."""
+        return f"memenc_fast_{self.op}_plan"
+
 
 @dataclass(frozen=True)
 class LaunchArgsHeader:
-    """A parsed ``launch_args.h``: its structs by op name, its constants, and its hash."""
+    """A parsed ``launch_args.h``: its launchers' structs by op name, its other structs (records)
+    by C name, its constants, and its hash."""
 
     structs: Dict[str, LaunchStruct]
+    records: Dict[str, HeaderStruct]
     constants: Dict[str, int]
     digest: int
 
@@ -123,6 +150,7 @@ def parse_header(data: bytes, source: str = HEADER_NAME) -> LaunchArgsHeader:
     Raises LaunchArgsFormatError naming the first line that breaks the format.
     """
     structs: Dict[str, LaunchStruct] = {}
+    records: Dict[str, HeaderStruct] = {}
     constants: Dict[str, int] = {}
     open_struct: Tuple[str, int] = ("", 0)  # (name, line number) of the struct being read
     fields: List[Tuple[str, str]] = []
@@ -135,15 +163,18 @@ def parse_header(data: bytes, source: str = HEADER_NAME) -> LaunchArgsHeader:
             member = _MEMBER.fullmatch(line)
             if member is not None:
                 if any(field == member.group(2) for field, _ in fields):
-                    raise LaunchArgsFormatError(f"{source}:{number}: {name}Args declares {member.group(2)} twice")
+                    raise LaunchArgsFormatError(f"{source}:{number}: {name} declares {member.group(2)} twice")
                 fields.append((member.group(2), member.group(1)))
             elif line == "};":
                 if not fields:
-                    raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: {name}Args has no members")
-                struct = LaunchStruct(f"{name}Args", _snake_case(name), tuple(fields))
-                if struct.op in structs:
-                    raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: a second struct for {struct.launcher}")
-                structs[struct.op] = struct
+                    raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: {name} has no members")
+                if name in records or any(struct.name == name for struct in structs.values()):
+                    raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: a second struct {name}")
+                if name.endswith("Args") and name != "Args":
+                    struct = LaunchStruct(name, tuple(fields), _snake_case(name[:-len("Args")]))
+                    structs[struct.op] = struct
+                else:
+                    records[name] = HeaderStruct(name, tuple(fields))
                 open_struct, fields = ("", 0), []
             else:
                 raise LaunchArgsFormatError(
@@ -158,11 +189,11 @@ def parse_header(data: bytes, source: str = HEADER_NAME) -> LaunchArgsHeader:
             constants[constant.group(1)] = int(constant.group(2))
         elif _IGNORED.fullmatch(line) is None:
             raise LaunchArgsFormatError(
-                f"{source}:{number}: expected `struct <Name>Args {{`, `#define MEMENC_<NAME> <integer>`, "
+                f"{source}:{number}: expected `struct <Name> {{`, `#define MEMENC_<NAME> <integer>`, "
                 f"`#pragma once`, `#include <stdint.h>` or a comment; got {raw.strip()!r}")
     if open_struct[0]:
-        raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: {open_struct[0]}Args is not closed with `}};`")
-    return LaunchArgsHeader(structs, constants, header_hash(data))
+        raise LaunchArgsFormatError(f"{source}:{open_struct[1]}: {open_struct[0]} is not closed with `}};`")
+    return LaunchArgsHeader(structs, records, constants, header_hash(data))
 
 
 def read_header(path: Path) -> LaunchArgsHeader:
@@ -174,15 +205,37 @@ def read_header(path: Path) -> LaunchArgsHeader:
 
 _DTYPE_CONSTANTS = {torch.float32: "MEMENC_DTYPE_FLOAT32", torch.bfloat16: "MEMENC_DTYPE_BFLOAT16",
                     torch.float16: "MEMENC_DTYPE_FLOAT16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _CONDITION = re.compile(r"([a-z_]+)(=|%|<=)([0-9]+(?:,[0-9]+)*)")
+_CODE = re.compile(r"(sm|compute)_([0-9]+)([af]?)")
+# The records the plans use (csrc/launch_args.h), which the binding needs by name.
+_RECORDS = ("GpuTarget", "KernelLaunch")
 # The library's own entry points (csrc/library.cu): name -> (restype, argtypes).
 _ENTRY_POINTS = {
     "memenc_fast_launch_args_hash": (ctypes.c_uint64, []),
+    "memenc_fast_sources_digest": (ctypes.c_uint64, []),
     "memenc_fast_kernel_configs": (ctypes.c_char_p, []),
+    "memenc_fast_cuda_archs": (ctypes.c_char_p, []),
+    "memenc_fast_min_arch": (ctypes.c_int, [ctypes.c_int]),
+    "memenc_fast_matrix_math": (ctypes.c_char_p, [ctypes.c_int, ctypes.c_int]),
     "memenc_fast_runs_on_host": (ctypes.c_int, []),
     "memenc_fast_cuda_error_string": (ctypes.c_char_p, [ctypes.c_int]),
     "memenc_fast_cuda_device_count": (ctypes.c_int, [ctypes.POINTER(ctypes.c_int)]),
 }
+
+REFUSED_CODES: Mapping[int, str] = {
+    9: "cudaErrorInvalidConfiguration",  # also: more shared memory than the GPU gives a block
+    98: "cudaErrorInvalidDeviceFunction",
+    200: "cudaErrorInvalidKernelImage",
+    209: "cudaErrorNoKernelImageForDevice",  # also: a dtype the code for this GPU does not serve
+    218: "cudaErrorInvalidPtx",
+    221: "cudaErrorJitCompilerNotFound",
+    222: "cudaErrorUnsupportedPtxVersion",
+    223: "cudaErrorJitCompilationDisabled",
+    701: "cudaErrorLaunchOutOfResources",
+}
+"""The CUDA errors by which a GPU refuses a launch (its configuration, its code), as opposed to
+errors of the arguments or of the device: those launches fall back to the torch op."""
 
 
 class CudaLibraryError(RuntimeError):
@@ -191,6 +244,56 @@ class CudaLibraryError(RuntimeError):
 
 class CudaLaunchError(RuntimeError):
     """A launcher returned a CUDA error; the message names the launcher and the CUDA error."""
+
+
+class CudaLaunchRefused(CudaLaunchError, LaunchRefused):
+    """A launcher returned one of :data:`REFUSED_CODES`: this GPU cannot run the launch."""
+
+
+@dataclass(frozen=True)
+class PlannedLaunch:
+    """One kernel launch as a launcher's plan chooses it (launch_args.h's ``KernelLaunch``)."""
+
+    kernel: str  # the instantiation's name as c++filt prints it
+    config: str  # its tile configuration, in a few words
+    grid: Tuple[int, int]
+    block: int  # threads per block
+    dynamic_smem: int  # bytes per block
+    small_grid_reason: Optional[str]  # why fewer blocks than the GPU has SMs; None where not
+
+    @property
+    def blocks(self) -> int:
+        """The grid's size."""
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class EmbeddedCode:
+    """One piece of GPU code the library holds: SASS (``sm_86``, ``sm_90a``) or PTX (``compute_120``)."""
+
+    name: str
+
+    @property
+    def ptx(self) -> bool:
+        """PTX, which the driver compiles for the GPU at load time, rather than SASS."""
+        return self.name.startswith("compute_")
+
+    @property
+    def arch(self) -> int:
+        """major * 10 + minor: 86 for ``sm_86``, 100 for ``sm_100a``."""
+        return int(_CODE.fullmatch(self.name).group(2))
+
+    def runs_on(self, capability: Tuple[int, int]) -> bool:
+        """Whether a GPU of ``capability`` runs this code (the CUDA compatibility rules): an ``a``
+        variant on its own GPU only; plain PTX on every GPU from its arch up; SASS and ``f`` (family)
+        variants on their major version from their minor up."""
+        suffix = _CODE.fullmatch(self.name).group(3)
+        major, minor = divmod(self.arch, 10)
+        if suffix == "a":
+            return tuple(capability) == (major, minor)
+        if self.ptx and not suffix:
+            return tuple(capability) >= (major, minor)
+        return capability[0] == major and capability[1] >= minor
 
 
 @dataclass(frozen=True)
@@ -236,7 +339,7 @@ def parse_kernel_configs(text: str) -> Dict[str, Tuple[Tuple[SizeCondition, ...]
     return configs
 
 
-def _structure_class(struct: LaunchStruct) -> Type[ctypes.Structure]:
+def _structure_class(struct: HeaderStruct) -> Type[ctypes.Structure]:
     """``struct`` as a ctypes.Structure; ``__slots__`` makes a misspelled member an error."""
     fields = [(name, _CTYPES[c_type]) for name, c_type in struct.fields]
     return type(struct.name, (ctypes.Structure,), {"__slots__": (), "_fields_": fields})
@@ -254,8 +357,10 @@ class CudaLibrary:
     """A loaded library, checked against ``launch_args.h``.
 
     ``args`` maps each launcher's op name (``"mask_stem"``) to its ctypes.Structure class,
-    ``kernel_configs`` holds the kernel configurations the library contains, ``runs_on_host``
-    is True for a build against ``csrc/emulation.h`` (kernels run on the host, on CPU tensors).
+    ``kernel_configs`` holds the kernel configurations the library contains, ``archs`` the GPU code
+    it embeds (``sm_75`` ... ``compute_120``), ``sources_digest`` the digest of the csrc/ it was
+    built from (``build_tools.cuda_build.sources_digest``), ``runs_on_host`` is True for a build
+    against ``csrc/emulation.h`` (kernels run on the host, on CPU tensors).
     """
 
     def __init__(self, path: Path, header: Optional[Path] = None) -> None:
@@ -291,18 +396,32 @@ class CudaLibrary:
             raise CudaLibraryError(f"{header} does not define {', '.join(missing_constants)}")
         self.dtype_codes: Dict[torch.dtype, int] = {
             dtype: parsed.constants[name] for dtype, name in _DTYPE_CONSTANTS.items()}
+        missing_records = [name for name in _RECORDS if name not in parsed.records]
+        if missing_records:
+            raise CudaLibraryError(f"{header} does not declare {', '.join(missing_records)}")
+        self.records: Dict[str, Type[ctypes.Structure]] = {
+            name: _structure_class(record) for name, record in parsed.records.items()}
+        target, launch = self.records["GpuTarget"], self.records["KernelLaunch"]
         self.args: Dict[str, Type[ctypes.Structure]] = {}
         self._launchers = {}
+        self._planners = {}
         for op, struct in parsed.structs.items():
-            if not hasattr(self._dll, struct.launcher):
-                raise CudaLibraryError(f"the CUDA library {path.name} lacks {struct.launcher}, which {HEADER_NAME} "
-                                       f"declares ({struct.name}); rebuild it (pip install -e .)")
+            for function in (struct.launcher, struct.planner):
+                if not hasattr(self._dll, function):
+                    raise CudaLibraryError(f"the CUDA library {path.name} lacks {function}, which {HEADER_NAME} "
+                                           f"implies ({struct.name}); rebuild it (pip install -e .)")
             cls = _structure_class(struct)
             launcher = getattr(self._dll, struct.launcher)
             launcher.restype = ctypes.c_int
             launcher.argtypes = [ctypes.POINTER(cls), ctypes.c_int, ctypes.c_void_p]
-            self.args[op], self._launchers[op] = cls, launcher
+            planner = getattr(self._dll, struct.planner)
+            planner.restype = ctypes.c_int
+            planner.argtypes = [ctypes.POINTER(cls), ctypes.POINTER(target), ctypes.POINTER(launch)]
+            self.args[op], self._launchers[op], self._planners[op] = cls, launcher, planner
         self.kernel_configs: KernelConfigs = parse_kernel_configs(self._dll.memenc_fast_kernel_configs().decode())
+        self.archs: Tuple[str, ...] = tuple(code for code in self._dll.memenc_fast_cuda_archs().decode().split("/")
+                                            if code)
+        self.sources_digest: int = self._dll.memenc_fast_sources_digest()
         self.runs_on_host = bool(self._dll.memenc_fast_runs_on_host())
         self.path = path
         self.header = header
@@ -331,11 +450,85 @@ class CudaLibrary:
                 return True
         return False
 
-    def launch(self, op: str, args: ctypes.Structure, device_index: int, stream: Optional[int]) -> None:
-        """Runs launcher ``memenc_fast_<op>``; raises CudaLaunchError on a CUDA error."""
-        code = self._launchers[op](ctypes.byref(args), device_index, stream)
+    def _check(self, op: str, code: int) -> None:
+        if code in REFUSED_CODES:
+            raise CudaLaunchRefused(f"memenc_fast {op}: CUDA error {code} ({REFUSED_CODES[code]}): "
+                                    f"{self.error_string(code)}")
         if code != 0:
             raise CudaLaunchError(f"memenc_fast {op}: CUDA error {code}: {self.error_string(code)}")
+
+    def launch(self, op: str, args: ctypes.Structure, device_index: int, stream: Optional[int]) -> None:
+        """Runs launcher ``memenc_fast_<op>``; raises CudaLaunchRefused where the GPU refuses the
+        launch (:data:`REFUSED_CODES`), CudaLaunchError on any other CUDA error."""
+        self._check(op, self._launchers[op](ctypes.byref(args), device_index, stream))
+
+    def plan(self, op: str, spec: gpus.GpuSpec, **fields: object) -> PlannedLaunch:
+        """The kernel launch ``memenc_fast_<op>`` makes with its arguments struct's members
+        ``fields`` (sizes, dtypes, strides; pointers are not read) on a GPU like ``spec`` running
+        its own native code. Raises as :meth:`launch` would where it would not launch."""
+        major, minor = spec.capability
+        target = self.records["GpuTarget"](arch=10 * major + minor, sm_count=spec.sm_count,
+                                           shared_memory_per_block=spec.shared_memory_per_block)
+        launch = self.records["KernelLaunch"]()
+        self._check(op, self._planners[op](ctypes.byref(self.args[op](**fields)), ctypes.byref(target),
+                                           ctypes.byref(launch)))
+        reason = launch.small_grid_reason
+        return PlannedLaunch(launch.kernel.decode(), launch.config.decode(), (launch.grid_x, launch.grid_y),
+                             launch.block, launch.dynamic_smem, None if reason is None else reason.decode())
+
+    def emulate_gpu(self, arch: int, sm_count: int, shared_memory_per_block: int) -> None:
+        """Makes a host (emulation) build plan for and launch on a GPU whose code is of ``arch``
+        (major * 10 + minor; 0: the library has no code for it), as the tests need."""
+        if not self.runs_on_host:
+            raise CudaLibraryError(f"{self.path.name} runs on a GPU; only a host build emulates one")
+        emulate = self._dll.memenc_fast_emulate_gpu
+        emulate.restype, emulate.argtypes = None, [ctypes.POINTER(self.records["GpuTarget"])]
+        emulate(ctypes.byref(self.records["GpuTarget"](arch=arch, sm_count=sm_count,
+                                                       shared_memory_per_block=shared_memory_per_block)))
+
+    # ---- which GPUs it serves --------------------------------------------------------------------
+
+    def code_for(self, capability: Tuple[int, int]) -> Optional[EmbeddedCode]:
+        """The code of this library a GPU of ``capability`` runs, as the CUDA driver picks it: the
+        newest SASS it can run, else the newest PTX, JIT-compiled; None where there is none."""
+        codes = [EmbeddedCode(name) for name in self.archs]
+        runnable = [code for code in codes if code.runs_on(capability)]
+        if not runnable:
+            return None
+        return max(runnable, key=lambda code: (not code.ptx, code.arch))
+
+    def min_arch(self, dtype: torch.dtype) -> int:
+        """The oldest arch (major * 10 + minor) whose code serves activations of ``dtype``."""
+        return self._dll.memenc_fast_min_arch(self.dtype_codes[dtype])
+
+    def matrix_math(self, arch: int, dtype: torch.dtype) -> Optional[str]:
+        """How code for ``arch`` runs the GEMMs and convs of ``dtype`` (tensor cores and which
+        instruction, or CUDA cores); None where it does not serve ``dtype``."""
+        text = self._dll.memenc_fast_matrix_math(arch, self.dtype_codes[dtype])
+        return None if text is None else text.decode()
+
+    def device_refusal(self, spec: gpus.GpuSpec, dtype: torch.dtype) -> Optional[str]:
+        """Why this library cannot run activations of ``dtype`` on the GPU ``spec`` describes (no
+        code for it, or its code does not serve ``dtype``), in one line; None where it can."""
+        major, minor = spec.capability
+        this = f"sm_{major}{minor} ({spec.name})"
+        oldest = min(self.min_arch(d) for d in self.dtype_codes)
+        if 10 * major + minor < oldest:
+            return f"the CUDA kernels need sm_{oldest} or newer; this GPU is {this}"
+        native = [name.removeprefix("sm_") for name in self.archs if not EmbeddedCode(name).ptx]
+        ptx = [name for name in self.archs if EmbeddedCode(name).ptx]
+        wanted = sorted({*native, spec.arch.removeprefix("sm_")}, key=lambda a: (int(a.rstrip("af")), a))
+        rebuild = f"rebuild with MEMENC_FAST_CUDA_ARCHS={';'.join(wanted)}"
+        code = self.code_for(spec.capability)
+        if code is None:
+            built = ";".join(native) + (f" (PTX {', '.join(ptx)})" if ptx else "")
+            return f"the CUDA library is built for {built}; this GPU is {this}: {rebuild}"
+        needed = self.min_arch(dtype)
+        if code.arch >= needed:
+            return None
+        if 10 * major + minor < needed:
+            return f"{_DTYPE_NAMES[dtype]} needs sm_{needed}; this is {this}"
+        return f"{_DTYPE_NAMES[dtype]} needs sm_{needed} code; the library runs {code.name} on this {this}: {rebuild}"
 
 
 def library_path() -> Path:
@@ -364,6 +557,16 @@ def unavailable_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
+
+
+@constant_while_tracing
+def device_refusal(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """:meth:`CudaLibrary.device_refusal` for CUDA ``device`` (its ``gpus.gpu_spec``); None for a
+    host build, whose kernels run on the CPU. Under torch.compile, answered once while tracing."""
+    loaded = load()
+    if loaded.runs_on_host or device.type != "cuda":
+        return None
+    return loaded.device_refusal(gpus.gpu_spec(device), dtype)
 
 
 @constant_while_tracing

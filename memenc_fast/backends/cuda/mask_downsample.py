@@ -1,6 +1,7 @@
 """``mask_downsample`` on the CUDA kernels of ``csrc/mask_downsample.cu``: ``mask_stem_kernel``
 (the mask transform and stages 1-2 chained, CUDA cores), then ``conv3x3s2_ln_gelu_kernel`` per later
-stage (implicit GEMM on tensor cores). Features stay channels-last between the launches.
+stage (implicit GEMM on tensor cores). Features stay channels-last between the launches. A launch the
+GPU refuses runs the torch op for those stages instead (``kernel_args.launch_or_fall_back``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 
 from ...structure import MaskStage, is_exact_gelu
 from .. import torch_ops
-from ..kernel_args import check_tensor, eager_or_custom_op, new_output
+from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
 from .library import parameter, parameter_dtype, precise_fp32
 
@@ -21,6 +23,22 @@ __all__ = ["mask_stem", "conv3x3s2_ln_gelu", "unsupported_reason", "mask_downsam
 def _conv_out(size: int) -> int:
     """The output size of a 3x3, stride 2, padding 1 convolution."""
     return (size - 1) // 2 + 1
+
+
+_GELU = nn.GELU()  # the activation of the stages the kernels run, for the torch op's records
+
+
+def _kernel_stage(weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                  eps: float) -> MaskStage:
+    """The record of a stage the kernels run (conv3x3 stride 2 padding 1, exact GELU), for the torch op."""
+    return MaskStage(weight, bias, norm_weight, norm_bias, eps, (2, 2), (1, 1), _GELU)
+
+
+def _torch_stages(x: torch.Tensor, stages: Sequence[MaskStage], apply_sigmoid: bool = False, scale: float = 1.0,
+                  bias: float = 0.0) -> torch.Tensor:
+    """``torch_ops.mask_downsample`` of (B, C, H, W) ``x`` as the kernels return it: channels-last
+    tokens (B, h, w, C')."""
+    return torch_ops.mask_downsample(x, stages, None, apply_sigmoid, scale, bias).permute(0, 2, 3, 1).contiguous()
 
 
 def mask_stem(masks: torch.Tensor, conv1_weight: torch.Tensor, conv1_bias: torch.Tensor,
@@ -49,16 +67,25 @@ def mask_stem(masks: torch.Tensor, conv1_weight: torch.Tensor, conv1_bias: torch
         params[name] = parameter(op, name, t, weight_dtype, (channels,))
     device = library.kernel_device(op, masks=masks, **params)
     batch, _, height, width = masks.shape
-    out = new_output((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), channels2), masks.dtype,
-                     masks.device)
-    stride_b, _, stride_h, stride_w = masks.stride()
-    library.launch(op, device, dtype=library.dtype_code(masks.dtype), weight_dtype=library.dtype_code(weight_dtype),
-                   masks=masks.data_ptr(), masks_stride_b=stride_b if batch > 1 else 0, masks_stride_h=stride_h,
-                   masks_stride_w=stride_w, batch=batch, height=height, width=width,
-                   apply_sigmoid=int(apply_sigmoid), scale=scale, bias=bias, channels1=channels1,
-                   channels2=channels2, eps1=eps1, eps2=eps2, out=out.data_ptr(),
-                   **{name: t.data_ptr() for name, t in params.items()})
-    return out
+
+    def launch() -> torch.Tensor:
+        out = new_output((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), channels2), masks.dtype,
+                         masks.device)
+        stride_b, _, stride_h, stride_w = masks.stride()
+        library.launch(op, device, dtype=library.dtype_code(masks.dtype),
+                       weight_dtype=library.dtype_code(weight_dtype), masks=masks.data_ptr(),
+                       masks_stride_b=stride_b if batch > 1 else 0, masks_stride_h=stride_h, masks_stride_w=stride_w,
+                       batch=batch, height=height, width=width, apply_sigmoid=int(apply_sigmoid), scale=scale,
+                       bias=bias, channels1=channels1, channels2=channels2, eps1=eps1, eps2=eps2, out=out.data_ptr(),
+                       **{name: t.data_ptr() for name, t in params.items()})
+        return out
+
+    def fall_back() -> torch.Tensor:
+        stages = (_kernel_stage(conv1_weight, conv1_bias, norm1_weight, norm1_bias, eps1),
+                  _kernel_stage(conv2_weight, conv2_bias, norm2_weight, norm2_bias, eps2))
+        return _torch_stages(masks, stages, apply_sigmoid, scale, bias)
+
+    return launch_or_fall_back("mf::mask_stem_kernel", device, (masks.dtype, weight_dtype), launch, fall_back)
 
 
 def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
@@ -76,13 +103,21 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)))
     device = library.kernel_device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
     x = x.contiguous()
-    out = new_output((batch, _conv_out(height), _conv_out(width), out_channels), x.dtype, x.device)
-    library.launch(op, device, dtype=library.dtype_code(x.dtype), weight_dtype=library.dtype_code(weight_dtype),
-                   x=x.data_ptr(), batch=batch, height=height, width=width, in_channels=in_channels,
-                   out_channels=out_channels, weight=weight.data_ptr(), bias=bias.data_ptr(),
-                   norm_weight=norm_weight.data_ptr(), norm_bias=norm_bias.data_ptr(), eps=eps,
-                   precise=int(precise_fp32()), out=out.data_ptr())
-    return out
+
+    def launch() -> torch.Tensor:
+        out = new_output((batch, _conv_out(height), _conv_out(width), out_channels), x.dtype, x.device)
+        library.launch(op, device, dtype=library.dtype_code(x.dtype), weight_dtype=library.dtype_code(weight_dtype),
+                       x=x.data_ptr(), batch=batch, height=height, width=width, in_channels=in_channels,
+                       out_channels=out_channels, weight=weight.data_ptr(), bias=bias.data_ptr(),
+                       norm_weight=norm_weight.data_ptr(), norm_bias=norm_bias.data_ptr(), eps=eps,
+                       precise=int(precise_fp32()), out=out.data_ptr())
+        return out
+
+    def fall_back() -> torch.Tensor:
+        return _torch_stages(x.permute(0, 3, 1, 2), (_kernel_stage(weight, bias, norm_weight, norm_bias, eps),))
+
+    return launch_or_fall_back("mf::conv3x3s2_ln_gelu_kernel", device,
+                               (x.dtype, weight_dtype, in_channels, out_channels), launch, fall_back)
 
 
 # ---- custom ops: what torch.compile and torch.export trace (the fakes give shapes and dtypes) ----

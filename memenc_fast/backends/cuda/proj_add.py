@@ -1,6 +1,7 @@
 """``proj_add`` on the CUDA kernel of ``csrc/proj_add.cu``: ``W_m m + b_m + W_p p + b_p`` as one GEMM
 over the concatenated channels (tensor cores), reading both 1x1 conv weights where the module keeps
-them, the biases added in the epilogue.
+them, the biases added in the epilogue. A launch the GPU refuses runs the torch op instead
+(``kernel_args.launch_or_fall_back``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from ...structure import Projection
-from ..kernel_args import check_tensor, eager_or_custom_op, new_output
+from .. import torch_ops
+from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
 from .library import parameter, parameter_dtype, precise_fp32
 
@@ -56,16 +58,24 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
     pix_bias = parameter(op, "pix_bias", pix_bias, weight_dtype, (out_channels,))
     device = library.kernel_device(op, mask_features=mask_features, pix_feat=pix_feat, mask_weight=mask_weight,
                                    mask_bias=mask_bias, pix_weight=pix_weight, pix_bias=pix_bias)
-    (m, m_b, m_c, m_p), (p, p_b, p_c, p_p) = _gemm_source(mask_features), _gemm_source(pix_feat)
-    out = new_output((batch, height, width, out_channels), dtype, mask_features.device)
-    library.launch(op, device, dtype=library.dtype_code(dtype), weight_dtype=library.dtype_code(weight_dtype),
-                   mask_features=m.data_ptr(), mask_stride_b=m_b, mask_stride_c=m_c, mask_stride_p=m_p,
-                   mask_channels=mask_channels, pix_feat=p.data_ptr(), pix_stride_b=p_b, pix_stride_c=p_c,
-                   pix_stride_p=p_p, pix_channels=pix_channels, batch=batch, pixels=height * width,
-                   out_channels=out_channels, mask_weight=mask_weight.data_ptr(), mask_bias=mask_bias.data_ptr(),
-                   pix_weight=pix_weight.data_ptr(), pix_bias=pix_bias.data_ptr(), precise=int(precise_fp32()),
-                   out=out.data_ptr())
-    return out
+
+    def launch() -> torch.Tensor:
+        (m, m_b, m_c, m_p), (p, p_b, p_c, p_p) = _gemm_source(mask_features), _gemm_source(pix_feat)
+        out = new_output((batch, height, width, out_channels), dtype, mask_features.device)
+        library.launch(op, device, dtype=library.dtype_code(dtype), weight_dtype=library.dtype_code(weight_dtype),
+                       mask_features=m.data_ptr(), mask_stride_b=m_b, mask_stride_c=m_c, mask_stride_p=m_p,
+                       mask_channels=mask_channels, pix_feat=p.data_ptr(), pix_stride_b=p_b, pix_stride_c=p_c,
+                       pix_stride_p=p_p, pix_channels=pix_channels, batch=batch, pixels=height * width,
+                       out_channels=out_channels, mask_weight=mask_weight.data_ptr(), mask_bias=mask_bias.data_ptr(),
+                       pix_weight=pix_weight.data_ptr(), pix_bias=pix_bias.data_ptr(), precise=int(precise_fp32()),
+                       out=out.data_ptr())
+        return out
+
+    def fall_back() -> torch.Tensor:
+        return torch_ops.proj_add(mask_features, pix_feat, Projection(mask_weight, mask_bias, pix_weight, pix_bias))
+
+    return launch_or_fall_back("mf::proj_add_kernel", device,
+                               (dtype, weight_dtype, mask_channels, pix_channels, out_channels), launch, fall_back)
 
 
 @torch.library.custom_op("memenc_fast::cuda_proj_add", mutates_args=())
