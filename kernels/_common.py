@@ -1,8 +1,8 @@
 """What every kernel module shares: the interpreter switch, exact GELU and dot operands in Triton,
-the precision of fp32 dots, the device limits the configuration choosers size against, the
-shared-memory estimate of a software-pipelined loop, and ``Launch``: one kernel launch (grid,
-arguments, configuration) that the backend runs and the kernel report compiles, so both always see
-the same configuration.
+the precision of fp32 dots, the device properties the configuration choosers size against (shared
+memory, SMs to fill, whether dots run on tensor cores), the shared-memory estimate of a
+software-pipelined loop, and ``Launch``: one kernel launch (grid, arguments, configuration) that
+the backend runs and the kernel report compiles, so both always see the same configuration.
 
 This package imports nothing from the rest of ``memenc_fast``: the backend wraps these launches,
 and the kernel report turns a ``Launch`` into what it compiles.
@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, TypeVar
 
 import torch
 import triton
@@ -22,11 +22,15 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRETED",
+    "MAX_REGISTERS",
     "DeviceLimits",
-    "H100",
+    "tensor_core_dots",
+    "fills_wave",
+    "first_filling_wave",
     "gelu",
     "rounded",
     "operand",
+    "fp32_dot_operands",
     "dot_precision",
     "type_name",
     "widest_dtype",
@@ -45,19 +49,48 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 it is imported, so it must be set before then)."""
 
 
-@dataclass(frozen=True)
-class DeviceLimits:
-    """What the configuration choosers need to know of a GPU: its streaming multiprocessors (a grid
-    should fill at least a wave of them) and the shared memory one block may use (bytes, with
-    opt-in)."""
+MAX_REGISTERS = 255
+"""Registers a thread may have on every target: ``Launch.max_registers`` of kernels that run one
+program per SM (8 warps of 255 registers fill the register file). Not a free lunch: with it,
+triton 3.6 spilled the MLP kernel on sm_80, which fits without."""
 
-    sm_count: int
-    shared_memory_per_block: int
+_C = TypeVar("_C")
 
 
-H100 = DeviceLimits(sm_count=132, shared_memory_per_block=232448)
-"""An H100 SXM: what the wrappers plan for off a GPU (the interpreter), so that tests there can run
-the configurations a GPU gets."""
+class DeviceLimits(Protocol):
+    """What the configuration choosers need to know of a GPU (``memenc_fast.gpus.GpuSpec`` is one;
+    hashable, as plans are cached per device): its compute capability (tensor cores, bf16), its
+    streaming multiprocessors (a grid should fill at least a wave of them) and the shared memory
+    one block may use (bytes, with opt-in)."""
+
+    @property
+    def capability(self) -> Tuple[int, int]: ...
+
+    @property
+    def sm_count(self) -> int: ...
+
+    @property
+    def shared_memory_per_block(self) -> int: ...
+
+
+def tensor_core_dots(compute: torch.dtype, device: DeviceLimits) -> bool:
+    """Whether Triton runs ``tl.dot`` on tensor cores for operands in ``compute`` on ``device``:
+    bf16/fp16 from sm_80 on. IEEE fp32 dots, and every dot on sm_75 (Triton has no mma there),
+    run as FMAs on CUDA cores with whole K rows of both operands in registers: those take the
+    small tiles of the CUDA-core configurations."""
+    return compute != torch.float32 and tuple(device.capability) >= (8, 0)
+
+
+def fills_wave(programs: int, device: DeviceLimits) -> bool:
+    """Whether a grid of ``programs`` occupies every SM of ``device`` at least once."""
+    return programs >= device.sm_count
+
+
+def first_filling_wave(candidates: Sequence[_C], programs: Callable[[_C], int], device: DeviceLimits) -> _C:
+    """The first of ``candidates`` (most efficient first) whose grid fills a wave of ``device``'s
+    SMs, else the last (the finest, with the most programs): at small batches a coarse tiling
+    leaves SMs idle through the whole kernel."""
+    return next((c for c in candidates if fills_wave(programs(c), device)), candidates[-1])
 
 _TYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -108,7 +141,8 @@ def rounded(x, compute_ptr, UPCAST: tl.constexpr):
 
     ``compute_ptr`` points to activations: their element type is the compute dtype, whatever the
     weights' dtype (fp32 parameters under bf16 autocast round to bf16 here, as torch's casts do).
-    UPCAST marks the interpreter, whose fp32 -> bf16 casts truncate: it rounds first.
+    With UPCAST (see ``fp32_dot_operands``) it rounds to bf16 itself first: the interpreter's
+    fp32 -> bf16 casts truncate (on a GPU the cast then changes nothing).
     """
     x = x.to(tl.float32)
     if UPCAST:
@@ -122,13 +156,21 @@ def operand(x, compute_ptr, UPCAST: tl.constexpr):
     """``x`` (activations or a weight tile as stored, in any float dtype) rounded to the compute
     dtype (see ``rounded``), ready for tl.dot.
 
-    On a GPU the dot then runs on bf16/fp16 tensor cores. The interpreter computes bf16/fp16 dots
-    wrongly, so with UPCAST the rounded values go back to fp32: same operands, fp32 math.
+    On tensor cores the dot then runs on bf16/fp16 operands. With UPCAST (see
+    ``fp32_dot_operands``) the rounded values go back to fp32: same operands, fp32 math.
     """
     y = rounded(x, compute_ptr, UPCAST)
     if UPCAST:
         y = y.to(tl.float32)
     return y
+
+
+def fp32_dot_operands(compute: torch.dtype, device: DeviceLimits) -> bool:
+    """The ``UPCAST`` of ``operand``: whether 16-bit dot operands go to tl.dot in fp32 (rounded
+    to ``compute`` first). Under the interpreter, which computes bf16/fp16 dots wrongly; and
+    where 16-bit dots run on CUDA cores (sm_75), whose FMAs take fp32 anyway and whose 16-bit
+    operand copies spilled there."""
+    return INTERPRETED or (compute != torch.float32 and not tensor_core_dots(compute, device))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -176,7 +218,11 @@ class Launch:
     compile-time ones; together they bind every parameter of ``fn`` once. ``config`` names the
     configuration (and the weights' dtype), ``matrix_work`` marks kernels that must run on tensor
     cores in bf16/fp16, ``flops`` and ``min_bytes`` are this launch's work and least memory
-    traffic. Built from meta tensors, a Launch only describes.
+    traffic. ``small_grid_reason`` says why the chooser accepts a grid under one wave of the
+    device's SMs (the kernel report flags such a grid at B=1 without one). ``max_registers``
+    (ptxas' ``.maxnreg``) lets a kernel whose programs never share an SM use every register:
+    without it ptxas may cap them to fit more programs per SM, and spill. Built from meta
+    tensors, a Launch only describes.
     """
 
     kernel: str
@@ -190,6 +236,16 @@ class Launch:
     matrix_work: bool
     flops: int
     min_bytes: int
+    small_grid_reason: Optional[str] = None
+    max_registers: Optional[int] = None
+
+    @property
+    def programs(self) -> int:
+        """Programs (thread blocks) the grid launches."""
+        total = 1
+        for size in self.grid:
+            total *= size
+        return total
 
     def run(self) -> None:
         """Launches on the device of the tensors and torch's current stream there."""
@@ -198,6 +254,7 @@ class Launch:
         # The interpreter swaps triton.language's functions for its own while a kernel runs and
         # swaps them back after: two threads' launches must not interleave.
         serial = _interpreter_lock if INTERPRETED else contextlib.nullcontext()
+        options = {} if self.max_registers is None else {"maxnreg": self.max_registers}
         with guard, serial:
             self.fn[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
+                               num_stages=self.num_stages, **options)

@@ -9,12 +9,19 @@
    in the epilogue, and so can ``out_proj`` (``FUSE_OUT``: the block's output, rounded to the
    compute dtype as it would be stored, times ``W_out^T`` on tensor cores, stored NCHW).
 
+At small batches (SAM 2's per-object call: 64 token tiles of 4096 tokens) the token tiles alone
+leave most SMs idle, so the hidden dimension is split across SPLIT programs per tile: each stores
+its share of the second GEMM in fp32, and the last of them to arrive (an atomic count per tile)
+adds all shares in split order, the same sum whatever the arrival order, and runs the epilogue.
+The counts start at zero because the dwconv kernel, which always runs just before on the same
+stream, zeroes them: no memset launch, which at B=1 costs as much as a kernel.
+
 Every weight is read as stored, in its own dtype; the compute dtype is the tokens'.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -27,33 +34,47 @@ from ._common import (
     Launch,
     ceil_div,
     dot_precision,
+    first_filling_wave,
     fits_shared_memory,
+    fp32_dot_operands,
     gelu,
     next_power_of_2,
     operand,
     padded,
     pipelined_shared_bytes,
     rounded,
+    tensor_core_dots,
     type_name,
     widest_dtype,
 )
 
-__all__ = ["DwconvConfig", "MlpConfig", "choose_dwconv_config", "choose_mlp_config", "mlp_shared_bytes",
-           "plan_dwconv_ln", "plan_mlp", "report_launches", "MAX_CHANNELS"]
+__all__ = ["DwconvConfig", "MlpConfig", "choose_dwconv_config", "choose_mlp_config", "fuses_out_proj",
+           "mlp_shared_bytes", "plan_block", "report_launches", "MAX_CHANNELS", "EPILOGUE_CHANNELS"]
 
 MAX_CHANNELS = 256
 """Widest block (and fused out_proj): the MLP's accumulator holds a whole BM x C row block in
 registers."""
 
+EPILOGUE_CHANNELS = 64
+"""Channels per step of the split MLP's epilogue (see ``_split_epilogue``)."""
+
 
 @triton.jit
 def _dwconv_ln_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, o_ptr, height, width, tiles_w, tiles_per_image,
+    x_ptr, w_ptr, b_ptr, g_ptr, beta_ptr, o_ptr, count_ptr, counts, height, width, tiles_w, tiles_per_image,
     C: tl.constexpr, CP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
-    PW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, EPS: tl.constexpr, UPCAST: tl.constexpr,
+    PW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, EPS: tl.constexpr, COUNTS_PER_PROGRAM: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """LayerNorm(depthwise conv) with affine ``g``, ``beta`` of a TH x TW tile of tokens (B, H, W, C)."""
+    """LayerNorm(depthwise conv) with affine ``g``, ``beta`` of a TH x TW tile of tokens (B, H, W, C).
+
+    With COUNTS_PER_PROGRAM > 0, also zeroes that many of the ``counts`` int32 arrival counts at
+    ``count_ptr`` per program, for the split MLP that follows (else ``count_ptr`` is never used).
+    """
     pid = tl.program_id(0)
+    if COUNTS_PER_PROGRAM > 0:
+        z = pid * COUNTS_PER_PROGRAM + tl.arange(0, COUNTS_PER_PROGRAM)
+        tl.store(count_ptr + z, tl.zeros((COUNTS_PER_PROGRAM,), dtype=tl.int32), mask=z < counts)
     b = pid // tiles_per_image
     t = pid - b * tiles_per_image
     q = tl.arange(0, TH * TW)
@@ -83,11 +104,87 @@ def _dwconv_ln_kernel(
 
 
 @triton.jit
+def _block_output(acc, m_ok, rows, c, x_ptr, b2_ptr, gamma_ptr, C: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    """``x + gamma * (acc + b2)`` for the rows at ``rows`` and the channels ``c`` of ``acc``."""
+    c_ok = c < C
+    acc += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        acc *= tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return acc + tl.load(x_ptr + rows[:, None] + c[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_out(out, m, m_ok, o_ptr, bo_ptr, hw, NO: tl.constexpr, NOP: tl.constexpr, UPCAST: tl.constexpr):
+    """Stores out_proj's BM x NOP result ``out`` plus ``bo`` NCHW (B, NO, H, W), ``hw`` = H * W."""
+    no = tl.arange(0, NOP)
+    no_ok = no < NO
+    out += tl.load(bo_ptr + no, mask=no_ok, other=0.0).to(tl.float32)[None, :]
+    image = m // hw
+    offsets = (image.to(tl.int64) * NO * hw + m % hw)[:, None] + (no * hw)[None, :]
+    tl.store(o_ptr + offsets, rounded(out, o_ptr, UPCAST), mask=m_ok[:, None] & no_ok[None, :])
+
+
+@triton.jit
+def _out_proj_operand(wo_ptr, k, C: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr):
+    """Rows ``k`` of ``wo^T`` (wo: (NO, C, 1, 1) as stored), NOP columns."""
+    no = tl.arange(0, NOP)
+    return tl.load(wo_ptr + no[None, :] * C + k[:, None], mask=(k < C)[:, None] & (no < NO)[None, :], other=0.0)
+
+
+@triton.jit
+def _mlp_epilogue(acc, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw,
+                  C: tl.constexpr, CP: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                  FUSE_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """The block's output from ``acc``, the second GEMM's BM x CP sum: stored as tokens, or with
+    FUSE_OUT (rounded to the compute dtype, as stored) times ``wo^T`` plus ``bo``, stored NCHW."""
+    rows = m.to(tl.int64) * C
+    c = tl.arange(0, CP)
+    y = _block_output(acc, m_ok, rows, c, x_ptr, b2_ptr, gamma_ptr, C, HAS_GAMMA)
+    if FUSE_OUT:
+        out = tl.dot(operand(y, x_ptr, UPCAST), operand(_out_proj_operand(wo_ptr, c, C, NO, NOP), x_ptr, UPCAST),
+                     input_precision=PREC)
+        _store_out(out, m, m_ok, o_ptr, bo_ptr, hw, NO, NOP, UPCAST)
+    else:
+        tl.store(o_ptr + rows[:, None] + c[None, :], rounded(y, o_ptr, UPCAST), mask=m_ok[:, None] & (c < C)[None, :])
+
+
+@triton.jit
+def _split_epilogue(shares, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw,
+                    C: tl.constexpr, CP: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr, BM: tl.constexpr,
+                    EC: tl.constexpr, SPLIT: tl.constexpr, HAS_GAMMA: tl.constexpr, FUSE_OUT: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``_mlp_epilogue`` of the sum of the SPLIT (BM, CP) fp32 shares at ``shares``, added in
+    split order, EC channels at a time: a whole BM x CP sum beside a loaded share and out_proj's
+    operands spilled."""
+    rows = m.to(tl.int64) * C
+    if FUSE_OUT:
+        out = tl.zeros((BM, NOP), dtype=tl.float32)
+    for c0 in tl.static_range(0, CP, EC):
+        c = c0 + tl.arange(0, EC)
+        cell = tl.arange(0, BM)[:, None] * CP + c[None, :]
+        total = tl.zeros((BM, EC), dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            # .cg reads L2, where the other SMs' stores are, past this SM's L1.
+            total += tl.load(shares + s * (BM * CP) + cell, cache_modifier=".cg")
+        y = _block_output(total, m_ok, rows, c, x_ptr, b2_ptr, gamma_ptr, C, HAS_GAMMA)
+        if FUSE_OUT:
+            out = tl.dot(operand(y, x_ptr, UPCAST), operand(_out_proj_operand(wo_ptr, c, C, NO, NOP), x_ptr, UPCAST),
+                         out, input_precision=PREC)
+        else:
+            tl.store(o_ptr + rows[:, None] + c[None, :], rounded(y, o_ptr, UPCAST),
+                     mask=m_ok[:, None] & (c < C)[None, :])
+    if FUSE_OUT:
+        _store_out(out, m, m_ok, o_ptr, bo_ptr, hw, NO, NOP, UPCAST)
+
+
+@triton.jit
 def _mlp_kernel(
-    n_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, tokens, hw,
+    n_ptr, x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, partial_ptr, count_ptr,
+    tokens, hw,
     C: tl.constexpr, CP: tl.constexpr, HID: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr,
-    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, HAS_GAMMA: tl.constexpr, FUSE_OUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SPAN: tl.constexpr,
+    EC: tl.constexpr, HAS_GAMMA: tl.constexpr, FUSE_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """BM tokens of ``x + gamma * (GELU(n @ w1^T + b1) @ w2^T + b2)`` (then ``@ wo^T + bo`` with
     FUSE_OUT; without HAS_GAMMA, gamma is 1 and ``gamma_ptr`` is never read).
@@ -96,18 +193,25 @@ def _mlp_kernel(
     tokens (tokens, C), or with FUSE_OUT NCHW (B, NO, H, W) with ``hw`` = H * W. With BK == CP
     the BM x C input tile is loaded once; a smaller BK re-reads it (from cache) in K chunks per
     hidden chunk, for CUDA-core (fp32) dots, which hold a whole K row of operands per thread.
+
+    Program (t, s) runs hidden columns [s * SPAN, (s + 1) * SPAN) of token tile t. With SPLIT > 1,
+    ``partial_ptr`` holds (tiles, SPLIT, BM, CP) fp32 shares and ``count_ptr`` one zeroed int32
+    arrival count per tile, and the last program of a tile sums the shares EC channels at a time;
+    with SPLIT == 1 neither is used.
     """
-    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    tile = tl.program_id(0)
+    m = tile * BM + tl.arange(0, BM)
     m_ok = m < tokens
     rows = m.to(tl.int64) * C
     c = tl.arange(0, CP)
     c_ok = c < C
-    tile_ok = m_ok[:, None] & c_ok[None, :]
     if BK == CP:
-        a = operand(tl.load(n_ptr + rows[:, None] + c[None, :], mask=tile_ok, other=0.0), x_ptr, UPCAST)
+        a = operand(tl.load(n_ptr + rows[:, None] + c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0),
+                    x_ptr, UPCAST)
+    h_first = tl.program_id(1) * SPAN
     acc = tl.zeros((BM, CP), dtype=tl.float32)
-    for h0 in range(0, HID, BH):
-        h = h0 + tl.arange(0, BH)
+    for h0 in range(0, SPAN, BH):
+        h = h_first + h0 + tl.arange(0, BH)
         h_ok = h < HID
         if BK == CP:
             w1 = tl.load(w1_ptr + h[None, :] * C + c[:, None], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
@@ -124,21 +228,19 @@ def _mlp_kernel(
         hidden = gelu(hidden + tl.load(b1_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :])
         w2 = tl.load(w2_ptr + c[None, :] * HID + h[:, None], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(operand(hidden, x_ptr, UPCAST), operand(w2, x_ptr, UPCAST), acc, input_precision=PREC)
-    acc += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_GAMMA:
-        acc *= tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    acc += tl.load(x_ptr + rows[:, None] + c[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    if FUSE_OUT:
-        no = tl.arange(0, NOP)
-        no_ok = no < NO
-        wo = tl.load(wo_ptr + no[None, :] * C + c[:, None], mask=c_ok[:, None] & no_ok[None, :], other=0.0)
-        out = tl.dot(operand(acc, x_ptr, UPCAST), operand(wo, x_ptr, UPCAST), input_precision=PREC)
-        out += tl.load(bo_ptr + no, mask=no_ok, other=0.0).to(tl.float32)[None, :]
-        image = m // hw
-        offsets = (image.to(tl.int64) * NO * hw + m % hw)[:, None] + (no * hw)[None, :]
-        tl.store(o_ptr + offsets, rounded(out, o_ptr, UPCAST), mask=m_ok[:, None] & no_ok[None, :])
+    if SPLIT == 1:
+        _mlp_epilogue(acc, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw, C, CP, NO, NOP, HAS_GAMMA,
+                      FUSE_OUT, UPCAST, PREC)
     else:
-        tl.store(o_ptr + rows[:, None] + c[None, :], rounded(acc, o_ptr, UPCAST), mask=tile_ok)
+        shares = partial_ptr + tile.to(tl.int64) * (SPLIT * BM * CP)
+        tl.store(shares + tl.program_id(1) * (BM * CP) + tl.arange(0, BM)[:, None] * CP + c[None, :], acc)
+        # Every thread's share is stored before one thread releases the count (an acq_rel atomic
+        # at GPU scope): the program that reads SPLIT - 1 sees every other program's share.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1)
+        if arrived == SPLIT - 1:
+            _split_epilogue(shares, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw, C, CP, NO, NOP, BM,
+                            EC, SPLIT, HAS_GAMMA, FUSE_OUT, UPCAST, PREC)
 
 
 @dataclass(frozen=True)
@@ -156,27 +258,45 @@ class DwconvConfig:
 @dataclass(frozen=True)
 class MlpConfig:
     """BM tokens per program, the hidden in chunks of BH, the first GEMM's K in chunks of BK
-    (None: the whole channel row at once)."""
+    (None: the whole channel row at once), and the hidden split across ``split`` programs per
+    token tile."""
 
     bm: int
     bh: int
     bk: Optional[int]
     num_warps: int
     num_stages: int
+    split: int = 1
 
     def describe(self) -> str:
         k = "" if self.bk is None else f" BK={self.bk}"
-        return f"BM={self.bm} BH={self.bh}{k} w{self.num_warps} s{self.num_stages}"
+        split = "" if self.split == 1 else f" split={self.split}"
+        return f"BM={self.bm} BH={self.bh}{k}{split} w{self.num_warps} s{self.num_stages}"
 
 
-def choose_dwconv_config(height: int, width: int, for_interpreter: bool = False) -> DwconvConfig:
+def fuses_out_proj(compute: torch.dtype, weights: torch.dtype, device: DeviceLimits) -> bool:
+    """Whether out_proj runs in the MLP's epilogue for activations in ``compute`` and the block's
+    and out_proj's weights at most as wide as ``weights`` on ``device``: only where the dots run
+    on tensor cores (``tensor_core_dots``; a CUDA-core dot there spilled), and not with weights
+    wider than the activations (autocast) on sm_100, where the epilogue's converted out_proj
+    tile spilled whatever the tiling."""
+    if not tensor_core_dots(compute, device):
+        return False
+    return not (device.capability[0] == 10 and weights.itemsize > compute.itemsize)
+
+
+def choose_dwconv_config(batch: int, height: int, width: int, device: DeviceLimits,
+                         for_interpreter: bool = False) -> DwconvConfig:
     """The one place the dwconv launch is configured: 4 x 8 pixels x all channels on 4 warps
-    (a 7x7 window's reads hit L1 from the neighbouring pixels); whole images (up to 4096 px)
-    under the interpreter, whose cost is per tl op."""
+    (a 7x7 window's reads hit L1 from the neighbouring pixels), 4 x 4 or 2 x 4 where that leaves
+    SMs idle (SAM 2's 64x64 tokens make 128 tiles of 4 x 8 per object); whole images (up to
+    4096 px) under the interpreter, whose cost is per tl op."""
     if for_interpreter:
         th = min(next_power_of_2(height), 64)
         return DwconvConfig(th, min(next_power_of_2(width), 4096 // th), 4)
-    return DwconvConfig(4, 8, 4)
+    th, tw = first_filling_wave([(4, 8), (4, 4), (2, 4)],
+                                lambda tile: batch * ceil_div(height, tile[0]) * ceil_div(width, tile[1]), device)
+    return DwconvConfig(th, tw, 4)
 
 
 def mlp_shared_bytes(cfg: MlpConfig, channels: int, compute: torch.dtype, weights: torch.dtype) -> int:
@@ -187,7 +307,7 @@ def mlp_shared_bytes(cfg: MlpConfig, channels: int, compute: torch.dtype, weight
     return inputs + pipelined_shared_bytes(cfg.num_stages, compute, [(cp * cfg.bh, weights)] * 2)
 
 
-def choose_mlp_config(tokens: int, channels: int, compute: torch.dtype, weights: torch.dtype,
+def choose_mlp_config(tokens: int, channels: int, hidden: int, compute: torch.dtype, weights: torch.dtype,
                       device: DeviceLimits, for_interpreter: bool = False) -> MlpConfig:
     """The one place the MLP launch is configured (the wrappers and the report use it).
 
@@ -196,78 +316,123 @@ def choose_mlp_config(tokens: int, channels: int, compute: torch.dtype, weights:
     widest hidden chunk, double-buffered where it can be, whose weight tiles as loaded fit the
     device's shared memory: fp32 weights under bf16 autocast take 192 KiB at BH=64, beyond
     sm_80's 163 KiB, which then runs BH=32 (single-buffered BH=64 spilled with fp32 weights on
-    sm_90a; smaller devices go down to BH=16, single-buffered). fp32 dots run on CUDA cores,
-    holding a whole K row of both operands per thread: K chunks of 16 for the first GEMM too.
+    sm_90a; smaller devices go down to BH=16, single-buffered). CUDA-core dots (fp32; sm_75, see
+    ``tensor_core_dots``) hold a whole K row of both operands per thread: K chunks of 16 for the
+    first GEMM too. Where the token tiles do not fill a wave of the device's SMs, the hidden is
+    split across programs (the fewest splits of whole chunks that fill it).
     """
     if for_interpreter:
         return MlpConfig(min(4096, padded(tokens)), 256, None, 4, 1)
-    if compute == torch.float32:
-        return MlpConfig(64, 16, 16, 8, 1)
-    candidates = [MlpConfig(64, bh, None, 8, stages) for bh, stages in ((64, 2), (32, 2), (32, 1), (16, 1))]
-    return next((cfg for cfg in candidates if fits_shared_memory(mlp_shared_bytes(cfg, channels, compute, weights),
-                                                                 device)), candidates[-1])
+    if not tensor_core_dots(compute, device):
+        cfg = MlpConfig(64, 16, 16, 8, 1)
+    else:
+        candidates = [MlpConfig(64, bh, None, 8, stages) for bh, stages in ((64, 2), (32, 2), (32, 1), (16, 1))]
+        cfg = next((c for c in candidates if fits_shared_memory(mlp_shared_bytes(c, channels, compute, weights),
+                                                                device)), candidates[-1])
+
+    def split(cfg: MlpConfig) -> MlpConfig:
+        tiles, chunks = ceil_div(tokens, cfg.bm), ceil_div(hidden, cfg.bh)
+        splits = [s for s in range(1, chunks + 1) if chunks % s == 0]
+        return replace(cfg, split=first_filling_wave(splits, lambda split: tiles * split, device))
+
+    cfg = split(cfg)
+    if cfg.split > 1 and device.capability[0] == 10 and cfg.bh > 32:
+        # Split programs share SMs, and triton 3.6's ptxas holds them to 128 registers on sm_100a:
+        # BH=64 spilled there.
+        cfg = split(replace(cfg, bh=32))
+    return cfg
 
 
-def plan_dwconv_ln(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, padding: Tuple[int, int],
-                   norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, out: torch.Tensor,
-                   for_interpreter: bool = INTERPRETED) -> Launch:
-    """The dwconv + LayerNorm launch for tokens ``x`` (B, H, W, C) contiguous into ``out`` (same
-    shape, contiguous); ``dw_weight`` (C, 1, KH, KW) contiguous, the rest (C,), any float dtype."""
+def plan_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, padding: Tuple[int, int],
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, w1: torch.Tensor, b1: torch.Tensor,
+               w2: torch.Tensor, b2: torch.Tensor, gamma: Optional[torch.Tensor], out_weight: Optional[torch.Tensor],
+               out_bias: Optional[torch.Tensor], normed: torch.Tensor, out: torch.Tensor, device: DeviceLimits,
+               for_interpreter: bool = INTERPRETED) -> Tuple[Launch, Launch]:
+    """The two launches of a CXBlock on tokens ``x`` (B, H, W, C) contiguous: dwconv + LayerNorm
+    into ``normed`` (same shape, contiguous), then the MLP into ``out``: tokens (B, H, W, C), or
+    with ``out_weight`` (N, C, 1, 1) the NCHW (B, N, H, W) result of out_proj. Run them in order
+    on one stream: the first zeroes the second's arrival counts.
+
+    ``dw_weight`` (C, 1, KH, KW) with ``padding`` keeping the size, ``w1`` (HID, C), ``w2``
+    (C, HID), the rest (C,), (HID,) or (N,), all contiguous, any float dtype; ``gamma`` or None.
+    """
+    batch, height, width, channels = x.shape
+    tokens = batch * height * width
+    fused = out_weight is not None
+    weights = widest_dtype([w1, w2, out_weight] if fused else [w1, w2])
+    cfg = choose_mlp_config(tokens, channels, w1.shape[0], x.dtype, weights, device, for_interpreter)
+    tiles = ceil_div(tokens, cfg.bm)
+    if cfg.split > 1:
+        shares = torch.empty((tiles, cfg.split, cfg.bm, padded(channels)), dtype=torch.float32, device=x.device)
+        counts = torch.empty((tiles,), dtype=torch.int32, device=x.device)
+    else:
+        shares = counts = None
+    dwconv = _plan_dwconv_ln(x, dw_weight, dw_bias, padding, norm_weight, norm_bias, eps, normed, counts, device,
+                             for_interpreter)
+    mlp = _plan_mlp(normed, x, w1, b1, w2, b2, gamma, out_weight, out_bias, out, cfg, weights, shares, counts,
+                    fp32_dot_operands(x.dtype, device))
+    return dwconv, mlp
+
+
+def _plan_dwconv_ln(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, padding: Tuple[int, int],
+                    norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, out: torch.Tensor,
+                    counts: Optional[torch.Tensor], device: DeviceLimits, for_interpreter: bool) -> Launch:
     batch, height, width, channels = x.shape
     kernel = tuple(dw_weight.shape[-2:])
-    cfg = choose_dwconv_config(height, width, for_interpreter)
+    cfg = choose_dwconv_config(batch, height, width, device, for_interpreter)
     tiles_w = ceil_div(width, cfg.tw)
     tiles = ceil_div(height, cfg.th) * tiles_w
+    programs = batch * tiles
+    n_counts = 0 if counts is None else counts.numel()
     args = dict(x_ptr=x, w_ptr=dw_weight, b_ptr=dw_bias, g_ptr=norm_weight, beta_ptr=norm_bias, o_ptr=out,
-                height=height, width=width, tiles_w=tiles_w, tiles_per_image=tiles)
+                count_ptr=x if counts is None else counts, counts=n_counts, height=height, width=width,
+                tiles_w=tiles_w, tiles_per_image=tiles)
     constexprs = dict(C=channels, CP=next_power_of_2(channels), KH=kernel[0], KW=kernel[1],
-                      PH=padding[0], PW=padding[1], TH=cfg.th, TW=cfg.tw, EPS=float(eps), UPCAST=INTERPRETED)
+                      PH=padding[0], PW=padding[1], TH=cfg.th, TW=cfg.tw, EPS=float(eps),
+                      COUNTS_PER_PROGRAM=next_power_of_2(ceil_div(n_counts, programs)) if n_counts else 0,
+                      UPCAST=INTERPRETED)
     numel = batch * height * width * channels
     return Launch(
-        kernel="dwconv_ln", fn=_dwconv_ln_kernel, grid=(batch * tiles,), args=args, constexprs=constexprs,
+        kernel="dwconv_ln", fn=_dwconv_ln_kernel, grid=(programs,), args=args, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=1, config=f"{cfg.describe()} W={type_name(dw_weight.dtype)}",
         matrix_work=False, flops=numel * (2 * kernel[0] * kernel[1] + 10),
         min_bytes=2 * numel * x.element_size() + channels * (kernel[0] * kernel[1] + 3) * dw_weight.element_size(),
     )
 
 
-def plan_mlp(normed: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-             b2: torch.Tensor, gamma: Optional[torch.Tensor], out_weight: Optional[torch.Tensor],
-             out_bias: Optional[torch.Tensor], out: torch.Tensor, device: DeviceLimits,
-             for_interpreter: bool = INTERPRETED) -> Launch:
-    """The MLP launch for tokens ``normed`` and ``x`` (B, H, W, C) contiguous into ``out``: tokens
-    (B, H, W, C), or with ``out_weight`` (N, C, 1, 1) the NCHW (B, N, H, W) result of out_proj.
-    The weights are contiguous in their natural layouts (w1 (HID, C), w2 (C, HID)), any float
-    dtype; ``gamma`` (C,) or None."""
+def _plan_mlp(normed: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor, gamma: Optional[torch.Tensor], out_weight: Optional[torch.Tensor],
+              out_bias: Optional[torch.Tensor], out: torch.Tensor, cfg: MlpConfig, weights: torch.dtype,
+              shares: Optional[torch.Tensor], counts: Optional[torch.Tensor], upcast: bool) -> Launch:
     batch, height, width, channels = x.shape
     hidden = w1.shape[0]
     tokens = batch * height * width
     fused = out_weight is not None
-    weights = widest_dtype([w1, w2, out_weight] if fused else [w1, w2])
-    cfg = choose_mlp_config(tokens, channels, x.dtype, weights, device, for_interpreter)
     n_out = out_weight.shape[0] if fused else channels
     args = dict(n_ptr=normed, x_ptr=x, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2,
                 gamma_ptr=gamma if gamma is not None else b2, o_ptr=out,
                 wo_ptr=out_weight if fused else w1, bo_ptr=out_bias if fused else b1,
+                partial_ptr=x if shares is None else shares, count_ptr=x if counts is None else counts,
                 tokens=tokens, hw=height * width)
     cp = padded(channels)
     constexprs = dict(C=channels, CP=cp, HID=hidden, NO=n_out, NOP=padded(n_out), BM=cfg.bm, BH=cfg.bh,
-                      BK=cfg.bk or cp, HAS_GAMMA=gamma is not None, FUSE_OUT=fused, UPCAST=INTERPRETED,
-                      PREC=dot_precision(x.dtype))
+                      BK=cfg.bk or cp, SPLIT=cfg.split, SPAN=ceil_div(hidden, cfg.bh * cfg.split) * cfg.bh,
+                      EC=min(cp, EPILOGUE_CHANNELS),
+                      HAS_GAMMA=gamma is not None, FUSE_OUT=fused, UPCAST=upcast, PREC=dot_precision(x.dtype))
     flops = 4 * tokens * channels * hidden + (2 * tokens * channels * n_out if fused else 0)
     parameters = 2 * channels * hidden + hidden + 2 * channels + ((channels + 1) * n_out if fused else 0)
     return Launch(
-        kernel="cxblock_mlp_out" if fused else "cxblock_mlp", fn=_mlp_kernel, grid=(ceil_div(tokens, cfg.bm),),
-        args=args, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        config=f"{cfg.describe()} W={type_name(weights)}", matrix_work=True, flops=flops,
+        kernel="cxblock_mlp_out" if fused else "cxblock_mlp", fn=_mlp_kernel,
+        grid=(ceil_div(tokens, cfg.bm), cfg.split), args=args, constexprs=constexprs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, config=f"{cfg.describe()} W={type_name(weights)}", matrix_work=True, flops=flops,
         min_bytes=tokens * (2 * channels + n_out) * x.element_size() + parameters * weights.itemsize,
     )
 
 
 def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
     """The kernel report's launches of one SAM 2 CXBlock (64x64 tokens, dim 256, hidden 1024):
-    dwconv + LayerNorm, the MLP, and (bf16/fp16) the MLP with out_proj (256 -> 64) fused, with
-    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    dwconv + LayerNorm, the MLP, and where it fuses (``fuses_out_proj``) the MLP with out_proj
+    (256 -> 64), with weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
     def meta(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -277,11 +442,11 @@ def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> Lis
         def vector(size: int) -> torch.Tensor:
             return meta(size, dtype=weights)
 
-        launches.append(plan_dwconv_ln(x, meta(256, 1, 7, 7, dtype=weights), vector(256), (3, 3), vector(256),
-                                       vector(256), 1e-6, x, for_interpreter=False))
-        mlp = (meta(1024, 256, dtype=weights), vector(1024), meta(256, 1024, dtype=weights), vector(256), vector(256))
-        launches.append(plan_mlp(x, x, *mlp, None, None, x, device, for_interpreter=False))
-        if dtype != torch.float32:
-            launches.append(plan_mlp(x, x, *mlp, meta(64, 256, 1, 1, dtype=weights), vector(64),
-                                     meta(batch, 64, 64, 64), device, for_interpreter=False))
+        block = (
+            meta(256, 1, 7, 7, dtype=weights), vector(256), (3, 3), vector(256), vector(256), 1e-6,
+            meta(1024, 256, dtype=weights), vector(1024), meta(256, 1024, dtype=weights), vector(256), vector(256))
+        launches += plan_block(x, *block, None, None, x, x, device, for_interpreter=False)
+        if fuses_out_proj(dtype, weights, device):
+            launches.append(plan_block(x, *block, meta(64, 256, 1, 1, dtype=weights), vector(64), x,
+                                       meta(batch, 64, 64, 64), device, for_interpreter=False)[1])
     return launches

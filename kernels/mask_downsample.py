@@ -37,17 +37,21 @@ import triton.language as tl
 
 from ._common import (
     INTERPRETED,
+    MAX_REGISTERS,
     DeviceLimits,
     Launch,
     ceil_div,
     dot_precision,
+    fills_wave,
     fits_shared_memory,
+    fp32_dot_operands,
     gelu,
     next_power_of_2,
     operand,
     padded,
     pipelined_shared_bytes,
     rounded,
+    tensor_core_dots,
     type_name,
     widest_dtype,
 )
@@ -319,6 +323,21 @@ def _region_sizes(geom: MaskGeometry, th: int, tw: int) -> List[Tuple[int, int]]
     return sizes
 
 
+WEIGHT_READ_MACS = 32
+"""What reading one parameter from L2 costs a program, in multiply-adds: an SM's tensor-core rate
+over its share of L2 bandwidth (A100, H100: 30-60 flops per byte). Every tile reads every stage's
+parameters, so small tiles pay for them more often."""
+
+
+def _tile_cost(geom: MaskGeometry, th: int, tw: int) -> int:
+    """One th x tw tile of the last stage, in multiply-adds: every stage's conv over its region
+    (halos included) and the reads of every stage's parameters."""
+    taps = geom.kernel[0] * geom.kernel[1]
+    macs = sum(rh * rw * c_in * c_out * taps for (rh, rw), c_in, c_out in
+               zip(_region_sizes(geom, th, tw), geom.channels[:-1], geom.channels[1:]))
+    return macs + WEIGHT_READ_MACS * geom.parameter_count()
+
+
 def _uses_dot(c_out: int) -> bool:
     """Outputs narrower than 16 channels cannot feed tensor cores: they run as FMAs."""
     return next_power_of_2(c_out) >= 16
@@ -329,8 +348,9 @@ def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], com
     """The one place the launch configuration is chosen (the wrappers and the report use it).
 
     Larger tiles cut the halo recompute and the weight traffic per output pixel; small batches
-    take 8x8, then 4x8 tiles (16-bit: with fp32, 4x8 spilled on sm_80) so that the grid still
-    covers the SMs (at B=1, 4x8 tiles halve each program's serial work). Each dot stage takes
+    take 8x8, 4x8 or 4x4 tiles so that there is a tile for every SM (at B=1, SAM 2's 64x64
+    features make 128 tiles of 4x8: under a wave of an H100's 132 SMs) and the last round of
+    the persistent grid's tiles does not leave most SMs idle. Each dot stage takes
     the largest K chunk (64 at most, 16 at least) that gathers at most ``GATHERED_ELEMENTS``
     inputs and whose double-buffered operand tiles, the weights as loaded in their own dtype, fit
     the device's shared memory. ``for_interpreter`` picks the largest
@@ -345,24 +365,25 @@ def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], com
         bk = tuple(min(128, padded(k)) if dot else 1 for k, dot in zip(k_totals, use_dot))
         return MaskPathConfig(th, tw, bm, bk, use_dot, 8, 1, 1)
 
-    def tiles(th: int, tw: int) -> int:
-        return batch * ceil_div(out_size[0], th) * ceil_div(out_size[1], tw)
+    def tiles(tile: Tuple[int, int]) -> int:
+        return batch * ceil_div(out_size[0], tile[0]) * ceil_div(out_size[1], tile[1])
 
-    th, tw = 8, 16
-    if tiles(th, tw) < 2 * device.sm_count:
-        tw = 8
-        if compute != torch.float32 and tiles(th, tw) < device.sm_count:
-            th = 4
+    # The persistent grid runs ceil(tiles / SMs) rounds of tiles: among the tilings that give
+    # every SM a tile, the one with the least rounds x cost of a tile; the larger tile on a tie.
+    candidates = [(8, 16), (8, 8), (4, 8), (4, 4)]
+    filling = [tile for tile in candidates if fills_wave(tiles(tile), device)] or candidates[-1:]
+    th, tw = min(filling, key=lambda tile: ceil_div(tiles(tile), device.sm_count) * _tile_cost(geom, *tile))
     # Accumulator budget per block, BM x channels fp32 values, read off the cubins: with 8 warps,
     # 64 x 256 leaves the LayerNorm/GELU epilogue room (128 x 256 spills on sm_80 and sm_90a).
-    # fp32 dots run on CUDA cores and hold their operands in registers too: 16 x 256 and at most
-    # 128 pixels (32 x 256, or 256 pixels in the narrow stages, spilled on sm_80), K in 16s.
-    fp32 = compute == torch.float32
-    budget, max_bm = (16 * 256, 128) if fp32 else (64 * 256, 256)
+    # CUDA-core dots (fp32; every dot on sm_75) hold their operands in registers too: 16 x 256
+    # and at most 128 pixels (32 x 256, or 256 pixels in the narrow stages, spilled on sm_80), K
+    # in 16s.
+    cuda_cores = not tensor_core_dots(compute, device)
+    budget, max_bm = (16 * 256, 128) if cuda_cores else (64 * 256, 256)
     # About 240 registers x 8 warps: one program per SM, which the persistent grid matches.
-    # fp32's CUDA-core dots gain nothing from cp.async double buffering, and with 8 warps ptxas
-    # squeezed them into 128 registers and spilled: 4 warps, single-buffered.
-    num_warps, num_stages = (4, 1) if fp32 else (8, 2)
+    # CUDA-core dots gain nothing from cp.async double buffering, and with 8 warps ptxas squeezed
+    # them into 128 registers and spilled: 4 warps, single-buffered.
+    num_warps, num_stages = (4, 1) if cuda_cores else (8, 2)
     bm, bk = [], []
     for (rh, rw), c_out, k_total, dot in zip(_region_sizes(geom, th, tw), geom.channels[1:], k_totals, use_dot):
         cp_out = next_power_of_2(c_out)
@@ -371,7 +392,7 @@ def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], com
         if dot:
             fitting = [c for c in (64, 32) if m * c <= GATHERED_ELEMENTS and fits_shared_memory(
                 pipelined_shared_bytes(num_stages, compute, [(m * c, compute), (c * cp_out, weights)]), device)]
-            chunk = min(16 if fp32 or not fitting else fitting[0], padded(k_total))
+            chunk = min(16 if cuda_cores or not fitting else fitting[0], padded(k_total))
         bm.append(m)
         bk.append(chunk)
     return MaskPathConfig(th, tw, tuple(bm), tuple(bk), use_dot, num_warps, num_stages, 1)
@@ -476,12 +497,16 @@ def plan_mask_path(
         mask_h=height, mask_w=width, scale=float(scale), bias=float(bias), tiles_w=tiling.tiles_w,
         tiles_per_image=tiling.tiles_per_image, num_tiles=tiling.num_tiles, slot_elems=tiling.slot_elems,
     )
-    constexprs = dict(tiling.constexprs, APPLY_SIGMOID=bool(apply_sigmoid), UPCAST=INTERPRETED,
+    constexprs = dict(tiling.constexprs, APPLY_SIGMOID=bool(apply_sigmoid),
+                      UPCAST=fp32_dot_operands(masks.dtype, device),
                       PREC=dot_precision(masks.dtype))
     return Launch(
         kernel="mask_path", fn=_mask_path_kernel, grid=(tiling.programs,), args=args, constexprs=constexprs,
         num_warps=tiling.cfg.num_warps, num_stages=tiling.cfg.num_stages, config=tiling.config, matrix_work=True,
         flops=tiling.flops, min_bytes=tiling.min_bytes,
+        # The persistent grid runs one program per SM: ptxas capping registers for more programs
+        # per SM gains nothing (it capped fp32 4x4 tiles to 128 on sm_80, and spilled).
+        max_registers=MAX_REGISTERS,
     )
 
 

@@ -10,6 +10,7 @@ from typing import List
 import torch
 
 from ._common import INTERPRETED, DeviceLimits, Launch
+from .cxblock import fuses_out_proj
 from .proj_add import plan_pointwise
 
 __all__ = ["plan_out_proj", "report_launches"]
@@ -25,9 +26,10 @@ def plan_out_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out
 
 def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
     """The kernel report's unfused out_proj launches at the SAM 2 shape (64x64, 256 -> 64), with
-    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast): where SAM 2's pipeline runs
+    them, that is where out_proj is not in the last block's MLP (``fuses_out_proj``)."""
     x = torch.empty((batch, 64, 64, 256), dtype=dtype, device="meta")
     out = torch.empty((batch, 64, 64, 64), dtype=dtype, device="meta")
     return [plan_out_proj(x, torch.empty((64, 256, 1, 1), dtype=weights, device="meta"),
                           torch.empty((64,), dtype=weights, device="meta"), out, device, for_interpreter=False)
-            for weights in dict.fromkeys((dtype, torch.float32))]
+            for weights in dict.fromkeys((dtype, torch.float32)) if not fuses_out_proj(dtype, weights, device)]

@@ -23,11 +23,14 @@ from ._common import (
     Launch,
     ceil_div,
     dot_precision,
+    first_filling_wave,
     fits_shared_memory,
+    fp32_dot_operands,
     operand,
     padded,
     pipelined_shared_bytes,
     rounded,
+    tensor_core_dots,
     type_name,
     widest_dtype,
 )
@@ -98,27 +101,36 @@ def choose_config(batch: int, hw: int, n: int, compute: torch.dtype, weights: to
                   for_interpreter: bool = False) -> PointwiseConfig:
     """The one place the launch configuration is chosen (the wrappers and the report use it).
 
-    128 x 128 tiles on 8 warps for tensor cores (128 x 256 spilled on sm_80); 64-pixel tiles
-    when the grid would not fill the SMs (small batches); K chunks of 64, 32 for weights wider
-    than the activations (fp32 under bf16 autocast); as many pipeline stages (3 at most) as the
-    device's shared memory holds with the weights as loaded. fp32 dots run on CUDA cores with both operands in
-    registers: 32 x 64 (64 x 64 spilled on sm_90a; a K step under 16 would not compile with
-    triton 3.6). ``for_interpreter``: whole images per program (Python overhead per tl op, no
-    registers).
+    Tensor cores: 128 x 128 tiles (128 x 256 spilled on sm_80), then 64 x 64 on 8 warps, 32 x 64
+    and 16 x 64 on 4, until the grid fills a wave of the device's SMs (small batches: SAM 2's
+    per-object call). K chunks of 64, 32 for weights wider than the activations (fp32 under bf16
+    autocast); as many pipeline stages (3 at most) as the device's shared memory holds with the
+    weights as loaded. CUDA-core dots (fp32; sm_75, see ``tensor_core_dots``) hold both operands
+    in registers: 32 x 64, then 16 x 64 tiles (64 x 64 spilled on sm_90a; a K step under 16 would
+    not compile with triton 3.6). ``for_interpreter``: whole images per program (Python overhead
+    per tl op, no registers).
     """
     n_pad = padded(n)
     if for_interpreter:
         return PointwiseConfig(min(4096, padded(hw)), n_pad, 64, 4, 1)
-    if compute == torch.float32:
-        return PointwiseConfig(32, min(n_pad, 64), 16, 4, 2)
-    bn = min(n_pad, 128)
-    bm = 128 if batch * ceil_div(hw, 128) * ceil_div(n, bn) >= device.sm_count else 64
+
+    def programs(tile: Tuple[int, int]) -> int:
+        return batch * ceil_div(hw, tile[0]) * ceil_div(n, tile[1])
+
+    if not tensor_core_dots(compute, device):
+        bm, bn = first_filling_wave([(32, min(n_pad, 64)), (16, min(n_pad, 64))], programs, device)
+        # sm_75's ptxas fit a 32 x 64 fp32 tile on 4 warps into 72 registers and spilled.
+        return PointwiseConfig(bm, bn, 16, 8 if tuple(device.capability) < (8, 0) else 4, 2)
+    # 64 x 128 tiles spilled with triton 3.6: on 4 warps on sm_86 and sm_89, on 8 on sm_80.
+    tiles = list(dict.fromkeys((bm, min(n_pad, bn)) for bm, bn in ((128, 128), (64, 64), (32, 64), (16, 64))))
+    bm, bn = first_filling_wave(tiles, programs, device)
     # Wider weights pass through registers for their conversion: a BK x BN fp32 tile of 64 x 128
     # spilled on sm_80 with triton 3.6.
     bk = 32 if weights.itemsize > compute.itemsize else 64
     stages = next(s for s in (3, 2, 1) if s == 1 or fits_shared_memory(
         pipelined_shared_bytes(s, compute, [(bm * bk, compute), (bk * bn, weights)]), device))
-    return PointwiseConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, stages)
+    # ptxas held 4 warps of a 64 x 64 tile to 128 registers and spilled (triton 3.6, sm_86/89).
+    return PointwiseConfig(bm, bn, bk, 8 if bm * bn >= 64 * 64 else 4, stages)
 
 
 def _pixel_view(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -162,7 +174,8 @@ def plan_pointwise(
         wc_ptr=c_weight if second else a_weight, bc_ptr=c_bias if second else a_bias,
         o_ptr=out, o_sb=o_sb, o_sc=o_sc, o_sp=o_sp, hw=hw, tiles_per_image=tiles,
     )
-    constexprs = dict(KA=ka, KC=kc, N=n, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, UPCAST=INTERPRETED,
+    constexprs = dict(KA=ka, KC=kc, N=n, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+                      UPCAST=fp32_dot_operands(out.dtype, device),
                       PREC=dot_precision(out.dtype))
     weight_bytes = n * (ka + kc + 2) * weights.itemsize
     return Launch(

@@ -1,4 +1,5 @@
-"""The kernel report: parsing of cuobjdump text, real Triton and nvcc compiles, JSON output."""
+"""The kernel report: parsing of cuobjdump text, the limits and checks of every target, real Triton
+and nvcc compiles per report GPU (waves, the cubin cache, CUDA launches), JSON output."""
 
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ SASS = """
         /*0240*/               @P1 LDL R3, [R1+0x10] ;
         /*0250*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
         /*0260*/                   BRA 0x260 ;
+\t\t..........
+
+\t\tFunction : tcgen05_kernel
+        /*0400*/                   UTCHMMA gdesc[UR16], gdesc[UR18], tmem[UR10], tmem[UR6], idesc[UR7], UPT ;
+        /*0410*/               @P0 UTCQMMA gdesc[UR16], gdesc[UR18], tmem[UR10], tmem[UR6], idesc[UR7], UPT ;
+        /*0420*/                   UTCBAR [UR4], URZ ;
+        /*0430*/                   LDTM.16dp32bit.x16 R4, tmem[UR5] ;
 """
 
 
@@ -71,6 +79,33 @@ def test_parse_sass_counts_per_function() -> None:
     assert counts["dot_kernel"] == kr.SassCounts(tensor_core={"HGMMA": 2}, stl=0, ldl=0)
     # Predicated and widened forms count; LDSM is not a local load.
     assert counts["spill_kernel"] == kr.SassCounts(tensor_core={"HMMA": 1}, stl=2, ldl=1)
+    # Blackwell's tcgen05 matrix instructions count; its barrier and tensor-memory loads do not.
+    assert counts["tcgen05_kernel"] == kr.SassCounts(tensor_core={"UTCHMMA": 1, "UTCQMMA": 1}, stl=0, ldl=0)
+
+
+def test_tensor_core_expectations_per_generation() -> None:
+    for target in ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"):
+        for backend in ("triton", "cuda"):
+            assert kr.expects_tensor_cores(backend, target, "bf16") and kr.expects_tensor_cores(backend, target, "fp16")
+            assert not kr.expects_tensor_cores(backend, target, "fp32")
+    # Triton has no mma for sm_75; CUDA C++ has fp16 mma.sync there (and T4 has no bf16).
+    assert not kr.expects_tensor_cores("triton", "sm_75", "fp16")
+    assert kr.expects_tensor_cores("cuda", "sm_75", "fp16") and not kr.expects_tensor_cores("cuda", "sm_75", "bf16")
+    assert [kr.is_tensor_core_op(op) for op in ("UTCHMMA", "UTCIMMA", "UTCOMMA", "UTCBAR", "UTCCP", "HFMA2")] == [
+        True, True, True, False, False, False]
+
+
+def test_target_limits_are_those_of_the_report_gpus() -> None:
+    """Each target's limits are its GPUs' (what gpus.gpu_spec reads on a device), and every GPU
+    generation is a target: the report checks what each GPU users run allows."""
+    from memenc_fast import gpus
+
+    assert set(kr.TARGET_LIMITS) == set(gpus.TARGETS) == {gpu.arch for gpu in gpus.REPORT_GPUS}
+    for gpu in gpus.REPORT_GPUS:
+        limits = kr.TARGET_LIMITS[gpu.arch]
+        assert limits.per_block_max == gpu.shared_memory_per_block, gpu.name
+        assert limits.bf16 == gpu.bf16, gpu.name
+    assert [gpu.name for gpu in kr.report_gpus(("sm_89", "sm_120"))] == ["L4", "RTX 5090", "RTX 4090"]
 
 
 @pytest.mark.parametrize(("symbol", "expected"), [
@@ -105,8 +140,8 @@ def test_sidecar_errors_name_expected_and_given(tmp_path: Path) -> None:
 def test_violation_rules() -> None:
     def row(**changes: object) -> kr.Row:
         base = kr.Row(backend="triton", kernel="k", target="sm_90a", config="c", batch=1,
-                      dtype="bf16", hot=True, matrix_work=True, registers=100, spill_bytes=0,
-                      shared_bytes=1024, static_shared_bytes=1024,
+                      dtype="bf16", hot=True, matrix_work=True, gpu="H100", sm_count=132, grid=132,
+                      threads=256, registers=100, spill_bytes=0, shared_bytes=1024, static_shared_bytes=1024,
                       tensor_core_instructions={"HGMMA": 4},
                       local_instructions={"STL": 0, "LDL": 0})
         for key, value in changes.items():
@@ -114,36 +149,55 @@ def test_violation_rules() -> None:
         return base
 
     assert kr.violations([row()]) == []
-    assert kr.violations([row(target="sm_80", tensor_core_instructions={})]) == []
     assert kr.violations([row(dtype="fp32", tensor_core_instructions={})]) == []
-    (line,) = kr.violations([row(tensor_core_instructions={})])
-    assert line.startswith("no tensor-core instruction: triton k [c] sm_90a B=1 bf16")
+    assert kr.violations([row(target="sm_75", dtype="fp16", tensor_core_instructions={})]) == []
+    for target in ("sm_80", "sm_90a", "sm_100a", "sm_120"):
+        (line,) = kr.violations([row(target=target, tensor_core_instructions={})])
+        assert line.startswith(f"no tensor-core instruction: triton k [c] {target} (H100) B=1 bf16")
+    (line,) = kr.violations([row(backend="cuda", target="sm_75", dtype="fp16", tensor_core_instructions={})])
+    assert line.startswith("no tensor-core instruction: cuda k [c] sm_75")
     (line,) = kr.violations([row(shared_bytes=232449)])
     assert "232449 bytes per block, limit 232448" in line
     assert kr.violations([row(target="sm_80", shared_bytes=166912)]) == []
+    for target in ("sm_86", "sm_89", "sm_120"):
+        (line,) = kr.violations([row(target=target, shared_bytes=101377)])
+        assert "101377 bytes per block, limit 101376" in line
+    (line,) = kr.violations([row(target="sm_75", dtype="fp16", shared_bytes=65537)])
+    assert "limit 65536" in line
     (line,) = kr.violations([row(static_shared_bytes=49153, shared_bytes=49153)])
     assert line.startswith("static shared memory over the limit")
     (line,) = kr.violations([row(local_instructions={"STL": 1, "LDL": 0})])
     assert line.startswith("hot kernel spills")
     assert kr.violations([row(hot=False, spill_bytes=64)]) == []
+    # 255 registers (256 allocated) x 256 threads fill the register file; 512 threads do not fit.
+    assert kr.violations([row(registers=255)]) == []
+    (line,) = kr.violations([row(registers=255, threads=512)])
+    assert line.endswith("255 per thread x 512 threads, limit 65536 per block")
+    (line,) = kr.violations([row(grid=64)])
+    assert line == ("hot kernel under one wave at B=1: triton k [c] sm_90a (H100) B=1 bf16: 64 blocks on 132 SMs "
+                    "(0.48 waves); expected at least one wave, or the launch's small_grid_reason")
+    assert kr.violations([row(grid=64, small_grid_reason="faster")]) == []
+    assert kr.violations([row(grid=64, batch=64)]) == []
+    assert kr.violations([row(grid=None)]) == []  # CUDA rows without launches have no grid
     (line,) = kr.violations([row(error="CompilationError: boom")])
-    assert line == "does not compile: triton k [c] sm_90a B=1 bf16: CompilationError: boom"
+    assert line == "does not compile: triton k [c] sm_90a (H100) B=1 bf16: CompilationError: boom"
 
 
 def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     kr.add_arguments(parser)
     return parser.parse_args(["--json", str(tmp_path / "report.json"),
-                              "--cubin-dir", str(tmp_path / "cubins"), *extra])
+                              "--cubin-dir", str(tmp_path / "cubins"), "--no-cache", *extra])
 
 
 def test_arguments_reject_unknown_values() -> None:
     parser = argparse.ArgumentParser()
     kr.add_arguments(parser)
-    for bad in (["--targets", "sm_75"], ["--dtypes", "fp8"], ["--batches", "0"]):
+    for bad in (["--targets", "sm_70"], ["--dtypes", "fp8"], ["--batches", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
-    assert kr._targets("sm_90a") == ("sm_90a",)
+    all_targets = "sm_75,sm_80,sm_86,sm_89,sm_90a,sm_100a,sm_120"
+    assert kr._targets(all_targets) == tuple(all_targets.split(",")) == parser.parse_args([]).targets
 
 
 def test_default_csrc_is_the_repository_s() -> None:
@@ -168,7 +222,7 @@ def triton_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, 
     cache = os.environ.get("TRITON_CACHE_DIR")
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     try:
-        args = _args(tmp_path, "--batches", "1", "--dtypes", "bf16", "--strict",
+        args = _args(tmp_path, "--targets", "sm_80,sm_90a", "--batches", "1", "--dtypes", "bf16", "--strict",
                      "--csrc", str(tmp_path / "no-csrc"))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -207,6 +261,13 @@ def test_triton_rows_show_registers_spills_and_tensor_cores(
     # 64x32 + 32x64 bf16 tiles staged through shared memory.
     assert rows[("dot", "sm_90a")]["shared_bytes"] >= 8192
     assert rows[("dot", "sm_90a")]["flops"] == 2 * 64 * 64 * 32
+    # Each target's GPU, its grid in waves of that GPU's SMs, and the launch's reason for less.
+    for target, gpu, sms in (("sm_80", "A100", 108), ("sm_90a", "H100", 132)):
+        fits = rows[("softmax_fits", target)]
+        assert (fits["gpu"], fits["sm_count"], fits["grid"], fits["waves"], fits["threads"]) == (gpu, sms, sms, 1.0,
+                                                                                                   128)
+        dot = rows[("dot", target)]
+        assert (dot["grid"], dot["small_grid_reason"]) == (1, "one tile per object")
 
 
 @needs_triton
@@ -218,6 +279,7 @@ def test_triton_strict_mode_flags_the_spilling_kernel(
     assert len(flagged) == 2, out
     assert all("hot kernel spills: triton softmax_spills" in line for line in flagged)
     assert "softmax_fits" in out and "HGMMA:" in out and "HMMA:" in out
+    assert "132 (1.00w)" in out and "one tile per object" in out
 
 
 @needs_triton
@@ -268,9 +330,9 @@ def test_broken_specs_are_compile_failures(tmp_path: Path,
     flagged = [line for line in capsys.readouterr().out.splitlines()
                if line.startswith("VIOLATION")]
     assert flagged == [
-        "VIOLATION does not compile: triton scale [BLOCK=128] sm_90a B=1 bf16: ValueError: "
+        "VIOLATION does not compile: triton scale [BLOCK=128] sm_90a (H100) B=1 bf16: ValueError: "
         "argument 'n' of scale has neither a type in signature nor a value in constexprs",
-        "VIOLATION does not compile: triton broken_kernels [-] sm_90a B=1 fp16: report_launches "
+        "VIOLATION does not compile: triton broken_kernels [-] sm_90a (H100) B=1 fp16: report_launches "
         "failed: RuntimeError: no fp16 configuration",
     ]
 
@@ -305,18 +367,77 @@ def test_spec_from_launch_types_arguments_as_triton_does_at_launch() -> None:
     assert (spec.num_warps, spec.num_stages, spec.flops, spec.min_bytes, spec.hot) == (4, 2, 10, 20, True)
     bad = Launch(kernel="k", fn=None, grid=(1,), args={"x_ptr": torch.empty(4, dtype=torch.int8, device="meta")},
                  constexprs={}, num_warps=4, num_stages=1, config="c", matrix_work=False, flops=0, min_bytes=0)
-    with pytest.raises(ValueError, match="argument 'x_ptr': expected a float32, bfloat16 or float16 tensor, an "
-                                         "int or a float, got torch.int8"):
+    with pytest.raises(ValueError, match="argument 'x_ptr': expected a float32, bfloat16, float16 or int32 tensor, "
+                                         "an int or a float, got torch.int8"):
         kr.spec_from_launch(bad)
 
 
 @needs_triton
-def test_target_devices_are_the_gpus_the_limits_describe() -> None:
-    a100, h100 = kr.target_device("sm_80"), kr.target_device("sm_90a")
-    assert (a100.sm_count, a100.shared_memory_per_block) == (108, kr.SHARED_LIMITS["sm_80"].per_block_max)
-    assert (h100.sm_count, h100.shared_memory_per_block) == (132, kr.SHARED_LIMITS["sm_90a"].per_block_max)
-    with pytest.raises(ValueError, match=r"unknown target 'sm_75'; expected one of \['sm_80', 'sm_90a'\]"):
-        kr.target_device("sm_75")
+def test_a_second_run_takes_every_cubin_from_the_cache(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Inspected cubins are kept by a hash of the kernel's source, its configuration and the
+    target: a rerun compiles nothing and reports the very same rows."""
+    fixture = HERE / "report_fixture_kernels.py"
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+
+    def report(run: str) -> tuple[list[dict], str]:
+        args = parser.parse_args(["--json", str(tmp_path / f"{run}.json"), "--cache-dir", str(tmp_path / "cache"),
+                                  "--targets", "sm_80", "--batches", "1", "--dtypes", "fp16", "--jobs", "1",
+                                  "--csrc", str(tmp_path / "no-csrc")])
+        kr.run(args, [fixture], discover=False)
+        out = capsys.readouterr().out
+        records = json.loads((tmp_path / f"{run}.json").read_text())
+        return [{k: v for k, v in r.items() if k != "compile_seconds"} for r in records], out
+
+    first, first_out = report("first")
+    second, second_out = report("second")
+    assert "3 distinct kernels, 3 compiled" in first_out and "0 from the cache" in first_out
+    assert "3 distinct kernels, none compiled, 3 from the cache" in second_out
+    assert first == second and len(first) == 3
+
+
+@needs_triton
+def test_every_chooser_compiles_within_each_targets_limits_and_fills_a_wave(tmp_path: Path) -> None:
+    """The backend's kernels as each report GPU runs them at B=1 (SAM 2.1's per-object call), in
+    fp16 and fp32, compiled for every target: no spill, shared memory and registers within the
+    target's limits, tensor-core code where Triton has it, at least a wave of programs; and every
+    row is what the GPU's choosers pick. bf16 configurations are fp16's, in the other dtype.
+
+    Uses the user's cubin cache (``python -m memenc_fast kernels`` fills it): cold, this compiles
+    about 140 kernels, a few minutes on two cores.
+    """
+    import torch
+
+    from memenc_fast.kernels import cxblock as cx
+    from memenc_fast.kernels import mask_downsample as md
+    from memenc_fast.kernels import proj_add as pa
+
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+    args = parser.parse_args(["--json", str(tmp_path / "report.json"), "--batches", "1", "--dtypes", "fp16,fp32",
+                              "--csrc", str(tmp_path / "no-csrc"), "--strict"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = kr.run(args)
+    assert code == 0, [line for line in out.getvalue().splitlines() if line.startswith("VIOLATION")]
+    rows = json.loads((tmp_path / "report.json").read_text())
+    configs = {(r["gpu"], r["kernel"], r["dtype"], r["config"]) for r in rows}
+    gpus = kr.report_gpus(tuple(kr.TARGET_LIMITS))
+    assert {r["gpu"] for r in rows} == {gpu.name for gpu in gpus}
+    for gpu in gpus:
+        for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+            chosen = [("cxblock_mlp", cx.choose_mlp_config(4096, 256, 1024, dtype, dtype, gpu)),
+                      ("dwconv_ln", cx.choose_dwconv_config(1, 64, 64, gpu)),
+                      ("proj_add", pa.choose_config(1, 4096, 256, dtype, dtype, gpu)),
+                      ("mask_path", md.choose_config(md.SAM2_GEOMETRY, 1, (64, 64), dtype, dtype, gpu))]
+            for kernel, cfg in chosen:
+                assert (gpu.name, kernel, name, f"{cfg.describe()} W={name}") in configs, (gpu.name, kernel, name)
+        if gpu.bf16:
+            for module in (cx, md, pa):
+                fp16 = [launch.config for launch in module.report_launches(1, torch.float16, gpu)]
+                bf16 = [launch.config for launch in module.report_launches(1, torch.bfloat16, gpu)]
+                assert [c.replace("fp16", "bf16") for c in fp16] == bf16, gpu.name
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -395,6 +516,60 @@ def test_cuda_rows_from_a_real_nvcc_compile(tmp_path: Path,
     assert flagged == ["VIOLATION does not compile", "VIOLATION hot kernel spills",
                        "VIOLATION hot kernel spills", "VIOLATION shared memory over the limit",
                        "VIOLATION shared memory over the limit"]
+
+
+def _fake_cuda_launches(batch: int, dtype: object, weight_dtype: object, spec: object) -> list[dict]:
+    """What the CUDA backend's report_launches would say for the CUDA_SOURCE kernels (bf16 only)."""
+    import torch
+
+    if dtype != torch.bfloat16 or weight_dtype != torch.bfloat16:
+        return []
+    return [
+        {"kernel": "spills<__nv_bfloat16>", "grid": 4 * batch, "block": 1024, "dynamic_smem": 0, "config": "x4"},
+        {"kernel": "staged", "grid": (2 * spec.sm_count, batch), "block": (1024,), "dynamic_smem": 100000,
+         "config": "tile"},
+        {"kernel": "add_one", "grid": 1, "block": 256, "dynamic_smem": 0, "config": "one block",
+         "small_grid_reason": "a single block of work"},
+        {"kernel": "missing_kernel<float>", "grid": 1, "block": 32, "dynamic_smem": 0, "config": "-"},
+        {"kernel": "add_one", "grid": 1},
+    ]
+
+
+@needs_nvcc
+def test_cuda_rows_per_launch_show_waves_and_dynamic_shared_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """With the backend's report_launches, a CUDA row is one launch on one report GPU: its grid in
+    waves of that GPU's SMs, its threads, and its dynamic shared memory beside the static."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cu").write_text(CUDA_SOURCE)
+    (csrc / "kernels.json").write_text(json.dumps(SIDECAR))
+    monkeypatch.setattr(kr, "_cuda_report_launches", lambda options, report: _fake_cuda_launches)
+    code = kr.run(_args(tmp_path, "--csrc", str(csrc), "--targets", "sm_86,sm_90a", "--batches", "1",
+                        "--dtypes", "bf16", "--strict"), discover=False)
+    out = capsys.readouterr().out
+    assert code == 1
+    records = json.loads((tmp_path / "report.json").read_text())
+    rows = {(r["kernel"], r["gpu"]): r for r in records if r["error"] is None}
+    for gpu, sms, limit in (("A10", 72, 101376), ("H100", 132, 232448)):
+        spills = rows[("spills", gpu)]
+        assert (spills["grid"], spills["threads"], spills["config"]) == (4, 1024, "<__nv_bfloat16> x4")
+        assert spills["waves"] == pytest.approx(4 / sms) and spills["dtype"] == "bf16"
+        staged = rows[("staged", gpu)]
+        assert staged["grid"] == 2 * sms and staged["waves"] == 2.0
+        assert staged["shared_bytes"] >= 4096 + 100000
+        assert (staged["shared_bytes"] > limit) == (gpu == "A10")
+        assert rows[("add_one", gpu)]["small_grid_reason"] == "a single block of work"
+    errors = sorted((r["gpu"], r["kernel"], r["error"]) for r in records if r["error"] is not None)
+    assert len(errors) == 4
+    assert errors[0][1:] == ("add_one", "a launch must be a dict with kernel, grid, block, dynamic_smem, config; "
+                                        "block, dynamic_smem, config missing or mistyped in {'kernel': 'add_one', "
+                                        "'grid': 1}")
+    assert errors[1][1:] == ("missing_kernel<float>", "no function missing_kernel<float> in the csrc cubins for sm_86")
+    flagged = sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("VIOLATION"))
+    assert flagged == sorted(["VIOLATION does not compile"] * 4 + ["VIOLATION hot kernel spills"] * 2
+                             + ["VIOLATION hot kernel under one wave at B=1"] * 2
+                             + ["VIOLATION shared memory over the limit"])
 
 
 def test_missing_nvcc_skips_cuda_rows_in_one_line(tmp_path: Path,

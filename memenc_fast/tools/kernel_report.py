@@ -1,28 +1,36 @@
-"""Compile every GPU kernel for real targets on any machine and report what the compiler made.
+"""Compile every GPU kernel for every GPU generation on any machine and report what the compiler made.
 
 ``python -m memenc_fast kernels`` (or ``python -m memenc_fast.tools.kernel_report``) builds each kernel
-that the ``triton`` and ``cuda`` backends launch for the SAM 2 shapes into a cubin for ``sm_80``
-(A100) and ``sm_90a`` (H100) without a GPU, then reads the cubins back with ``cuobjdump``:
-registers, local memory (spills), shared memory, and tensor-core instructions (``HGMMA`` =
-Hopper wgmma, ``HMMA`` = mma.sync). Next to those it prints the kernel's FLOPs and minimum bytes
-for the SAM 2 shape and the floor time they imply on an H100.
+that the ``triton`` and ``cuda`` backends launch for the SAM 2 shapes into a cubin for each target
+(``--targets``: sm_75 T4, sm_80 A100, sm_86 A10/A40/RTX 30xx, sm_89 L4/L40/RTX 40xx, sm_90a H100,
+sm_100a B200, sm_120 RTX 50xx) without a GPU, then reads the cubins back with ``cuobjdump``:
+registers, local memory (spills), shared memory, and tensor-core instructions (``HMMA`` =
+mma.sync, ``HGMMA`` = Hopper wgmma, ``UTC*MMA`` such as ``UTCHMMA`` = Blackwell tcgen05). Each row
+is one launch on one GPU of ``memenc_fast.gpus.REPORT_GPUS`` (the configuration that GPU runs,
+chosen from its properties by the same chooser the backend calls) with its grid in waves of that
+GPU's SMs. Next to those it prints the kernel's FLOPs and minimum bytes for the SAM 2 shape and
+the floor time they imply on an H100.
 
 Where the kernels come from
 ---------------------------
 * **Triton**: every module of the package ``memenc_fast.kernels`` that defines
   ``report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> list[Launch]``
-  (``memenc_fast.kernels._common``): the launches the backend makes for the SAM 2 shape on a
-  device with ``device``'s SM count and shared memory per block (each target's, see
-  ``target_device``), built from meta tensors. The report turns each into a
-  ``TritonKernelSpec`` (``spec_from_launch``: the argument types as Triton types them at
+  (``memenc_fast.kernels._common``): the launches the backend makes for the SAM 2 shape on
+  ``device`` (each report GPU's ``GpuSpec``), built from meta tensors. The report turns each into
+  a ``TritonKernelSpec`` (``spec_from_launch``: the argument types as Triton types them at
   launch) and compiles it with ``triton.compile`` for an explicit ``GPUTarget``, with every
-  pointer argument specialised as 16-byte aligned, as a launch on torch tensors is. The compiles
-  run in worker processes (``--jobs``), which also keeps them clear of ``TRITON_INTERPRET``.
+  pointer argument specialised as 16-byte aligned, as a launch on torch tensors is. A
+  configuration several GPUs of one target run compiles once. The compiles run in worker
+  processes (``--jobs``), which also keeps them clear of ``TRITON_INTERPRET``.
 * **CUDA**: every ``csrc/*.cu`` is compiled with ``nvcc -cubin -O3 -std=c++17`` per target (``-I
-  csrc`` and, when torch is installed, torch's include directories); each ``__global__``
-  function in the cubin is a row. Its name is demangled (``c++filt``) into a kernel name and
-  template arguments (the row's ``config``); a ``__nv_bfloat16``/``__half``/``float`` template
-  argument gives the row's dtype.
+  csrc`` and, when torch is installed, torch's include directories). Where
+  ``memenc_fast.backends.cuda`` imports and defines ``report_launches(batch, dtype, weight_dtype,
+  spec)`` (torch dtypes, a ``GpuSpec``), each launch it returns is a row: a dict with ``kernel``
+  (the demangled name with its template arguments, as in the cubin), ``grid`` (blocks),
+  ``block`` (threads), ``dynamic_smem`` (bytes) and ``config`` (text), and optionally
+  ``small_grid_reason``. Otherwise each ``__global__`` function in the cubin is a row per
+  target, without a grid. Names are demangled (``c++filt``) into a kernel name and template
+  arguments; a ``__nv_bfloat16``/``__half``/``float`` template argument gives the row's dtype.
 
   What the names mean comes from an optional sidecar ``csrc/kernels.json``::
 
@@ -39,22 +47,33 @@ Where the kernels come from
   prints them (that entry wins); the name may leave out its namespaces. All keys of an entry
   are optional: ``hot`` (bool, default true), ``matrix_work`` (bool, default false),
   ``flops_per_object`` and ``min_bytes_per_object`` (int, per SAM 2 object: a row's figures are
-  these times the batch), ``dynamic_shared_bytes`` (int, what the launcher requests; added to the
-  static shared memory). A kernel without an entry shows "-" for FLOPs and bytes and is
-  treated as hot and not matrix work.
+  these times the batch), ``dynamic_shared_bytes`` (int, what the launcher requests, where
+  ``report_launches`` does not say; added to the static shared memory). A kernel without an
+  entry shows "-" for FLOPs and bytes and is treated as hot and not matrix work.
+
+Inspected cubins are kept in a cache (``--cache-dir``, default ``~/.cache/memenc_fast/
+kernel_report`` or ``$MEMENC_FAST_CACHE_DIR``) keyed by a hash of everything a compile depends
+on (the kernel's source and its callees', the configuration, the target, the compiler's version),
+so a rerun compiles only what changed; ``--no-cache`` compiles everything.
 
 The checks (``--strict`` turns them into a non-zero exit)
 ---------------------------------------------------------
 * a kernel does not compile for a target;
-* a kernel that does matrix work, in bf16/fp16 on ``sm_90a``, has no tensor-core instruction;
+* a kernel that does matrix work in bf16/fp16 has no tensor-core instruction where the target
+  has them for its backend (``expects_tensor_cores``: every target from sm_80; on sm_75, fp16
+  in CUDA C++, as Triton emits no tensor-core code there);
 * a hot kernel uses local memory (``STACK``/``LOCAL`` bytes or ``STL``/``LDL`` instructions);
-* static + dynamic shared memory exceeds the target's per-block limit (``SHARED_LIMITS``), or
+* static + dynamic shared memory exceeds the target's per-block limit (``TARGET_LIMITS``), or
   static shared memory exceeds the 48 KiB that needs no opt-in. Static is what the cubin
   declares: on sm_90 that includes the 1 KiB the compiler reserves for the system in any kernel
-  that uses shared memory, so the check errs by at most that much on the strict side.
+  that uses shared memory, so the check errs by at most that much on the strict side;
+* registers per thread, or per block at the launch's threads, exceed the target's;
+* a hot kernel's grid at B=1 fills less than one wave of its GPU's SMs, unless the launch says
+  why that is faster (``small_grid_reason``, shown in the row's note).
 
-A missing tool (triton, nvcc, cuobjdump, torch for the Triton specs) skips those rows with one
-line saying why; it is not a violation.
+bf16 rows are left out for targets without bf16 (sm_75), with one line saying so. A missing tool
+(triton, nvcc, cuobjdump, torch for the Triton specs) skips those rows with one line saying why;
+it is not a violation.
 """
 
 from __future__ import annotations
@@ -76,10 +95,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-if TYPE_CHECKING:  # the report runs without torch and triton, which the kernels import
-    from memenc_fast.kernels._common import DeviceLimits, Launch
+if TYPE_CHECKING:  # the report runs without torch and triton, which the kernels and gpus import
+    from memenc_fast.gpus import GpuSpec
+    from memenc_fast.kernels._common import Launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +112,8 @@ class TritonKernelSpec:
     the minimum memory traffic of this launch for the shape it was made for; ``matrix_work``
     marks kernels that must run on tensor cores; ``hot`` marks kernels that must not spill.
     ``aligned_ints`` names integer arguments whose launch values are multiples of 16 (shapes and
-    strides of the SAM 2 tensors), which Triton specialises on at launch.
+    strides of the SAM 2 tensors), which Triton specialises on at launch. ``max_registers`` is
+    ptxas' ``.maxnreg`` (Triton's ``maxnreg``), where the launch sets one.
     """
 
     kernel: str
@@ -107,6 +128,7 @@ class TritonKernelSpec:
     flops: int
     min_bytes: int
     aligned_ints: tuple[str, ...] = ()
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
@@ -130,23 +152,27 @@ class TritonKernelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class SharedLimit:
-    """Shared memory a block may use on one target, in bytes."""
+class TargetLimits:
+    """What one compile target allows a block (CUDA programming guide, compute capabilities
+    table), and whether its GPUs compute in bf16."""
 
-    static_max: int
-    per_block_max: int
+    per_block_max: int  # shared memory per block with opt-in, bytes
+    static_max: int = 48 * 1024  # static shared memory: beyond it a kernel opts in to dynamic
+    registers_per_thread: int = 255
+    registers_per_block: int = 64 * 1024
+    bf16: bool = True
 
 
-# Per-block limits (CUDA programming guide, compute capabilities table): static shared memory
-# stops at 48 KiB; beyond it a kernel opts in to dynamic shared memory up to per_block_max.
-SHARED_LIMITS: dict[str, SharedLimit] = {
-    "sm_80": SharedLimit(static_max=48 * 1024, per_block_max=166912),   # 163 KiB
-    "sm_90a": SharedLimit(static_max=48 * 1024, per_block_max=232448),  # 227 KiB
+TARGET_LIMITS: dict[str, TargetLimits] = {
+    "sm_75": TargetLimits(per_block_max=65536, bf16=False),  # 64 KiB
+    "sm_80": TargetLimits(per_block_max=166912),  # 163 KiB
+    "sm_86": TargetLimits(per_block_max=101376),  # 99 KiB
+    "sm_89": TargetLimits(per_block_max=101376),
+    "sm_90a": TargetLimits(per_block_max=232448),  # 227 KiB
+    "sm_100a": TargetLimits(per_block_max=232448),
+    "sm_120": TargetLimits(per_block_max=101376),
 }
-
-# Streaming multiprocessors of the GPU each target stands for (A100, H100 SXM): the kernels'
-# configuration choosers fill a wave of them.
-SM_COUNTS: dict[str, int] = {"sm_80": 108, "sm_90a": 132}
+"""Every target the report compiles for (``--targets``), and its limits."""
 
 # H100 SXM rates the floors are computed with: bf16/fp16 measured on dense GEMMs (~80% of the
 # 989 TFLOP/s peak); fp32 with IEEE math runs on the CUDA cores (67 TFLOP/s peak, same ratio).
@@ -155,15 +181,54 @@ H100_BYTES_PER_S: float = 3.0e12
 
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 TENSOR_CORE_OPS: tuple[str, ...] = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA")
+# Blackwell's tcgen05.mma: UTCHMMA (f16, bf16, tf32), UTCQMMA (fp8/6/4), UTCIMMA (int8), UTCOMMA
+# (mxf4), and whatever else of the family comes; UTCBAR, UTCCP and UTCATOMSWS are not matrix ops.
+_TCGEN05_MMA_RE = re.compile(r"UTC[A-Z]*MMA")
 JSON_KEYS: tuple[str, ...] = (
     "backend", "kernel", "target", "config", "registers", "spill_bytes", "shared_bytes",
     "tensor_core_instructions", "flops", "min_bytes", "cubin",
     # Beyond the required keys: what tells rows apart and what the checks read.
+    "gpu", "sm_count", "grid", "threads", "waves", "small_grid_reason",
     "batch", "dtype", "hot", "matrix_work", "local_instructions", "floor_us", "compile_seconds",
     "error",
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # memenc_fast/tools/ -> the repository
+
+
+def is_tensor_core_op(op: str) -> bool:
+    """Whether a SASS opcode is a tensor-core matrix instruction of some generation."""
+    return op in TENSOR_CORE_OPS or _TCGEN05_MMA_RE.fullmatch(op) is not None
+
+
+def _arch_number(target: str) -> int:
+    return int(re.fullmatch(r"sm_(\d+)a?", target).group(1))  # type: ignore[union-attr]
+
+
+def expects_tensor_cores(backend: str, target: str, dtype: str) -> bool:
+    """Whether a bf16/fp16 matrix kernel of ``backend`` compiled for ``target`` must contain
+    tensor-core instructions: from sm_80 on; on sm_75 (fp16 mma.sync, no bf16) in CUDA C++ only,
+    as Triton has no mma for sm_75."""
+    if dtype not in ("bf16", "fp16"):
+        return False
+    if _arch_number(target) >= 80:
+        return True
+    return backend == "cuda" and dtype == "fp16" and _arch_number(target) >= 75
+
+
+def report_gpus(targets: Sequence[str]) -> list[GpuSpec]:
+    """The GPUs of ``memenc_fast.gpus.REPORT_GPUS`` whose target is in ``targets`` (needs torch)."""
+    from memenc_fast.gpus import REPORT_GPUS
+
+    return [gpu for gpu in REPORT_GPUS if gpu.arch in targets]
+
+
+def _bf16_skips(targets: Sequence[str], dtypes: Sequence[str]) -> list[str]:
+    """One line per target whose rows leave out bf16."""
+    if "bf16" not in dtypes:
+        return []
+    return [f"bf16 rows skipped for {target}: no bf16 before sm_80" for target in targets
+            if not TARGET_LIMITS[target].bf16]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -231,7 +296,7 @@ def parse_sass(text: str) -> dict[str, SassCounts]:
             current[op] = current.get(op, 0) + 1
     return {
         name: SassCounts(
-            tensor_core={op: ops[op] for op in TENSOR_CORE_OPS if ops.get(op)},
+            tensor_core={op: n for op, n in sorted(ops.items()) if is_tensor_core_op(op)},
             stl=ops.get("STL", 0), ldl=ops.get("LDL", 0))
         for name, ops in counts.items()
     }
@@ -395,7 +460,7 @@ def inspect_cubin(cuobjdump: str, cubin: Path) -> tuple[dict[str, ResourceUsage]
 
 @dataclasses.dataclass
 class Row:
-    """One kernel configuration on one target for one (batch, dtype)."""
+    """One kernel configuration on one target (and GPU, where known) for one (batch, dtype)."""
 
     backend: str
     kernel: str
@@ -405,6 +470,11 @@ class Row:
     dtype: str
     hot: bool
     matrix_work: bool
+    gpu: str = "-"
+    sm_count: int | None = None
+    grid: int | None = None
+    threads: int | None = None
+    small_grid_reason: str | None = None
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
@@ -418,6 +488,13 @@ class Row:
     error: str | None = None
 
     @property
+    def waves(self) -> float | None:
+        """The grid in waves of the GPU's SMs (one thread block per SM per wave)."""
+        if self.grid is None or not self.sm_count:
+            return None
+        return self.grid / self.sm_count
+
+    @property
     def floor_us(self) -> float | None:
         """Floor time on an H100 in µs: the slower of compute and memory traffic."""
         if self.flops is None or self.min_bytes is None:
@@ -429,6 +506,7 @@ class Row:
         """The row as a JSON record with the keys in ``JSON_KEYS``."""
         values = dataclasses.asdict(self)
         values["floor_us"] = self.floor_us
+        values["waves"] = self.waves
         return {key: values[key] for key in JSON_KEYS}
 
 
@@ -443,7 +521,8 @@ class Report:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What to compile (targets, SAM 2 batch sizes, dtypes), from where, into where, how wide."""
+    """What to compile (targets, SAM 2 batch sizes, dtypes), from where, into where, how wide,
+    and where inspected cubins of earlier runs are kept (None: nowhere)."""
 
     targets: tuple[str, ...]
     batches: tuple[int, ...]
@@ -451,6 +530,7 @@ class Options:
     cubin_dir: Path
     csrc_dir: Path
     jobs: int = 1
+    cache_dir: Path | None = None
 
 
 def _apply_usage(row: Row, usage: ResourceUsage | None, sass: SassCounts | None,
@@ -465,6 +545,69 @@ def _apply_usage(row: Row, usage: ResourceUsage | None, sass: SassCounts | None,
     row.shared_bytes = usage.shared + dynamic_shared
     row.tensor_core_instructions = dict(sass.tensor_core)
     row.local_instructions = {"STL": sass.stl, "LDL": sass.ldl}
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$MEMENC_FAST_CACHE_DIR``, else ``memenc_fast/kernel_report`` in the user's cache
+    directory (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    explicit = os.environ.get("MEMENC_FAST_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "memenc_fast" / "kernel_report"
+
+
+def _inspection_record(usage: dict[str, ResourceUsage], sass: dict[str, SassCounts],
+                       **extra: Any) -> dict[str, Any]:
+    return {"usage": {name: dataclasses.asdict(u) for name, u in usage.items()},
+            "sass": {name: dataclasses.asdict(s) for name, s in sass.items()}, **extra}
+
+
+def _inspection_of(record: dict[str, Any]) -> tuple[dict[str, ResourceUsage], dict[str, SassCounts]]:
+    return ({name: ResourceUsage(**u) for name, u in record["usage"].items()},
+            {name: SassCounts(**s) for name, s in record["sass"].items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class CubinCache:
+    """Cubins and what ``cuobjdump`` said of them, by a hash of everything their compile depends
+    on; ``directory`` None keeps nothing. Entries are written whole or not at all (worker
+    processes share the directory), and a cache that cannot be read or written costs only time."""
+
+    directory: Path | None
+
+    @staticmethod
+    def key(*parts: object) -> str:
+        """The cache key of a compile described by ``parts`` (their reprs)."""
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+    def load(self, key: str, cubin: Path) -> dict[str, Any] | None:
+        """The record stored under ``key``, with its cubin copied to ``cubin``; None if absent."""
+        if self.directory is None:
+            return None
+        try:
+            record = json.loads((self.directory / f"{key}.json").read_text())
+            shutil.copyfile(self.directory / f"{key}.cubin", cubin)
+        except (OSError, ValueError):
+            return None
+        return record
+
+    def store(self, key: str, cubin: Path, record: dict[str, Any]) -> None:
+        """Keeps ``cubin`` and ``record`` under ``key``."""
+        if self.directory is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for suffix, write in ((".cubin", lambda p: shutil.copyfile(cubin, p)),
+                                  (".json", lambda p: p.write_text(json.dumps(record)))):
+                partial = self.directory / f"{key}{suffix}.{os.getpid()}.tmp"
+                write(partial)
+                os.replace(partial, self.directory / f"{key}{suffix}")
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- triton
@@ -523,62 +666,65 @@ def _spec_key(spec: TritonKernelSpec, target: str) -> str:
     text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), target,
                  sorted(spec.signature.items()),
                  sorted((k, repr(v)) for k, v in spec.constexprs.items()), spec.num_warps,
-                 spec.num_stages, sorted(spec.aligned_ints)))
+                 spec.num_stages, sorted(spec.aligned_ints), spec.max_registers))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _compile_triton(spec: TritonKernelSpec, target: str, cubin_dir: Path,
-                    cuobjdump: str) -> Row:
-    """Compile one spec for one target into a row without batch/dtype."""
+def _compile_triton(spec: TritonKernelSpec, target: str, cubin_dir: Path, cuobjdump: str,
+                    cache: CubinCache) -> Row:
+    """Compile one spec for one target (or find it in ``cache``) into a row without batch,
+    dtype and GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     row = Row(backend="triton", kernel=spec.kernel, target=target, config=spec.config,
-              batch=None, dtype="-", hot=spec.hot, matrix_work=spec.matrix_work)
-    capability = int(re.fullmatch(r"sm_(\d+)a?", target).group(1))  # type: ignore[union-attr]
-    started = time.perf_counter()
+              batch=None, dtype="-", hot=spec.hot, matrix_work=spec.matrix_work,
+              threads=spec.num_warps * 32)
     try:
-        compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": spec.num_warps,
-                                           "num_stages": spec.num_stages})
-    except Exception as exc:  # noqa: BLE001 - any compiler failure is this row's result
-        message = _first_error_line(str(exc)) or repr(exc)
-        row.error = f"{type(exc).__name__}: {message}"
+        source = _ast_source(spec)
+    except (TypeError, ValueError) as exc:
+        row.error = f"{type(exc).__name__}: {exc}"
         return row
-    row.compile_seconds = time.perf_counter() - started
     name = f"triton_{spec.kernel}_{target}_{_spec_key(spec, target)}.cubin"
-    (cubin_dir / name).write_bytes(compiled.asm["cubin"])
+    key = CubinCache.key("triton", triton.__version__, _triton_fn(spec.fn).cache_key, _spec_key(spec, target))
+    record = cache.load(key, cubin_dir / name)
+    if record is None:
+        started = time.perf_counter()
+        try:
+            options: dict[str, int] = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            if spec.max_registers is not None:
+                options["maxnreg"] = spec.max_registers
+            compiled = triton.compile(source, target=GPUTarget("cuda", _arch_number(target), 32),
+                                      options=options)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure is this row's result
+            message = _first_error_line(str(exc)) or repr(exc)
+            row.error = f"{type(exc).__name__}: {message}"
+            return row
+        row.compile_seconds = time.perf_counter() - started
+        (cubin_dir / name).write_bytes(compiled.asm["cubin"])
+        try:
+            usage, sass = inspect_cubin(cuobjdump, cubin_dir / name)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            row.error = f"cuobjdump: {exc}"
+            return row
+        record = _inspection_record(usage, sass, symbol=compiled.metadata.name,
+                                    shared=int(compiled.metadata.shared))
+        cache.store(key, cubin_dir / name, record)
+    usage, sass = _inspection_of(record)
     row.cubin = name
-    try:
-        usage, sass = inspect_cubin(cuobjdump, cubin_dir / name)
-    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-        row.error = f"cuobjdump: {exc}"
-        return row
-    symbol = compiled.metadata.name
-    _apply_usage(row, usage.get(symbol), sass.get(symbol), int(compiled.metadata.shared))
+    _apply_usage(row, usage.get(record["symbol"]), sass.get(record["symbol"]), record["shared"])
     return row
 
 
 def _error_row(kernel: str, error: str, batch: int | None = None, dtype: str = "-",
-               target: str = "-") -> Row:
-    return Row(backend="triton", kernel=kernel, target=target, config="-", batch=batch,
-               dtype=dtype, hot=True, matrix_work=False, error=error)
-
-
-def target_device(target: str) -> DeviceLimits:
-    """The device limits of the GPU a target stands for: the kernels' configuration choosers
-    read its SM count and shared memory per block."""
-    from memenc_fast.kernels._common import DeviceLimits
-
-    if target not in SM_COUNTS:
-        raise ValueError(f"unknown target {target!r}; expected one of {sorted(SM_COUNTS)}")
-    return DeviceLimits(sm_count=SM_COUNTS[target],
-                        shared_memory_per_block=SHARED_LIMITS[target].per_block_max)
+               target: str = "-", gpu: str = "-", backend: str = "triton") -> Row:
+    return Row(backend=backend, kernel=kernel, target=target, config="-", batch=batch,
+               dtype=dtype, hot=True, matrix_work=False, gpu=gpu, error=error)
 
 
 # Triton's name of each torch dtype a pointer argument may point to, keyed by str(torch.dtype).
 _POINTER_TYPES: dict[str, str] = {"torch.float32": "fp32", "torch.bfloat16": "bf16",
-                                  "torch.float16": "fp16"}
+                                  "torch.float16": "fp16", "torch.int32": "i32"}
 
 
 def spec_from_launch(launch: Launch) -> TritonKernelSpec:
@@ -603,13 +749,13 @@ def spec_from_launch(launch: Launch) -> TritonKernelSpec:
             dtype = str(getattr(value, "dtype", type(value).__name__))
             if dtype not in _POINTER_TYPES:
                 raise ValueError(f"{launch.kernel}: argument {name!r}: expected a float32, "
-                                 f"bfloat16 or float16 tensor, an int or a float, got {dtype}")
+                                 f"bfloat16, float16 or int32 tensor, an int or a float, got {dtype}")
             signature[name] = "*" + _POINTER_TYPES[dtype]
     return TritonKernelSpec(
         kernel=launch.kernel, fn=launch.fn, signature=signature, constexprs=constexprs,
         num_warps=launch.num_warps, num_stages=launch.num_stages, config=launch.config,
         matrix_work=launch.matrix_work, hot=True, flops=launch.flops, min_bytes=launch.min_bytes,
-        aligned_ints=tuple(aligned))
+        aligned_ints=tuple(aligned), max_registers=launch.max_registers)
 
 
 def _kernel_modules(report: Report, discover: bool,
@@ -644,55 +790,59 @@ def _kernel_modules(report: Report, discover: bool,
     return [m for m in modules if callable(getattr(m, "report_launches", None))]
 
 
-def _compile_modules(options: Options, report: Report, modules: Sequence[ModuleType],
-                     cuobjdump: str, compiled: dict[str, Row]) -> None:
-    """Rows for every launch of ``modules`` (a worker's job); ``compiled`` memoizes compiles."""
+def _compile_modules(target: str, dtype: str, batches: Sequence[int], modules: Sequence[ModuleType],
+                     report: Report, compile_spec: Callable[[TritonKernelSpec], Row]) -> None:
+    """Rows for every launch of ``modules`` on every report GPU of ``target`` (a worker's job);
+    ``compile_spec`` compiles a spec for ``target`` once, however many GPUs and batches run it."""
     import torch
 
-    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for target in options.targets:
-        device = target_device(target)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    for gpu in report_gpus((target,)):
         for module in modules:
-            for batch in options.batches:
-                for dtype in options.dtypes:
-                    try:
-                        specs = [spec_from_launch(launch) for launch in
-                                 module.report_launches(batch, torch_dtypes[dtype], device)]
-                    except Exception as exc:  # noqa: BLE001 - a broken launch list is a finding
-                        report.rows.append(_error_row(module.__name__, f"report_launches failed: "
-                                                      f"{type(exc).__name__}: {exc}", batch, dtype,
-                                                      target))
-                        continue
-                    for spec in specs:
-                        key = _spec_key(spec, target)
-                        if key not in compiled:
-                            compiled[key] = _compile_triton(spec, target, options.cubin_dir,
-                                                            cuobjdump)
-                        report.rows.append(dataclasses.replace(
-                            compiled[key], kernel=spec.kernel, config=spec.config, batch=batch,
-                            dtype=dtype, hot=spec.hot, matrix_work=spec.matrix_work,
-                            flops=spec.flops, min_bytes=spec.min_bytes))
+            for batch in batches:
+                try:
+                    launches = list(module.report_launches(batch, torch_dtype, gpu))
+                    specs = [spec_from_launch(launch) for launch in launches]
+                except Exception as exc:  # noqa: BLE001 - a broken launch list is a finding
+                    report.rows.append(_error_row(module.__name__, f"report_launches failed: "
+                                                  f"{type(exc).__name__}: {exc}", batch, dtype,
+                                                  target, gpu.name))
+                    continue
+                for launch, spec in zip(launches, specs):
+                    report.rows.append(dataclasses.replace(
+                        compile_spec(spec), kernel=spec.kernel, config=spec.config, batch=batch,
+                        dtype=dtype, hot=spec.hot, matrix_work=spec.matrix_work, flops=spec.flops,
+                        min_bytes=spec.min_bytes, gpu=gpu.name, sm_count=gpu.sm_count,
+                        grid=launch.programs, small_grid_reason=launch.small_grid_reason))
 
 
 def triton_worker(task_file: str) -> None:
     """Child-process entry: compile what the JSON task in ``task_file`` names, write the result.
 
     The task holds ``units`` (``[target, dtype]`` pairs), ``batches``, ``cubin_dir``,
-    ``discover``, ``extra_modules`` (file paths), ``cuobjdump``, ``sys_path`` and ``result``
-    (where the rows go, as JSON).
+    ``cache_dir`` (or null), ``discover``, ``extra_modules`` (file paths), ``cuobjdump``,
+    ``sys_path`` and ``result`` (where the rows go, as JSON).
     """
     task = json.loads(Path(task_file).read_text())
     report = Report()
     modules = _kernel_modules(report, task["discover"], [Path(p) for p in task["extra_modules"]])
+    cache = CubinCache(Path(task["cache_dir"]) if task["cache_dir"] else None)
     compiled: dict[str, Row] = {}
     for target, dtype in task["units"] if modules else []:
-        options = Options(targets=(target,), batches=tuple(task["batches"]), dtypes=(dtype,),
-                          cubin_dir=Path(task["cubin_dir"]), csrc_dir=Path(task["cubin_dir"]))
-        _compile_modules(options, report, modules, task["cuobjdump"], compiled)
+        def compile_spec(spec: TritonKernelSpec, target: str = target) -> Row:
+            key = _spec_key(spec, target)
+            if key not in compiled:
+                compiled[key] = _compile_triton(spec, target, Path(task["cubin_dir"]), task["cuobjdump"],
+                                                cache)
+            return compiled[key]
+
+        _compile_modules(target, dtype, task["batches"], modules, report, compile_spec)
     if not modules and not report.skipped:
         report.skipped.append("no Triton kernels registered")
     Path(task["result"]).write_text(json.dumps({
         "rows": [dataclasses.asdict(row) for row in report.rows], "skipped": report.skipped,
+        "compiles": len(compiled),
+        "cached": sum(1 for r in compiled.values() if r.error is None and r.compile_seconds is None),
         "compile_seconds": [r.compile_seconds for r in compiled.values()
                             if r.compile_seconds is not None]}))
 
@@ -719,14 +869,30 @@ def _kernels_package_missing(report: Report) -> bool:
     return True
 
 
+def _share_out(units: list[list[str]], workers: int) -> list[list[list[str]]]:
+    """``units`` ([target, dtype]) among ``workers``, heaviest first to the least loaded: 16-bit
+    units compile about three times the kernels of fp32 ones (autocast weights, fused out_proj),
+    and sm_89 stands for two GPUs."""
+    def weight(unit: list[str]) -> int:
+        return (1 if unit[1] == "fp32" else 3) * (2 if unit[0] == "sm_89" else 1)
+
+    shares: list[list[list[str]]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for unit in sorted(units, key=weight, reverse=True):
+        least = loads.index(min(loads))
+        shares[least].append(unit)
+        loads[least] += weight(unit)
+    return shares
+
+
 def report_triton(options: Options, report: Report, extra_modules: Sequence[Path] = (),
                   discover: bool = True) -> None:
-    """Add a row per Triton spec, target, batch and dtype to ``report``.
+    """Add a row per Triton launch, report GPU, batch and dtype to ``report``.
 
     ``discover`` reports the modules of ``memenc_fast.kernels``; ``extra_modules`` are Python
     files with a ``report_launches`` reported beside them. The (target, dtype) pairs are shared
-    out among ``options.jobs`` worker processes; B=1 and B=64 of one pair share a worker, so a
-    configuration both launch compiles once.
+    out among ``options.jobs`` worker processes; the GPUs and batches of one pair share a worker,
+    so a configuration several of them launch compiles once.
     """
     if not discover and not extra_modules:
         return
@@ -746,17 +912,20 @@ def report_triton(options: Options, report: Report, extra_modules: Sequence[Path
         discover = False
         if not extra_modules:
             return
-    units = [[target, dtype] for target in options.targets for dtype in options.dtypes]
+    units = [[target, dtype] for target in options.targets for dtype in options.dtypes
+             if dtype != "bf16" or TARGET_LIMITS[target].bf16]
     jobs = max(1, min(options.jobs, len(units)))
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="memenc-triton-") as scratch:
         workers = []
-        for index in range(jobs):
-            task = {"units": units[index::jobs], "batches": list(options.batches),
-                    "cubin_dir": str(options.cubin_dir), "discover": discover,
-                    "extra_modules": [str(p) for p in extra_modules], "cuobjdump": cuobjdump,
-                    "sys_path": sys.path, "result": str(Path(scratch) / f"{index}.json")}
+        for index, share in enumerate(_share_out(units, jobs)):
+            task = {"units": share, "batches": list(options.batches),
+                    "cubin_dir": str(options.cubin_dir),
+                    "cache_dir": str(options.cache_dir) if options.cache_dir else None,
+                    "discover": discover, "extra_modules": [str(p) for p in extra_modules],
+                    "cuobjdump": cuobjdump, "sys_path": sys.path,
+                    "result": str(Path(scratch) / f"{index}.json")}
             task_file = Path(scratch) / f"{index}.task.json"
             task_file.write_text(json.dumps(task))
             log = open(Path(scratch) / f"{index}.log", "w+")  # noqa: SIM115 - closed below
@@ -764,6 +933,7 @@ def report_triton(options: Options, report: Report, extra_modules: Sequence[Path
                 [sys.executable, "-c", _WORKER_CODE, str(task_file)], stdout=log,
                 stderr=subprocess.STDOUT, env=env)))
         seconds: list[float] = []
+        distinct = cached = 0
         for task, log, proc in workers:
             try:
                 code = proc.wait(timeout=_WORKER_TIMEOUT_S)
@@ -779,12 +949,16 @@ def report_triton(options: Options, report: Report, extra_modules: Sequence[Path
                     "(worker)", f"Triton compile worker for {what} exited with {code}: "
                     f"{_first_error_line(output) or 'no output'}"))
                 continue
-            seconds += _merge_worker_result(report, json.loads(Path(task["result"]).read_text()))
-    if seconds:
+            result = json.loads(Path(task["result"]).read_text())
+            distinct += result["compiles"]
+            cached += result["cached"]
+            seconds += _merge_worker_result(report, result)
+    if distinct:
+        compiled = (f"{len(seconds)} compiled, {sum(seconds):.1f} s ({sum(seconds) / len(seconds):.2f} s each)"
+                    if seconds else "none compiled")
         report.notes.append(
-            f"triton {_version('triton')}: {len(seconds)} compiles, {sum(seconds):.1f} s "
-            f"({sum(seconds) / len(seconds):.2f} s each) in {jobs} processes, "
-            f"{time.perf_counter() - started:.1f} s wall")
+            f"triton {_version('triton')}: {distinct} distinct kernels, {compiled}, {cached} from the "
+            f"cache, in {jobs} processes, {time.perf_counter() - started:.1f} s wall")
 
 
 def _version(distribution: str) -> str:
@@ -844,6 +1018,12 @@ def load_sidecar(path: Path) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _sidecar_entry(sidecar: dict[str, dict[str, Any]], kernel: str, template: str) -> dict[str, Any]:
+    unqualified = kernel.rsplit("::", 1)[-1]
+    return next((sidecar[key] for key in (f"{kernel}<{template}>", kernel, f"{unqualified}<{template}>",
+                                          unqualified) if key in sidecar), {})
+
+
 def _nvcc_command(nvcc: str, source: Path, cubin: Path, target: str) -> list[str]:
     arch = target.removeprefix("sm_")
     includes = ["-I", str(source.parent)]
@@ -858,8 +1038,72 @@ def _nvcc_command(nvcc: str, source: Path, cubin: Path, target: str) -> list[str
             str(source), "-o", str(cubin)]
 
 
+def _cuda_compile_key(nvcc: str, nvcc_version: str, source: Path, target: str) -> str:
+    """What a csrc compile depends on: the compiler, torch (whose headers a binding includes),
+    the source, every header beside it, and the command."""
+    headers = sorted(p for p in source.parent.iterdir() if p.suffix in (".h", ".cuh", ".hpp", ".inc"))
+    digest = hashlib.sha256()
+    for path in [source, *headers]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    command = _nvcc_command(nvcc, source, Path("out.cubin"), target)
+    return CubinCache.key("nvcc", nvcc_version, _version("torch"), command, digest.hexdigest())
+
+
+def _tool_version(tool: str) -> str:
+    try:
+        return _run_tool([tool, "--version"], timeout=60).strip().splitlines()[-1]
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+@dataclasses.dataclass(frozen=True)
+class _CudaFunction:
+    """One ``__global__`` function of a compiled csrc file."""
+
+    kernel: str
+    template: str
+    usage: ResourceUsage
+    sass: SassCounts | None
+    cubin: str
+    compile_seconds: float | None
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"\s+", "", name)
+
+
+def _cuda_report_launches(options: Options, report: Report) -> Callable[..., Any] | None:
+    """``memenc_fast.backends.cuda.report_launches`` for the repository's csrc/ where it answers
+    (it reads the built library), or None, with a note saying why, where rows come per compiled
+    function (without grids)."""
+    if options.csrc_dir.resolve() != (_REPO_ROOT / "csrc").resolve():
+        return None
+    why = None
+    if _module_origin("torch") is None:
+        why = "torch is not installed"
+    else:
+        try:
+            import torch
+
+            module = importlib.import_module("memenc_fast.backends.cuda")
+            launches = getattr(module, "report_launches", None)
+            if not callable(launches):
+                why = "memenc_fast.backends.cuda has no report_launches"
+            else:
+                for gpu in report_gpus(options.targets)[:1]:
+                    launches(1, torch.float32, torch.float32, gpu)
+                return launches
+        except Exception as exc:  # noqa: BLE001 - any failure here leaves the sidecar's rows
+            why = f"memenc_fast.backends.cuda.report_launches is unusable here ({type(exc).__name__}: {exc})"
+    report.notes.append(f"CUDA rows per compiled function, without grids, dynamic shared memory from "
+                        f"kernels.json: {why}")
+    return None
+
+
 def report_cuda(options: Options, report: Report) -> None:
-    """Add a row per ``__global__`` function of ``csrc/*.cu``, target and batch to ``report``."""
+    """Add the rows of ``csrc/*.cu`` compiled for each target to ``report``: one per launch
+    ``report_launches`` describes, report GPU, batch and dtype, or one per ``__global__``
+    function, target and batch."""
     sources = sorted(options.csrc_dir.glob("*.cu")) if options.csrc_dir.is_dir() else []
     if not sources:
         report.skipped.append(f"no CUDA kernels: no .cu files in {options.csrc_dir.name}/")
@@ -874,16 +1118,25 @@ def report_cuda(options: Options, report: Report) -> None:
                               "triton wheel)")
         return
     sidecar = load_sidecar(options.csrc_dir / "kernels.json")
+    cache = CubinCache(options.cache_dir)
+    nvcc_version = _tool_version(nvcc)
 
-    def build(job: tuple[Path, str]) -> tuple[Path, float | None, str | None]:
+    def build(job: tuple[Path, str]) -> tuple[Path, dict[str, Any] | None, float | None, str | None]:
         source, target = job
         cubin = options.cubin_dir / f"cuda_{source.stem}_{target}.cubin"
+        key = _cuda_compile_key(nvcc, nvcc_version, source, target)
+        record = cache.load(key, cubin)
+        if record is not None:
+            return cubin, record, None, None
         started = time.perf_counter()
         try:
             _run_tool(_nvcc_command(nvcc, source, cubin, target))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            return cubin, None, str(exc)
-        return cubin, time.perf_counter() - started, None
+            seconds = time.perf_counter() - started
+            record = _inspection_record(*inspect_cubin(cuobjdump, cubin))
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            return cubin, None, None, str(exc)
+        cache.store(key, cubin, record)
+        return cubin, record, seconds, None
 
     jobs = [(source, target) for source in sources for target in options.targets]
     started = time.perf_counter()
@@ -891,52 +1144,122 @@ def report_cuda(options: Options, report: Report) -> None:
     with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
         built = list(pool.map(build, jobs))
     wall = time.perf_counter() - started
-    for (source, target), (cubin, seconds, error) in zip(jobs, built):
-        try:
-            if error is not None:
-                raise RuntimeError(error)
-            usage, sass = inspect_cubin(cuobjdump, cubin)
-        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-            report.rows.append(Row(backend="cuda", kernel=source.name, target=target,
-                                   config="-", batch=None, dtype="-", hot=True,
-                                   matrix_work=False, error=str(exc)))
+    functions: dict[str, dict[str, _CudaFunction]] = {target: {} for target in options.targets}
+    for (source, target), (cubin, record, seconds, error) in zip(jobs, built):
+        if record is None:
+            report.rows.append(_error_row(source.name, str(error), target=target, backend="cuda"))
             continue
+        usage, sass = _inspection_of(record)
         names = demangle(sorted(usage))
         for symbol in sorted(usage, key=lambda s: names[s]):
-            rows = _cuda_rows(symbol, names[symbol], target, cubin.name, usage[symbol],
-                              sass.get(symbol), sidecar, options)
-            for row in rows:
-                row.compile_seconds = seconds  # the whole file's nvcc time
-            report.rows.extend(rows)
-    times = [seconds for _, seconds, _ in built if seconds is not None]
-    if times:
-        report.notes.append(f"nvcc: {len(times)} compiles, {sum(times):.1f} s "
-                            f"({sum(times) / len(times):.2f} s each), {wall:.1f} s wall")
+            kernel, template = split_kernel_name(names[symbol])
+            functions[target][_normalized(f"{kernel}<{template}>" if template else kernel)] = _CudaFunction(
+                kernel, template, usage[symbol], sass.get(symbol), cubin.name, seconds)
+    launches_of = _cuda_report_launches(options, report)
+    if launches_of is None:
+        for target, by_name in functions.items():
+            for function in by_name.values():
+                report.rows.extend(_cuda_rows(function, target, sidecar, options))
+    else:
+        report.rows.extend(_cuda_launch_rows(launches_of, functions, sidecar, options))
+    compiled = [seconds for _, _, seconds, _ in built if seconds is not None]
+    report.notes.append(f"nvcc: {len(jobs)} files x targets, {len(compiled)} compiled "
+                        f"({sum(compiled):.1f} s), {sum(1 for b in built if b[1] is not None) - len(compiled)} "
+                        f"from the cache, {wall:.1f} s wall")
 
 
-def _cuda_rows(symbol: str, demangled: str, target: str, cubin: str, usage: ResourceUsage,
-               sass: SassCounts | None, sidecar: dict[str, dict[str, Any]],
+def _cuda_rows(function: _CudaFunction, target: str, sidecar: dict[str, dict[str, Any]],
                options: Options) -> list[Row]:
-    kernel, template = split_kernel_name(demangled)
-    dtype = dtype_of_template(template)
-    if dtype != "-" and dtype not in options.dtypes:
+    """A compiled function's rows per batch, where no launch says how it runs."""
+    dtype = dtype_of_template(function.template)
+    if dtype != "-" and (dtype not in options.dtypes or (dtype == "bf16" and not TARGET_LIMITS[target].bf16)):
         return []
-    unqualified = kernel.rsplit("::", 1)[-1]
-    meta = next((sidecar[key] for key in (f"{kernel}<{template}>", kernel,
-                                          f"{unqualified}<{template}>", unqualified)
-                 if key in sidecar), {})
+    meta = _sidecar_entry(sidecar, function.kernel, function.template)
     rows = []
     for batch in options.batches:
-        row = Row(backend="cuda", kernel=kernel, target=target, config=template or "-",
+        row = Row(backend="cuda", kernel=function.kernel, target=target, config=function.template or "-",
                   batch=batch, dtype=dtype, hot=meta.get("hot", True),
-                  matrix_work=meta.get("matrix_work", False), cubin=cubin)
+                  matrix_work=meta.get("matrix_work", False), cubin=function.cubin,
+                  compile_seconds=function.compile_seconds)  # the whole file's nvcc time
         if "flops_per_object" in meta:
             row.flops = meta["flops_per_object"] * batch
         if "min_bytes_per_object" in meta:
             row.min_bytes = meta["min_bytes_per_object"] * batch
-        _apply_usage(row, usage, sass, meta.get("dynamic_shared_bytes", 0))
+        _apply_usage(row, function.usage, function.sass, meta.get("dynamic_shared_bytes", 0))
         rows.append(row)
     return rows
+
+
+_LAUNCH_KEYS: dict[str, tuple[type, ...]] = {"kernel": (str,), "grid": (int, list, tuple),
+                                             "block": (int, list, tuple), "dynamic_smem": (int,),
+                                             "config": (str,)}
+
+
+def _count(value: int | Sequence[int]) -> int:
+    """A grid or block size given as a total or as its dimensions."""
+    if isinstance(value, int):
+        return value
+    total = 1
+    for size in value:
+        total *= int(size)
+    return total
+
+
+def _cuda_launch_rows(launches_of: Callable[..., Any], functions: dict[str, dict[str, _CudaFunction]],
+                      sidecar: dict[str, dict[str, Any]], options: Options) -> list[Row]:
+    """A row per launch of ``report_launches`` on each report GPU, batch, dtype and weight dtype
+    (the activations' and fp32), read off the compiled function it names."""
+    import torch
+
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rows: list[Row] = []
+    for gpu in report_gpus(options.targets):
+        for batch in options.batches:
+            for dtype in options.dtypes:
+                if dtype == "bf16" and not gpu.bf16:
+                    continue
+                for weights in dict.fromkeys((dtype, "fp32")):
+                    where = dict(batch=batch, dtype=dtype, target=gpu.arch, gpu=gpu.name, backend="cuda")
+                    try:
+                        launches = list(launches_of(batch, torch_dtypes[dtype], torch_dtypes[weights], gpu))
+                    except Exception as exc:  # noqa: BLE001 - a broken launch list is a finding
+                        rows.append(_error_row("report_launches", f"report_launches(weights {weights}) failed: "
+                                                                  f"{type(exc).__name__}: {exc}", **where))
+                        continue
+                    for launch in launches:
+                        rows.append(_cuda_launch_row(launch, functions[gpu.arch], sidecar, gpu, where))
+    return rows
+
+
+def _cuda_launch_row(launch: Any, functions: dict[str, _CudaFunction], sidecar: dict[str, dict[str, Any]],
+                     gpu: GpuSpec, where: dict[str, Any]) -> Row:
+    bad = [key for key, types in _LAUNCH_KEYS.items()
+           if not isinstance(launch, dict) or not isinstance(launch.get(key), types)]
+    if bad:
+        named = launch.get("kernel") if isinstance(launch, dict) else None
+        return _error_row(named if isinstance(named, str) else "report_launches",
+                          f"a launch must be a dict with {', '.join(_LAUNCH_KEYS)}; "
+                          f"{', '.join(bad)} missing or mistyped in {launch!r}", **where)
+    name = _normalized(launch["kernel"])
+    function = functions.get(name) or next(
+        (f for key, f in functions.items() if key.rsplit("::", 1)[-1] == name), None)
+    if function is None:
+        return _error_row(launch["kernel"], f"no function {launch['kernel']} in the csrc cubins for "
+                                            f"{gpu.arch}", **where)
+    meta = _sidecar_entry(sidecar, function.kernel, function.template)
+    template = f"<{function.template}> " if function.template else ""
+    row = Row(backend="cuda", kernel=function.kernel, target=gpu.arch, config=template + launch["config"],
+              batch=where["batch"], dtype=where["dtype"], hot=meta.get("hot", True),
+              matrix_work=meta.get("matrix_work", False), gpu=gpu.name, sm_count=gpu.sm_count,
+              grid=_count(launch["grid"]), threads=_count(launch["block"]),
+              small_grid_reason=launch.get("small_grid_reason"), cubin=function.cubin,
+              compile_seconds=function.compile_seconds)
+    if "flops_per_object" in meta:
+        row.flops = meta["flops_per_object"] * row.batch
+    if "min_bytes_per_object" in meta:
+        row.min_bytes = meta["min_bytes_per_object"] * row.batch
+    _apply_usage(row, function.usage, function.sass, launch["dynamic_smem"])
+    return row
 
 
 # ----------------------------------------------------------------------------- checks, output
@@ -946,21 +1269,22 @@ def violations(rows: Iterable[Row]) -> list[str]:
     """One line per broken CI rule (see the module docstring)."""
     found = []
     for row in rows:
-        where = (f"{row.backend} {row.kernel} [{row.config}] {row.target} "
+        gpu = f" ({row.gpu})" if row.gpu != "-" else ""
+        where = (f"{row.backend} {row.kernel} [{row.config}] {row.target}{gpu} "
                  f"B={row.batch if row.batch is not None else '-'} {row.dtype}")
         if row.error is not None:
             found.append(f"does not compile: {where}: {row.error}")
             continue
-        if (row.matrix_work and row.target == "sm_90a" and row.dtype in ("bf16", "fp16")
+        if (row.matrix_work and expects_tensor_cores(row.backend, row.target, row.dtype)
                 and not row.tensor_core_instructions):
-            found.append(f"no tensor-core instruction: {where}: expected HGMMA or HMMA in a "
+            found.append(f"no tensor-core instruction: {where}: expected HMMA, HGMMA or UTC*MMA in a "
                          "matrix-work kernel, found none")
         local_insns = sum(row.local_instructions.values())
         if row.hot and ((row.spill_bytes or 0) > 0 or local_insns > 0):
             found.append(f"hot kernel spills: {where}: {row.spill_bytes} bytes of local memory "
                          f"per thread, STL {row.local_instructions.get('STL', 0)} / "
                          f"LDL {row.local_instructions.get('LDL', 0)}; expected none")
-        limit = SHARED_LIMITS[row.target]
+        limit = TARGET_LIMITS[row.target]
         if row.shared_bytes is not None and row.shared_bytes > limit.per_block_max:
             found.append(f"shared memory over the limit: {where}: {row.shared_bytes} bytes per "
                          f"block, limit {limit.per_block_max}")
@@ -968,6 +1292,19 @@ def violations(rows: Iterable[Row]) -> list[str]:
             found.append(f"static shared memory over the limit: {where}: "
                          f"{row.static_shared_bytes} bytes, limit {limit.static_max} without "
                          "opt-in")
+        if row.registers is not None and row.registers > limit.registers_per_thread:
+            found.append(f"registers over the limit: {where}: {row.registers} per thread, limit "
+                         f"{limit.registers_per_thread}")
+        # Registers are allocated per warp in units of 256: 8 per thread.
+        if (row.registers is not None and row.threads is not None
+                and -(-row.registers // 8) * 8 * row.threads > limit.registers_per_block):
+            found.append(f"registers over the limit: {where}: {row.registers} per thread x {row.threads} "
+                         f"threads, limit {limit.registers_per_block} per block")
+        if (row.hot and row.batch == 1 and row.waves is not None and row.waves < 1
+                and not row.small_grid_reason):
+            found.append(f"hot kernel under one wave at B=1: {where}: {row.grid} blocks on "
+                         f"{row.sm_count} SMs ({row.waves:.2f} waves); expected at least one "
+                         "wave, or the launch's small_grid_reason")
     return found
 
 
@@ -988,33 +1325,43 @@ def _microseconds(value: float | None) -> str:
 
 
 def sort_rows(rows: Sequence[Row]) -> list[Row]:
-    """Rows by backend, batch and dtype, kernels in the order they came, targets together."""
+    """Rows by backend, batch and dtype, kernels in the order they came, configurations and
+    targets together, each target's GPUs in the order of ``REPORT_GPUS``."""
     first_seen: dict[tuple[str, str], int] = {}
+    gpu_order: dict[str, int] = {}
     for row in rows:
         first_seen.setdefault((row.backend, row.kernel), len(first_seen))
+        gpu_order.setdefault(row.gpu, len(gpu_order))
     return sorted(rows, key=lambda r: (r.backend, r.batch or 0, r.dtype,
-                                       first_seen[(r.backend, r.kernel)], r.config, r.target))
+                                       first_seen[(r.backend, r.kernel)], r.config,
+                                       _arch_number(r.target) if r.target != "-" else 0, gpu_order[r.gpu]))
+
+
+def _grid_text(row: Row) -> str:
+    if row.grid is None:
+        return "-"
+    return f"{row.grid} ({row.waves:.2f}w)" if row.waves is not None else str(row.grid)
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """The report as an aligned text table."""
-    header = ("backend", "kernel", "target", "B", "dtype", "config", "regs", "spill",
-              "smem", "tensor cores", "FLOPs", "min bytes", "floor")
+    header = ("backend", "kernel", "target", "gpu", "B", "dtype", "config", "grid (waves)", "regs",
+              "spill", "smem", "tensor cores", "FLOPs", "min bytes", "floor", "note")
     lines = [header]
     for row in rows:
         if row.error is not None:
-            lines.append((row.backend, row.kernel, row.target, str(row.batch or "-"), row.dtype,
-                          row.config, "ERROR", row.error[:60], "", "", "", "", ""))
+            lines.append((row.backend, row.kernel, row.target, row.gpu, str(row.batch or "-"), row.dtype,
+                          row.config, "", "ERROR", row.error[:60], "", "", "", "", "", ""))
             continue
         tensor = " ".join(f"{op}:{n}" for op, n in row.tensor_core_instructions.items()) or "-"
         spill = str(row.spill_bytes)
         if row.spill_bytes or sum(row.local_instructions.values()):
             spill += (f" (STL {row.local_instructions.get('STL', 0)}/"
                       f"LDL {row.local_instructions.get('LDL', 0)})")
-        lines.append((row.backend, row.kernel, row.target, str(row.batch or "-"), row.dtype,
-                      row.config, str(row.registers), spill, str(row.shared_bytes), tensor,
-                      _human(row.flops, ""), _human(row.min_bytes, "B"),
-                      _microseconds(row.floor_us)))
+        lines.append((row.backend, row.kernel, row.target, row.gpu, str(row.batch or "-"), row.dtype,
+                      row.config, _grid_text(row), str(row.registers), spill, str(row.shared_bytes), tensor,
+                      _human(row.flops, ""), _human(row.min_bytes, "B"), _microseconds(row.floor_us),
+                      row.small_grid_reason or ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
                      for line in lines)
@@ -1034,7 +1381,7 @@ def _csv(value: str, what: str, allowed: Sequence[str] | None = None) -> tuple[s
 
 
 def _targets(value: str) -> tuple[str, ...]:
-    return _csv(value, "targets", tuple(SHARED_LIMITS))
+    return _csv(value, "targets", tuple(TARGET_LIMITS))
 
 
 def _dtypes(value: str) -> tuple[str, ...]:
@@ -1054,8 +1401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write one JSON record per row to FILE")
     parser.add_argument("--cubin-dir", metavar="DIR", type=Path,
                         help="keep the compiled cubins in DIR")
-    parser.add_argument("--targets", type=_targets, default=("sm_80", "sm_90a"),
-                        help="comma-separated GPU targets (default: sm_80,sm_90a)")
+    parser.add_argument("--targets", type=_targets, default=tuple(TARGET_LIMITS),
+                        help=f"comma-separated GPU targets (default: all: {','.join(TARGET_LIMITS)})")
     parser.add_argument("--batches", type=_batches, default=(1, 64),
                         help="comma-separated SAM 2 batch sizes (default: 1,64)")
     parser.add_argument("--dtypes", type=_dtypes, default=DTYPES,
@@ -1064,6 +1411,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory of the CUDA sources (default: the repository's csrc/)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes at once (default: the CPU count)")
+    parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                        help="where inspected cubins of earlier runs are kept (default: "
+                             "$MEMENC_FAST_CACHE_DIR or ~/.cache/memenc_fast/kernel_report)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile everything, keeping nothing for later runs")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a kernel breaks a CI rule (each printed on one line)")
 
@@ -1072,6 +1424,7 @@ def collect(options: Options, extra_modules: Sequence[Path] = (),
             discover: bool = True) -> Report:
     """Compile and inspect everything (see ``report_triton`` for the two module arguments)."""
     report = Report()
+    report.skipped += _bf16_skips(options.targets, options.dtypes)
     report_triton(options, report, extra_modules, discover)
     report_cuda(options, report)
     return report
@@ -1083,12 +1436,13 @@ def run(args: argparse.Namespace, extra_modules: Sequence[Path] = (),
 
     ``extra_modules`` and ``discover`` let tests report their own kernels alone.
     """
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     with tempfile.TemporaryDirectory(prefix="memenc-cubins-") as scratch:
         cubin_dir = Path(args.cubin_dir) if args.cubin_dir else Path(scratch)
         cubin_dir.mkdir(parents=True, exist_ok=True)
         options = Options(targets=tuple(args.targets), batches=tuple(args.batches),
                           dtypes=tuple(args.dtypes), cubin_dir=cubin_dir,
-                          csrc_dir=Path(args.csrc), jobs=args.jobs)
+                          csrc_dir=Path(args.csrc), jobs=args.jobs, cache_dir=cache_dir)
         try:
             report = collect(options, extra_modules, discover)
         except (ValueError, json.JSONDecodeError) as exc:

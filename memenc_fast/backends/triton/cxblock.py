@@ -1,6 +1,7 @@
 """The triton ``cxblock`` and ``cxblock_out_proj`` ops: dwconv + LayerNorm in one kernel, the
 MLP (with gamma and the residual, and for the last block ``out_proj``) in another
-(``memenc_fast.kernels.cxblock``), on the block's live parameters."""
+(``memenc_fast.kernels.cxblock``), on the block's live parameters; the torch ops where the GPU
+refuses a launch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from ...kernels.cxblock import plan_dwconv_ln, plan_mlp
+from ...kernels._common import Launch
+from ...kernels.cxblock import plan_block
 from ...structure import Block, Pointwise
+from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
-from ._common import check_device, check_parameters, device_limits
+from ._common import EXACT_GELU, check_device, check_parameters, device_spec, run_or_fall_back
 
 __all__ = ["cxblock", "cxblock_out_proj", "block_tokens", "block_out_proj"]
 
@@ -37,16 +40,31 @@ def _run_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
         n_out = out_weight.shape[0]
         expected += [("out_proj weight", out_weight, (n_out, channels, 1, 1)), ("out_proj bias", out_bias, (n_out,))]
     check_parameters(_OP, device, expected)
-    normed = new_output(x.shape, x.dtype, x.device)
     fused = out_weight is not None
-    out = new_output((batch, out_weight.shape[0], height, width) if fused else x.shape, x.dtype, x.device)
-    if x.numel():
-        plan_dwconv_ln(x, dw_weight.contiguous(), dw_bias.contiguous(), (padding[0], padding[1]),
-                       norm_weight.contiguous(), norm_bias.contiguous(), eps, normed).run()
-        plan_mlp(normed, x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
-                 None if gamma is None else gamma.contiguous(), out_weight.contiguous() if fused else None,
-                 out_bias.contiguous() if fused else None, out, device_limits(device)).run()
-    return out
+
+    def plan() -> Tuple[List[Launch], torch.Tensor]:
+        normed = new_output(x.shape, x.dtype, x.device)
+        out = new_output((batch, out_weight.shape[0], height, width) if fused else x.shape, x.dtype, x.device)
+        if not x.numel():
+            return [], out
+        launches = plan_block(x, dw_weight.contiguous(), dw_bias.contiguous(), (padding[0], padding[1]),
+                              norm_weight.contiguous(), norm_bias.contiguous(), eps, w1.contiguous(), b1.contiguous(),
+                              w2.contiguous(), b2.contiguous(), None if gamma is None else gamma.contiguous(),
+                              out_weight.contiguous() if fused else None, out_bias.contiguous() if fused else None,
+                              normed, out, device_spec(device))
+        return list(launches), out
+
+    def torch_op() -> torch.Tensor:
+        block = Block(dw_weight, dw_bias, (padding[0], padding[1]), channels, norm_weight, norm_bias, eps, w1, b1,
+                      w2, b2, gamma, EXACT_GELU)
+        tokens = torch_ops.cxblock(x, block)
+        if fused:
+            return torch_ops.out_proj(tokens, Pointwise(out_weight, out_bias))
+        return tokens.contiguous()
+
+    signature = (x.shape, x.dtype, dw_weight.shape, w1.dtype, w2.dtype, gamma is None,
+                 None if out_weight is None else (out_weight.shape, out_weight.dtype))
+    return run_or_fall_back("cxblock_out_proj" if fused else "cxblock", device, signature, plan, torch_op)
 
 
 def block_tokens(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, padding: List[int],

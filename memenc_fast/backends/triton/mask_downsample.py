@@ -1,6 +1,6 @@
 """The triton ``mask_downsample`` op: every conv -> LayerNorm2d -> GELU stage of the mask
 downsampler in one kernel (``memenc_fast.kernels.mask_downsample``), on the stages' live
-parameters."""
+parameters; the torch op where the GPU refuses the launch."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ...kernels._common import Launch
 from ...kernels.mask_downsample import MaskGeometry, plan_mask_path
 from ...structure import MaskStage
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
-from ._common import check_device, check_parameters, device_limits
+from ._common import EXACT_GELU, check_device, check_parameters, device_spec, run_or_fall_back
 
 __all__ = ["mask_downsample", "mask_path"]
 
@@ -55,12 +56,23 @@ def mask_path(masks: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     if min(min(size) for size in sizes) < 1:
         raise ValueError(f"{_OP}: masks of size {height}x{width} are too small for the downsampler: "
                          f"stage outputs would be {sizes}")
-    out = new_output((masks.shape[0], *sizes[-1], geometry.channels[-1]), masks.dtype, masks.device)
-    if out.numel():
-        plan_mask_path(masks, geometry, [w.contiguous() for w in weights], [b.contiguous() for b in biases],
-                       [w.contiguous() for w in norm_weights], [b.contiguous() for b in norm_biases],
-                       apply_sigmoid, scale, bias, out, device_limits(masks.device)).run()
-    return out
+
+    def plan() -> Tuple[List[Launch], torch.Tensor]:
+        out = new_output((masks.shape[0], *sizes[-1], geometry.channels[-1]), masks.dtype, masks.device)
+        if not out.numel():
+            return [], out
+        return [plan_mask_path(masks, geometry, [w.contiguous() for w in weights], [b.contiguous() for b in biases],
+                               [w.contiguous() for w in norm_weights], [b.contiguous() for b in norm_biases],
+                               apply_sigmoid, scale, bias, out, device_spec(masks.device))], out
+
+    def torch_op() -> torch.Tensor:
+        stages = [MaskStage(w, b, nw, nb, e, geometry.stride, geometry.padding, EXACT_GELU)
+                  for w, b, nw, nb, e in zip(weights, biases, norm_weights, norm_biases, eps)]
+        features = torch_ops.mask_downsample(masks, stages, None, apply_sigmoid, scale, bias)
+        return features.permute(0, 2, 3, 1).contiguous()
+
+    signature = (masks.shape, masks.dtype, geometry, tuple(w.dtype for w in weights))
+    return run_or_fall_back(_OP, masks.device, signature, plan, torch_op)
 
 
 @torch.library.custom_op("memenc_fast::triton_mask_downsample", mutates_args=())

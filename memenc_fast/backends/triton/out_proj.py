@@ -1,17 +1,19 @@
 """The triton ``out_proj`` op: the 1x1 conv from tokens to the NCHW output on the pointwise
-kernel (``memenc_fast.kernels.out_proj``), on the live weight."""
+kernel (``memenc_fast.kernels.out_proj``), on the live weight; the torch op where the GPU refuses
+the launch."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from ...kernels._common import Launch
 from ...kernels.out_proj import plan_out_proj
 from ...structure import Pointwise
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
-from ._common import check_device, check_parameters, device_limits
+from ._common import check_device, check_parameters, device_spec, run_or_fall_back
 
 __all__ = ["out_proj", "out_proj_nchw"]
 
@@ -26,10 +28,15 @@ def out_proj_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     batch, height, width, channels = x.shape
     n = weight.shape[0]
     check_parameters(_OP, device, [("weight", weight, (n, channels, 1, 1)), ("bias", bias, (n,))])
-    out = new_output((batch, n, height, width), x.dtype, x.device)
-    if out.numel():
-        plan_out_proj(x, weight.contiguous(), bias.contiguous(), out, device_limits(device)).run()
-    return out
+
+    def plan() -> Tuple[List[Launch], torch.Tensor]:
+        out = new_output((batch, n, height, width), x.dtype, x.device)
+        if not out.numel():
+            return [], out
+        return [plan_out_proj(x, weight.contiguous(), bias.contiguous(), out, device_spec(device))], out
+
+    return run_or_fall_back(_OP, device, (x.shape, x.dtype, weight.shape, weight.dtype), plan,
+                            lambda: torch_ops.out_proj(x, Pointwise(weight, bias)))
 
 
 @torch.library.custom_op("memenc_fast::triton_out_proj", mutates_args=())

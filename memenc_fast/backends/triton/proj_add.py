@@ -1,14 +1,19 @@
 """The triton ``proj_add`` op: the downsampler's final 1x1 conv plus ``pix_feat_proj``, added,
-in one kernel (``memenc_fast.kernels.proj_add``) on the two live weights."""
+in one kernel (``memenc_fast.kernels.proj_add``) on the two live weights; the torch op where the
+GPU refuses the launch."""
 
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 
+from ...kernels._common import Launch
 from ...kernels.proj_add import plan_proj_add
 from ...structure import Projection
+from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
-from ._common import check_device, check_parameters, device_limits
+from ._common import check_device, check_parameters, device_spec, run_or_fall_back
 
 __all__ = ["proj_add", "proj_add_tokens"]
 
@@ -39,12 +44,21 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
                                    ("mask_bias", mask_bias, (channels,)),
                                    ("pix_weight", pix_weight, (channels, c_p, 1, 1)),
                                    ("pix_bias", pix_bias, (channels,))])
-    out = new_output((batch, height, width, channels), pix_feat.dtype, pix_feat.device)
-    if out.numel():
-        plan_proj_add(_pixel_indexable(mask_features), _pixel_indexable(pix_feat), mask_weight.contiguous(),
-                      mask_bias.contiguous(), pix_weight.contiguous(), pix_bias.contiguous(), out,
-                      device_limits(device)).run()
-    return out
+
+    def plan() -> Tuple[List[Launch], torch.Tensor]:
+        out = new_output((batch, height, width, channels), pix_feat.dtype, pix_feat.device)
+        if not out.numel():
+            return [], out
+        return [plan_proj_add(_pixel_indexable(mask_features), _pixel_indexable(pix_feat), mask_weight.contiguous(),
+                              mask_bias.contiguous(), pix_weight.contiguous(), pix_bias.contiguous(), out,
+                              device_spec(device))], out
+
+    def torch_op() -> torch.Tensor:
+        projection = Projection(mask_weight, mask_bias, pix_weight, pix_bias)
+        return torch_ops.proj_add(mask_features, pix_feat, projection).contiguous()
+
+    signature = (mask_features.shape, pix_feat.shape, pix_feat.dtype, mask_weight.dtype, pix_weight.dtype)
+    return run_or_fall_back(_OP, device, signature, plan, torch_op)
 
 
 @torch.library.custom_op("memenc_fast::triton_proj_add", mutates_args=())
