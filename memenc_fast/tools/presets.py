@@ -55,6 +55,8 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "sam2": Preset("sam2", mask_size=1024, feature_size=64),
     "sam3": Preset("sam3", mask_size=1152, feature_size=72, interpol_size=(1152, 1152)),
+    # SAM 2 run on 512-px frames, as real-time users do: 512² masks, 32² features.
+    "sam2_512": Preset("sam2_512", mask_size=512, feature_size=32),
     "small": Preset("small", mask_size=128, feature_size=8),
 }
 
