@@ -324,6 +324,7 @@ def select_backend(
     if needs_grad:
         log_once("memenc_fast: running the reference forward for training (grad enabled)")
         return _reference("training (grad enabled)")
+    skipped = []
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
         auto_devices = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
@@ -333,9 +334,9 @@ def select_backend(
             skip = backend.auto_skip_reason(device, dtype) if table is not None else reason
             if skip is None:
                 return Selection(candidate, table, reason or None)
-            log_once(f"memenc_fast: auto skips backend {candidate!r}: {skip}")
-    reason = f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
-    log_once(f"memenc_fast: {reason}; running the reference forward")
+            skipped.append(f"auto skips backend {candidate!r}: {skip}")
+    reason = "; ".join(skipped) or f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
+    log_once(f"memenc_fast: running the reference forward: {reason}")
     return _reference(reason)
 
 

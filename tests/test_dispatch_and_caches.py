@@ -73,6 +73,18 @@ def test_auto_uses_torch_on_cpu_and_reference_for_training(monkeypatch, caplog):
     assert sum("training" in r.message for r in caplog.records) == 1  # logged once
 
 
+def test_auto_runs_the_reference_where_it_is_faster(monkeypatch):
+    """The torch backend's measured cost rule: on the CPU in float64 the reference is faster."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    encoder = build_encoder(TINY, dtype=torch.float64)
+    pix_feat, masks = make_inputs(TINY, 1, dtype=torch.float64)
+    with torch.no_grad():
+        encoder(pix_feat, masks)
+    assert encoder.last_backend == "reference" and "float64" in encoder.last_backend_reason
+    _features(encoder, pix_feat, masks, "torch")  # still runs when asked for by name
+    assert encoder.last_backend == "torch"
+
+
 def test_named_backend_that_cannot_serve_raises():
     encoder = build_encoder(TINY)
     pix_feat, masks = make_inputs(TINY, 1)

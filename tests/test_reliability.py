@@ -174,7 +174,8 @@ def test_large_batches_are_split_below_the_element_limit(backend, device, monkey
     with torch.no_grad(), mf.use_backend(backend):
         split = encoder(pix_feat, masks)["vision_features"]
     assert launches == [2, 2, 1]
-    bound = tolerance(torch.float32, device) / 10  # the same kernels on fewer objects at a time
+    # The same ops on fewer objects at a time; oneDNN and cuBLAS block batches differently.
+    bound = tolerance(torch.float32, device)
     torch.testing.assert_close(split, whole, rtol=bound, atol=bound)
 
 

@@ -22,10 +22,32 @@ from ..reference import resize_mask
 from ..structure import Block, MaskStage, Pointwise, Projection, is_exact_gelu
 
 __all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "pointwise_tokens", "transformed_mask",
-           "MLP_CHUNK_TOKENS"]
+           "auto_skip_reason", "MLP_CHUNK_TOKENS"]
+
+_ONEDNN_LINEAR_GELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+PER_OBJECT_MIN_PIXELS = 1 << 19
+"""Masks of at least this many pixels go through the mask path one object at a time. On the
+2-core CI machine (fp32, B=2 and 4), batched vs one at a time: 128² masks 1.1/1.4 vs 1.5/2.8 ms,
+512² 6.6/13.6 vs 8.2/14.8 ms, but 1024² 50/78 vs 28/58 ms: past the cache, one object's stages
+chained back to back win."""
 
 MLP_CHUNK_TOKENS = 2048
 """Tokens per MLP chunk: 2048 x 1024 hidden x 4 B = 8 MB, about what a core's share of L2/L3 holds."""
+
+
+def auto_skip_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``auto`` runs the reference rather than this backend on ``device`` in ``dtype``.
+
+    The cost rule, measured on the 2-core CI machine (min of 15-41 runs, the reference's time
+    over this backend's, no grad): fp32 at 32², 64², 128², 256², 512², 1024² and 1152² masks,
+    B 1 to 16, 1.06x-1.95x; bf16 and bf16 autocast 1.14x-1.33x; float64 0.65x-0.77x (oneDNN,
+    which runs this backend's channels-last convolutions and fused GEMMs, has no float64
+    kernels). So everywhere but float64 on the CPU this backend is the faster path.
+    """
+    if device.type == "cpu" and dtype == torch.float64:
+        return "on the CPU in float64 the reference is faster (0.65x-0.77x measured: oneDNN has no float64 kernels)"
+    return None
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -43,10 +65,11 @@ def mask_downsample(masks: torch.Tensor, stages: Sequence[MaskStage], interpol_s
     Applies ``sigmoid`` when asked, then ``* scale + bias`` (SAM 2's caller transform), the
     resize to ``interpol_size`` (SAM 3) when the masks have another size, then every conv ->
     LayerNorm2d -> activation stage. The downsampler's final 1x1 conv is part of ``proj_add``.
-    Runs one object at a time (outside compiled code), so each object's intermediates stay in
-    cache between stages.
+    Large masks run one object at a time (outside compiled code), so each object's intermediates
+    stay in cache between stages (see ``PER_OBJECT_MIN_PIXELS``).
     """
-    if torch.compiler.is_compiling() or masks.shape[0] <= 1:
+    pixels = masks.shape[-2] * masks.shape[-1]
+    if torch.compiler.is_compiling() or masks.shape[0] <= 1 or pixels < PER_OBJECT_MIN_PIXELS:
         return _mask_stages(masks, stages, interpol_size, apply_sigmoid, scale, bias)
     return torch.cat([_mask_stages(masks[i:i + 1], stages, interpol_size, apply_sigmoid, scale, bias)
                       for i in range(masks.shape[0])]).contiguous(memory_format=torch.channels_last)
@@ -66,47 +89,63 @@ def transformed_mask(masks: torch.Tensor, interpol_size: Optional[Tuple[int, int
     return x
 
 
-def _affine_layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension, then ``* weight + bias``, in the tokens' dtype; finite
-    wherever sam2's LayerNorm2d is.
+def _layer_norm_formula(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        dim: int) -> torch.Tensor:
+    """sam2's LayerNorm formula over ``dim`` (channels), in at least float32, then ``* weight +
+    bias`` in x's dtype. Where squares overflow (inputs of ~1e19 and more) the variance is
+    infinite and the output finite, as sam2's is (``F.layer_norm`` returns NaN there). A separate
+    affine also gets its gradients reduced in float32 (torch's CPU layer_norm backward sums them in
+    the input's dtype: in bf16 over a mask stage's 10^6 pixels ~50% off)."""
+    dtype = x.dtype
+    wide = x.float() if dtype in (torch.bfloat16, torch.float16) else x
+    centered = wide - wide.mean(dim, keepdim=True)
+    normed = centered * torch.rsqrt(centered.square().mean(dim, keepdim=True) + eps)
+    shape = (-1,) + (1,) * (x.dim() - 1 - dim % x.dim())  # the channel axis of x, for broadcasting
+    return torch.addcmul(_cast(bias, dtype).view(shape), normed.to(dtype), _cast(weight, dtype).view(shape))
 
-    Where squares overflow (inputs of ~1e19 and more) sam2's formula gets an infinite variance
-    and so a finite output, while ``F.layer_norm`` returns NaN. On the CPU, eagerly,
-    ``F.layer_norm`` (two passes over the data; the formula written out takes six, a third of a
-    B=1 forward) runs first and the written-out formula only where its result is not finite.
-    Elsewhere the formula is written out: compilers fuse it, and a finiteness check would cost a
-    device sync. A separate affine also gets its gradients reduced in float32 (torch's CPU
-    layer_norm backward sums them in the input's dtype: in bf16 over a mask stage's 10^6 pixels
-    ~50% off).
+
+def _affine_layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension of tokens, then ``* weight + bias``; finite wherever
+    sam2's LayerNorm2d is.
+
+    On the CPU, eagerly, ``torch.native_layer_norm`` (two passes over the data; the formula
+    written out takes six: a third of a B=1 forward) runs first, and the formula only where a
+    row's 1/std is not finite (its variance overflowed). Elsewhere the formula runs: compilers fuse
+    it, and a finiteness check would cost a device sync.
     """
     dtype = tokens.dtype
-    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    channels = (tokens.shape[-1],)
-    if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-        if torch.is_grad_enabled() and dtype in (torch.bfloat16, torch.float16) and (
-                weight.requires_grad or bias.requires_grad):
-            out = torch.addcmul(bias, F.layer_norm(tokens, channels, eps=eps), weight)
-        else:
-            out = F.layer_norm(tokens, channels, weight, bias, eps)
-        if torch.isfinite(out).all():
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and dtype in (torch.bfloat16, torch.float16)
+            and (weight.requires_grad or bias.requires_grad)):
+        out, _, rstd = torch.native_layer_norm(tokens, [tokens.shape[-1]], _cast(weight, dtype),
+                                               _cast(bias, dtype), eps)
+        if torch.isfinite(rstd.sum()):
             return out
-    x = tokens.float() if dtype in (torch.bfloat16, torch.float16) else tokens
-    centered = x - x.mean(-1, keepdim=True)
-    normed = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
-    return torch.addcmul(bias, normed.to(dtype), weight)
+    return _layer_norm_formula(tokens, weight, bias, eps, -1)
+
+
+NCHW_LAYER_NORM_MAX_CHANNELS = 16
+"""Mask stages this narrow normalize in NCHW, across channel planes: layer_norm over rows of 4 or
+16 channels is slow (SAM 2 at 1024²: 5.3 ms vs 0.8 for stage 1's 4 channels, 1.0 vs 0.65 for
+stage 2's 16, on the 2-core CI machine); wider ones run layer_norm on channels-last rows."""
 
 
 def _mask_stages(masks: torch.Tensor, stages: Sequence[MaskStage], interpol_size: Optional[Tuple[int, int]],
                  apply_sigmoid: bool, scale: float, bias: float) -> torch.Tensor:
     x = transformed_mask(masks, interpol_size, apply_sigmoid, scale, bias)
-    x = x.contiguous(memory_format=torch.channels_last)
     dtype = masks.dtype
     for stage in stages:
+        narrow = stage.weight.shape[0] <= NCHW_LAYER_NORM_MAX_CHANNELS
+        x = x.contiguous(memory_format=torch.contiguous_format if narrow else torch.channels_last)
         x = F.conv2d(x, _cast(stage.weight, dtype), _cast(stage.bias, dtype), stride=stage.stride,
                      padding=stage.padding)
-        tokens = x.permute(0, 2, 3, 1).contiguous()
-        tokens = _affine_layer_norm(tokens, stage.norm_weight, stage.norm_bias, stage.eps)
-        x = _activate(stage.activation, tokens).permute(0, 3, 1, 2)
+        if narrow:
+            x = _activate(stage.activation, _layer_norm_formula(x.contiguous(), stage.norm_weight,
+                                                                stage.norm_bias, stage.eps, 1))
+        else:
+            tokens = _affine_layer_norm(x.permute(0, 2, 3, 1).contiguous(), stage.norm_weight, stage.norm_bias,
+                                        stage.eps)
+            x = _activate(stage.activation, tokens).permute(0, 3, 1, 2)
     return x
 
 
@@ -116,14 +155,18 @@ def _matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def proj_add(mask_features: torch.Tensor, pix_feat: torch.Tensor, projection: Projection) -> torch.Tensor:
-    """``W_m m + b_m + W_p p + b_p`` as one GEMM over the concatenated channels -> tokens (B, H, W, C)."""
-    batch, _, height, width = pix_feat.shape
+    """``W_m m + b_m + W_p p + b_p`` -> tokens (B, H, W, C): two GEMMs accumulating into one
+    output, each reading its source where it lies (pix_feat NCHW as transposed tokens), so no
+    concatenated copy of the inputs is made."""
+    batch, pix_channels, height, width = pix_feat.shape
     dtype = pix_feat.dtype
-    concat = torch.cat([mask_features.permute(0, 2, 3, 1), pix_feat.permute(0, 2, 3, 1)], dim=3)
-    weight = torch.cat([_matrix(projection.mask_weight, dtype), _matrix(projection.pix_weight, dtype)], dim=1)
+    mask_weight, pix_weight = _matrix(projection.mask_weight, dtype), _matrix(projection.pix_weight, dtype)
     bias = _cast(projection.mask_bias, dtype) + _cast(projection.pix_bias, dtype)
-    out = torch.addmm(bias, concat.view(-1, concat.shape[-1]), weight.t())
-    return out.view(batch, height, width, weight.shape[0])
+    pix_tokens = pix_feat.reshape(batch, pix_channels, height * width).transpose(1, 2)
+    out = torch.baddbmm(bias, pix_tokens, pix_weight.t().expand(batch, -1, -1))
+    mask_tokens = mask_features.permute(0, 2, 3, 1).reshape(-1, mask_weight.shape[1])
+    out.view(-1, out.shape[-1]).addmm_(mask_tokens, mask_weight.t())
+    return out.view(batch, height, width, out.shape[-1])
 
 
 def pointwise_tokens(x: torch.Tensor, layer: Pointwise) -> torch.Tensor:
@@ -164,7 +207,19 @@ def cxblock(x: torch.Tensor, block: Block) -> torch.Tensor:
 
 
 def _hidden(normed: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, activation: torch.nn.Module) -> torch.Tensor:
+    """``act(normed @ w1^T + b1)``: on the CPU one oneDNN GEMM with the bias and the exact GELU in
+    its epilogue where it applies (no bias broadcast copy, no separate pass over the 4x-wide
+    hidden: ~7% of a SAM 2 B=1 forward on the 2-core CI machine)."""
+    if _fuses_linear_gelu(normed, activation):
+        return torch.ops.mkldnn._linear_pointwise(normed, w1, b1, "gelu", [], "none")
     return _activate(activation, torch.addmm(b1, normed, w1.t()))
+
+
+def _fuses_linear_gelu(normed: torch.Tensor, activation: torch.nn.Module) -> bool:
+    # oneDNN's fused op has no autograd formula and is not for compilers to trace.
+    return (normed.device.type == "cpu" and normed.dtype in (torch.float32, torch.bfloat16)
+            and _ONEDNN_LINEAR_GELU and is_exact_gelu(activation)
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def _mlp(normed: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
