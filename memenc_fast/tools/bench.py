@@ -99,6 +99,37 @@ def time_callable(fn: Callable[[], object], device: torch.device, repeats: int, 
     return statistics.median(times)
 
 
+def time_side_by_side(impls: Dict[str, Callable[[], object]], device: torch.device,
+                      repeats: int) -> Dict[str, Optional[float]]:
+    """Median seconds per call of each implementation (None where it failed, said on stderr).
+
+    On the CPU the calls are interleaved, one of each per round, so that a machine whose speed
+    drifts (other processes, clocks) weighs on every implementation alike; GPU timings, from
+    CUDA events, are taken one implementation at a time.
+    """
+    timings: Dict[str, Optional[float]] = {}
+    working: Dict[str, Callable[[], object]] = {}
+    for name, fn in impls.items():
+        try:
+            if device.type == "cuda":
+                timings[name] = time_callable(fn, device, repeats)
+            else:
+                for _ in range(2):  # warm-up
+                    fn()
+                working[name] = fn
+        except Exception as err:  # one broken implementation must not hide the others' numbers
+            progress(f"  {name} failed: {type(err).__name__}: {err}")
+            timings[name] = None
+    rounds: Dict[str, List[float]] = {name: [] for name in working}
+    for _ in range(repeats):
+        for name, fn in working.items():
+            begin = time.perf_counter()
+            fn()
+            rounds[name].append(time.perf_counter() - begin)
+    timings.update({name: statistics.median(times) for name, times in rounds.items()})
+    return {name: timings[name] for name in impls}
+
+
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """The matmul rate this device reaches in ``dtype`` (8192^3 on GPU, 2048^3 on CPU), TFLOP/s."""
     n = 8192 if device.type == "cuda" else 2048
@@ -141,15 +172,9 @@ def _end_to_end_rows(device: torch.device, preset: Preset, dtypes: List[torch.dt
         for name in backends:
             impls[name] = (lambda n: lambda: _with_backend(n, encoder, pix_feat, masks))(name)
         flops = encoder_flops(preset, batch)
-        timings: Dict[str, Optional[float]] = {}
-        for name, fn in impls.items():
-            progress(f"[bench {index}/{len(plan)}] {name} {dtype_name(dtype)} B={batch} {preset.name}")
-            try:
-                with torch.no_grad():
-                    timings[name] = time_callable(fn, device, repeats)
-            except Exception as err:  # one broken implementation must not hide the others' numbers
-                progress(f"  {name} failed: {type(err).__name__}: {err}")
-                timings[name] = None
+        progress(f"[bench {index}/{len(plan)}] {', '.join(impls)} {dtype_name(dtype)} B={batch} {preset.name}")
+        with torch.no_grad():
+            timings = time_side_by_side(impls, device, repeats)
         eager, compiled_time = timings.get(EAGER), timings.get(COMPILED)
         for name, seconds in timings.items():
             row: Dict[str, object] = dict(preset=preset.name, dtype=dtype_name(dtype), batch=batch, impl=name,
