@@ -28,7 +28,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("check", check, "every available backend vs the float64 reference; non-zero exit on failure"),
         ("bench", bench, "reference (eager, torch.compile) vs every backend, or per-op timings (--ops)"),
         ("info", info, "versions, devices, backends and the CUDA library on this machine"),
-        ("kernels", kernel_report, "compile every kernel for sm_80/sm_90a and report registers, spills, smem"),
+        ("kernels", kernel_report, "compile every kernel for every GPU generation (sm_75 to sm_120) and report "
+                                   "registers, spills, shared memory, tensor cores, waves"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         module.add_arguments(sub)
