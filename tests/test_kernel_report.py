@@ -579,10 +579,10 @@ def test_missing_nvcc_skips_cuda_rows_in_one_line(tmp_path: Path,
     csrc.mkdir()
     (csrc / "tiny.cu").write_text(CUDA_SOURCE)
     monkeypatch.setattr(kr, "find_nvcc", lambda: None)
-    assert kr.run(_args(tmp_path, "--csrc", str(csrc), "--strict"), discover=False) == 0
-    out = capsys.readouterr().out
-    assert "CUDA rows skipped: nvcc not found" in out
-    assert json.loads((tmp_path / "report.json").read_text()) == []
+    assert kr.run(_args(tmp_path, "--csrc", str(csrc), "--strict"), discover=False) == 1
+    captured = capsys.readouterr()
+    assert "CUDA rows skipped: nvcc not found" in captured.out
+    assert "error: compiled nothing" in captured.err
 
 
 def test_report_runs_without_torch_and_triton(tmp_path: Path) -> None:
@@ -599,7 +599,8 @@ sys.exit(module.main(["--csrc", {str(tmp_path)!r}, "--strict"]))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert "Triton rows skipped: triton is not installed" in proc.stdout
-    assert "no CUDA kernels: no .cu files" in proc.stdout
+    assert f"no CUDA kernels: no .cu files in {tmp_path}" in proc.stdout
+    assert "error: compiled nothing" in proc.stderr
     assert "Traceback" not in proc.stderr

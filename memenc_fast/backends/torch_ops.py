@@ -5,10 +5,11 @@ vocabulary (see ``dispatch.OPS``). Features between ops are channels-last tokens
 contiguous. The weights are the module's live parameters (``structure``'s records), cast to the
 compute dtype where they differ from it (autocast).
 
-The CPU twin of the GPU fusion plan: one GEMM over the concatenated K for proj+add, LayerNorm on
-contiguous channels (finite wherever sam2's is), gamma folded into the second MLP weight per call (one pass over 256x1024
-values, against 10^9 multiply-adds of the block), and each CXBlock MLP run over chunks of tokens
-so its 4x-wide hidden stays in cache.
+The CPU twin of the GPU fusion plan: proj+add as two GEMMs accumulating into one output (no
+concatenated copy), LayerNorm on contiguous channels (finite wherever sam2's is), gamma folded
+into the second MLP weight per call (one pass over 256x1024 values, against 10^9 multiply-adds of
+the block), and each CXBlock MLP with its bias, GELU and residual in oneDNN GEMM epilogues on
+the CPU, or over chunks of tokens elsewhere so its 4x-wide hidden stays in cache.
 """
 
 from __future__ import annotations

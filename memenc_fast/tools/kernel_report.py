@@ -1106,7 +1106,7 @@ def report_cuda(options: Options, report: Report) -> None:
     function, target and batch."""
     sources = sorted(options.csrc_dir.glob("*.cu")) if options.csrc_dir.is_dir() else []
     if not sources:
-        report.skipped.append(f"no CUDA kernels: no .cu files in {options.csrc_dir.name}/")
+        report.skipped.append(f"no CUDA kernels: no .cu files in {options.csrc_dir}")
         return
     nvcc = find_nvcc()
     if nvcc is None:
@@ -1451,6 +1451,10 @@ def run(args: argparse.Namespace, extra_modules: Sequence[Path] = (),
     rows = sort_rows(report.rows)
     for line in report.skipped:
         print(line)
+    if not rows:
+        print("error: compiled nothing (the lines above say what was missing and where it was "
+              "looked for)", file=sys.stderr)
+        return 1
     if rows:
         print(format_table(rows))
     for line in report.notes:
