@@ -938,16 +938,22 @@ def test_emulated_pipeline_matches_float64_reference(emulated: ModuleType, dtype
     assert verdict.passed, verdict.describe()
 
 
-def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType) -> None:
-    encoder = _encoder(seed=12)
-    pix_feat, masks = make_inputs(SMALL, 1, seed=13)
+def _run_ops_with_tf32_allowed(encoder: torch.nn.Module, pix_feat: torch.Tensor,
+                               masks: torch.Tensor) -> torch.Tensor:
+    """The cuda backend's op chain with ``torch.backends.cuda.matmul.allow_tf32`` on, as a user may set it."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         with torch.no_grad():
-            out = pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
+            return pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType) -> None:
+    encoder = _encoder(seed=12)
+    pix_feat, masks = make_inputs(SMALL, 1, seed=13)
+    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     error = relative_error(out, oracle)
     assert 1e-6 < error < 1e-3, error  # visibly TF32, within the TF32 bound
@@ -1042,13 +1048,7 @@ def test_emulated_sm75_fp32_is_full_precision(emulated_sm75_library: library.Cud
     on_gpu(emulated_sm75_library, EMULATED_T4)
     encoder = _encoder(seed=46)
     pix_feat, masks = make_inputs(SMALL, 1, seed=47)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with torch.no_grad():
-            out = pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     assert relative_error(out, oracle) < 1e-5
 

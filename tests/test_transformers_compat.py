@@ -166,6 +166,16 @@ def test_patched_module_trains_the_original_parameters():
         assert relative_error(param.grad, twin_param.grad) < 1e-5, name
 
 
+_SHRUNKEN_TRACKING = dict(
+    mask_decoder_config=dict(hidden_size=128, mlp_dim=256, num_attention_heads=2, iou_head_hidden_dim=64),
+    memory_attention_hidden_size=128, memory_attention_num_layers=1,
+    memory_attention_feed_forward_hidden_size=256, memory_attention_rope_feat_sizes=[8, 8],
+    memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+    memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=512,
+)
+"""The mask decoder, memory attention and memory encoder of the shrunken SAM 2 / SAM 3 tracker configs."""
+
+
 def _small_video_model():
     """A Sam2VideoModel from a shrunken config (128² frames, 8² top-level features, hidden 128:
     transformers hard-codes 64 memory channels in its memory attention), with random weights."""
@@ -179,12 +189,7 @@ def _small_video_model():
                   backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]], fpn_hidden_size=128)
     config = Sam2VideoConfig(
         vision_config=vision, image_size=128,
-        prompt_encoder_config=dict(hidden_size=128, image_size=128, patch_size=16),
-        mask_decoder_config=dict(hidden_size=128, mlp_dim=256, num_attention_heads=2, iou_head_hidden_dim=64),
-        memory_attention_hidden_size=128, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=256, memory_attention_rope_feat_sizes=[8, 8],
-        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
-        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=512,
+        prompt_encoder_config=dict(hidden_size=128, image_size=128, patch_size=16), **_SHRUNKEN_TRACKING,
     )
     model = Sam2VideoModel(config).eval()
     randomize_parameters(model.memory_encoder, seed=9)
@@ -205,12 +210,7 @@ def _small_tracker_model():
                   backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
     config = Sam3TrackerVideoConfig(
         vision_config=vision, image_size=112,
-        prompt_encoder_config=dict(hidden_size=128, image_size=112, patch_size=14),
-        mask_decoder_config=dict(hidden_size=128, mlp_dim=256, num_attention_heads=2, iou_head_hidden_dim=64),
-        memory_attention_hidden_size=128, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=256, memory_attention_rope_feat_sizes=[8, 8],
-        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
-        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=512,
+        prompt_encoder_config=dict(hidden_size=128, image_size=112, patch_size=14), **_SHRUNKEN_TRACKING,
     )
     model = Sam3TrackerVideoModel(config).eval()
     randomize_parameters(model.memory_encoder, seed=18)
