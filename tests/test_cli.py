@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memenc_fast import dispatch
-from memenc_fast.tools import bench, check, info
+from memenc_fast.tools import bench, check, info, kernel_report
 from memenc_fast.tools.cli import main
 
 from helpers import stub_backend
@@ -42,7 +42,7 @@ def no_work(monkeypatch):
     def must_not_run(args):
         pytest.fail(f"ran with arguments that should have been refused: {args}")
 
-    for module in (check, bench, info):
+    for module in (check, bench, info, kernel_report):
         monkeypatch.setattr(module, "run", must_not_run)
 
 
@@ -67,7 +67,7 @@ MISSING_FOLDER = "/nonexistent-folder-of-memenc-fast-tests/out"
     (["check", "--backends", "torch,bogus"], "(bogus unknown)"),
     (["check", "--device", "bogus"], "expected a torch device such as cpu, cuda or cuda:1; got 'bogus'"),
     (["check", "--device", "cuda:99"], "'cuda:99' asked for, but this machine has"),
-    (["check", "--json", MISSING_FOLDER + ".json"], "does not exist"),
+    (["check", "--json", MISSING_FOLDER + ".json"], "No such file or directory"),
     (["bench", "--batch", "1,x"], "expected a comma list of positive integers; got '1,x'"),
     (["bench", "--batch", "0"], "positive integers"),
     (["bench", "--repeats", "-5"], "expected a positive integer; got '-5'"),
@@ -77,11 +77,14 @@ MISSING_FOLDER = "/nonexistent-folder-of-memenc-fast-tests/out"
     (["bench", "--dtypes", "fp8"], "(fp8 unknown)"),
     (["bench", "--device", "bogus"], "got 'bogus'"),
     (["bench", "--compile-mode", "fast"], "invalid choice: 'fast'"),
-    (["bench", "--json", MISSING_FOLDER + ".json"], "does not exist"),
-    (["bench", "--plot", MISSING_FOLDER + ".png"], "does not exist"),
+    (["bench", "--json", MISSING_FOLDER + ".json"], "No such file or directory"),
+    (["bench", "--plot", MISSING_FOLDER + ".png"], "No such file or directory"),
     (["bench", "--plot", "bench.txt"], "expected an image file name ending in .png"),
     (["bench", "--ops", "--plot", "bench.png"], "not allowed with argument --ops"),
-    (["info", "--json", MISSING_FOLDER + ".json"], "does not exist"),
+    (["info", "--json", MISSING_FOLDER + ".json"], "No such file or directory"),
+    (["kernels", "--json", MISSING_FOLDER + ".json"], "No such file or directory"),
+    (["kernels", "--targets", "sm_75,sm_99"], "expected values from sm_75, sm_80"),
+    (["kernels", "--batches", "0"], "expected positive integers; got '0'"),
 ])
 def test_bad_argument_is_refused_before_any_work(argv, expected, no_work, capsys):
     _assert_refused(argv, expected, capsys)
@@ -89,6 +92,20 @@ def test_bad_argument_is_refused_before_any_work(argv, expected, no_work, capsys
 
 def test_output_path_that_is_a_folder_is_refused(tmp_path, no_work, capsys):
     _assert_refused(["bench", "--json", str(tmp_path)], "a folder", capsys)
+
+
+@pytest.mark.parametrize("option", ["--cubin-dir", "--cache-dir"])
+def test_kernel_report_folder_that_cannot_be_made_is_refused(option, tmp_path, no_work, capsys):
+    # Below a file: no user, root included, can make that folder.
+    (tmp_path / "a-file").write_text("")
+    _assert_refused(["kernels", option, str(tmp_path / "a-file" / "cubins")], "expected a folder this user can write",
+                    capsys)
+
+
+def test_checking_an_output_file_leaves_no_file_behind(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    assert main(["check", "--json", str(path), "--batch", "0"]) == 2
+    assert "--batch" in capsys.readouterr().err and not path.exists()
 
 
 def test_plot_without_matplotlib_is_refused(monkeypatch, tmp_path, no_work, capsys):

@@ -22,7 +22,7 @@ from ..backends import triton_interpreted
 from ..dispatch import REFERENCE, Selection, available_backends, select_backend, use_backend
 from ..structure import Structure, read_structure
 from .presets import PRESETS, Preset, build_encoder, encoder_flops, flop_breakdown, make_inputs
-from .reporting import (Column, backend_list, batch_sizes, default_device, dtype_list, dtype_name, output_file,
+from .reporting import (Column, backend_list, batch_sizes, default_device, dtype_list, dtype_name, writable_file,
                         plot_file, positive_int, preset_list, print_table, progress, torch_device, write_json)
 
 __all__ = ["add_arguments", "run", "time_callable", "measure_matmul_tflops", "measure_copy_bandwidth", "op_calls",
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES,
                         help="torch.compile mode (default max-autotune)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
-    parser.add_argument("--json", dest="json_path", metavar="FILE", type=output_file, default=None,
+    parser.add_argument("--json", dest="json_path", metavar="FILE", type=writable_file, default=None,
                         help="write the rows as JSON here")
     # The plot draws end-to-end speedups, which --ops does not measure.
     exclusive = parser.add_mutually_exclusive_group()

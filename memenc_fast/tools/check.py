@@ -11,7 +11,7 @@ import torch
 from ..dispatch import available_backends, use_backend
 from .numerics import judge
 from .presets import PRESETS, build_encoder, make_inputs
-from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, output_file, positive_int,
+from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, writable_file, positive_int,
                         print_table, progress, torch_device, write_json)
 
 __all__ = ["add_arguments", "run", "check_backends", "CHECK_COLUMNS"]
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="sam2", choices=sorted(PRESETS), help="model/input size (default sam2)")
     parser.add_argument("--backends", type=backend_list, default=None,
                         help="comma list (default: every backend available on the device)")
-    parser.add_argument("--json", dest="json_path", metavar="FILE", type=output_file, default=None,
+    parser.add_argument("--json", dest="json_path", metavar="FILE", type=writable_file, default=None,
                         help="write the results as JSON here")
 
 

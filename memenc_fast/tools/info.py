@@ -23,7 +23,7 @@ from .. import __version__, dispatch
 from ..backends.cuda import library
 from ..dispatch import ENV_VAR, Backend, available_backends, current_backend, registered_backends
 from ..gpus import gpu_spec
-from .reporting import DTYPES, output_file, write_json
+from .reporting import DTYPES, writable_file, write_json
 
 __all__ = ["add_arguments", "run", "collect", "render", "fatbin_targets", "ptxas_report_targets", "KERNEL_DTYPES"]
 
@@ -39,7 +39,7 @@ PTXAS_REPORT = "ptxas_report.txt"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the ``info`` subcommand's options on ``parser``."""
-    parser.add_argument("--json", dest="json_path", metavar="FILE", type=output_file, default=None,
+    parser.add_argument("--json", dest="json_path", metavar="FILE", type=writable_file, default=None,
                         help="also write everything shown as JSON here")
 
 

@@ -1370,13 +1370,11 @@ def format_table(rows: Sequence[Row]) -> str:
 def _csv(value: str, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     if not items:
-        raise argparse.ArgumentTypeError(f"--{what}: expected a comma-separated list, got "
-                                         f"{value!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}; got {value!r}")
     if allowed is not None:
         bad = [v for v in items if v not in allowed]
         if bad:
-            raise argparse.ArgumentTypeError(f"--{what}: expected values from "
-                                             f"{', '.join(allowed)}, got {', '.join(bad)}")
+            raise argparse.ArgumentTypeError(f"expected values from {', '.join(allowed)}; got {', '.join(bad)}")
     return items
 
 
@@ -1391,15 +1389,48 @@ def _dtypes(value: str) -> tuple[str, ...]:
 def _batches(value: str) -> tuple[int, ...]:
     items = _csv(value, "batches")
     if not all(v.isdigit() and int(v) > 0 for v in items):
-        raise argparse.ArgumentTypeError(f"--batches: expected positive integers, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers; got {value!r}")
     return tuple(int(v) for v in items)
+
+
+def writable_folder(text: str) -> Path:
+    """argparse type: a folder this process can write into, made now where it is missing (so a
+    bad path fails before any work, also for root, whom permission bits do not stop)."""
+    path = Path(text).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"expected a folder this user can write; got {text!r} "
+                                         f"({exc.strerror})") from None
+    return path
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: a file path this process can write, tried by opening it for appending (a
+    file that did not exist is removed again). Used by every subcommand; it lives here because the
+    report's arguments are checked without torch."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file to write; got {text!r}, a folder")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"expected a file this user can write; got {text!r} "
+                                         f"({exc.strerror})") from None
+    if not existed:
+        path.unlink()
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``kernels`` subcommand's options on ``parser``."""
-    parser.add_argument("--json", metavar="FILE", type=Path,
+    parser.add_argument("--json", metavar="FILE", type=writable_file,
                         help="write one JSON record per row to FILE")
-    parser.add_argument("--cubin-dir", metavar="DIR", type=Path,
+    parser.add_argument("--cubin-dir", metavar="DIR", type=writable_folder,
                         help="keep the compiled cubins in DIR")
     parser.add_argument("--targets", type=_targets, default=tuple(TARGET_LIMITS),
                         help=f"comma-separated GPU targets (default: all: {','.join(TARGET_LIMITS)})")
@@ -1411,7 +1442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory of the CUDA sources (default: the repository's csrc/)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes at once (default: the CPU count)")
-    parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+    parser.add_argument("--cache-dir", metavar="DIR", type=writable_folder, default=None,
                         help="where inspected cubins of earlier runs are kept (default: "
                              "$MEMENC_FAST_CACHE_DIR or ~/.cache/memenc_fast/kernel_report)")
     parser.add_argument("--no-cache", action="store_true",

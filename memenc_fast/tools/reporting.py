@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 
 from ..dispatch import AUTO, registered_backends
+from .kernel_report import writable_file
 from .presets import PRESETS
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "preset_list",
     "torch_device",
     "default_device",
-    "output_file",
+    "writable_file",
     "plot_file",
     "Column",
     "format_cell",
@@ -145,24 +145,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def output_file(text: str) -> Path:
-    """A file path this process can write: its folder exists and is writable, and it is no folder."""
-    path = Path(text).expanduser()
-    folder = path.parent
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"expected a file to write; got {text!r}, a folder")
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"expected a file in an existing folder; got {text!r} ({folder} does not exist)")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"expected a file this user may write; got {text!r} (permission denied)")
-    return path
-
-
 def plot_file(text: str) -> Path:
-    """:func:`output_file` for an image matplotlib writes (the format is the file's suffix);
+    """:func:`writable_file` for an image matplotlib writes (the format is the file's suffix);
     refuses when matplotlib is not installed."""
-    path = output_file(text)
+    path = writable_file(text)
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
