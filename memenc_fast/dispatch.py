@@ -311,7 +311,10 @@ def select_backend(
         return _reference("the reference backend was asked for")
     if name != AUTO:
         backend = _registry[name]
-        reason = refusal or backend.serve_reason(device, dtype, needs_grad)
+        reason = refusal
+        if reason is None:
+            served = backend.serve_reason(device, dtype, needs_grad)
+            reason = served and f"{served} (`python -m memenc_fast info` says what this install can run)"
         table = None
         if reason is None:
             table, reason = backend.op_table(structure, device, dtype)
