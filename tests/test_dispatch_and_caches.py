@@ -162,6 +162,18 @@ def test_a_device_wide_refusal_is_said_once(monkeypatch):
     assert str(raised.value) == f"memenc_fast backend 'old' cannot run this forward: {why}"
 
 
+def test_a_backend_this_install_lacks_says_where_to_look(monkeypatch):
+    import dataclasses
+
+    missing = dataclasses.replace(stub_backend("missing", {}), unavailable_reason=lambda: "the library was not built")
+    monkeypatch.setitem(dispatch._registry, "missing", missing)
+    pix_feat, masks = make_inputs(TINY, 1)
+    with pytest.raises(mf.BackendUnavailableError) as raised:
+        _features(build_encoder(TINY), pix_feat, masks, "missing")
+    assert str(raised.value) == ("memenc_fast backend 'missing' cannot run this forward: the library was not built "
+                                 "(`python -m memenc_fast info` says what this install can run)")
+
+
 def test_selection_is_decided_once_per_structure_and_redecided_after_a_change(monkeypatch):
     encoder = build_encoder(TINY)
     pix_feat, masks = make_inputs(TINY, 2)
