@@ -30,7 +30,6 @@ from typing import Dict, Iterable, List, Mapping, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .modules import CXBlock, FusedEncoder, Fuser, MaskDownSampler, MemoryEncoder, PositionEmbeddingSine
 from .structure import TRANSFORMERS_MODELS, is_exact_gelu, known_class
@@ -51,7 +50,8 @@ T = TypeVar("T")
 
 
 def _is_transformers_memory_encoder(module: object) -> bool:
-    return known_class("transformers_memory_encoder", type(module))
+    # A patched module's class is a subclass of transformers' (``fused_class``).
+    return any(known_class("transformers_memory_encoder", cls) for cls in type(module).__mro__)
 
 
 def _qualified_name(obj: object) -> str:
@@ -124,10 +124,7 @@ def state_dict_to_transformers(state_dict: Mapping[str, T]) -> Dict[str, T]:
 def _check_exact_gelu(module: nn.Module, where: str) -> None:
     # transformers' ACT2FN["gelu"] is GELUActivation over F.gelu (erf); its other GELUs (tanh,
     # "gelu_python", quick, ...) compute differently from the nn.GELU() our kernels fuse.
-    exact = is_exact_gelu(module) or (
-        type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is F.gelu
-    )
-    if not exact:
+    if not is_exact_gelu(module):
         raise ValueError(
             f"{where} is {module!r}; memenc_fast computes the exact (erf) GELU only, "
             "i.e. transformers' hidden_act='gelu'"

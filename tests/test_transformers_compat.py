@@ -151,6 +151,18 @@ def test_patched_module_refuses_what_it_cannot_prove_equal():
     assert torch.equal(features, expected)
 
 
+def test_a_patched_module_is_still_a_transformers_memory_encoder():
+    theirs = _memory_encoder(seed=21)
+    pix_feat, masks = _inputs(2, 32, seed=22)
+    fused = patch_transformers(theirs)
+    assert patch_transformers(fused) is fused  # the module itself, patched again: unchanged
+    standalone = memory_encoder_from_transformers(fused)
+    with torch.no_grad():
+        expected, _ = fused(pix_feat, masks)
+        features = standalone(pix_feat, masks, skip_mask_sigmoid=True)["vision_features"]
+    assert relative_error(features, expected) < 1e-5
+
+
 def test_patched_module_trains_the_original_parameters():
     theirs = _memory_encoder(seed=6).train()
     twin = copy.deepcopy(theirs)
