@@ -26,7 +26,10 @@ constexpr int kProjBK = 32;
 // The output-channel tiles the kernel is built with, largest first; out_channels must be a multiple
 // of the smallest.
 #define MF_PROJ_TILES(X) X(128) X(64)
-constexpr int kProjMinBN = 64;
+#define MF_PROJ_BN(BN) BN,
+constexpr int kProjTileBNs[] = {MF_PROJ_TILES(MF_PROJ_BN)};
+#undef MF_PROJ_BN
+constexpr int kProjMinBN = kProjTileBNs[sizeof(kProjTileBNs) / sizeof(kProjTileBNs[0]) - 1];
 
 template <typename T, int BN>
 using ProjGemm = BlockGemm<T, kProjBM, BN, kProjBK, 2, 4>;

@@ -21,6 +21,7 @@ Every weight is read as stored, in its own dtype; the compute dtype is the token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
@@ -285,6 +286,7 @@ def fuses_out_proj(compute: torch.dtype, weights: torch.dtype, device: DeviceLim
     return not (device.capability[0] == 10 and weights.itemsize > compute.itemsize)
 
 
+@functools.lru_cache(maxsize=64)  # planning costs microseconds per call, as much as a B=1 launch
 def choose_dwconv_config(batch: int, height: int, width: int, device: DeviceLimits,
                          for_interpreter: bool = False) -> DwconvConfig:
     """The one place the dwconv launch is configured: 4 x 8 pixels x all channels on 4 warps
@@ -307,6 +309,7 @@ def mlp_shared_bytes(cfg: MlpConfig, channels: int, compute: torch.dtype, weight
     return inputs + pipelined_shared_bytes(cfg.num_stages, compute, [(cp * cfg.bh, weights)] * 2)
 
 
+@functools.lru_cache(maxsize=64)  # planning costs microseconds per call, as much as a B=1 launch
 def choose_mlp_config(tokens: int, channels: int, hidden: int, compute: torch.dtype, weights: torch.dtype,
                       device: DeviceLimits, for_interpreter: bool = False) -> MlpConfig:
     """The one place the MLP launch is configured (the wrappers and the report use it).

@@ -10,6 +10,7 @@ pix_feat's NCHW) through strides. With one source the same kernel is ``out_proj`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -97,6 +98,7 @@ class PointwiseConfig:
         return f"BM={self.bm} BN={self.bn} BK={self.bk} w{self.num_warps} s{self.num_stages}"
 
 
+@functools.lru_cache(maxsize=64)  # planning costs microseconds per call, as much as a B=1 launch
 def choose_config(batch: int, hw: int, n: int, compute: torch.dtype, weights: torch.dtype, device: DeviceLimits,
                   for_interpreter: bool = False) -> PointwiseConfig:
     """The one place the launch configuration is chosen (the wrappers and the report use it).

@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["GpuSpec", "TARGETS", "REPORT_GPUS", "gpu_spec", "spec_of_capability"]
+__all__ = ["GpuSpec", "TARGETS", "REPORT_GPUS", "gpu_spec"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,6 @@ class GpuSpec:
         """bf16 arithmetic and bf16 tensor cores (sm_80 and newer)."""
         return self.capability >= (8, 0)
 
-    @property
-    def tf32(self) -> bool:
-        """tf32 tensor cores (sm_80 and newer)."""
-        return self.capability >= (8, 0)
-
 
 # One GPU per generation; the SM counts are those the issue tracker's wave checks use.
 _GENERATIONS: Dict[Tuple[int, int], GpuSpec] = {spec.capability: spec for spec in (
@@ -62,13 +57,6 @@ REPORT_GPUS: Tuple[GpuSpec, ...] = tuple(_GENERATIONS.values()) + (GpuSpec("RTX 
 """Every GPU whose grid the kernel report counts in waves (sm_89 twice: L4 and RTX 4090)."""
 
 
-def spec_of_capability(capability: Tuple[int, int], sm_count: int, shared_memory_per_block: int,
-                       name: str = "") -> GpuSpec:
-    """A GpuSpec for a device described by its properties."""
-    return GpuSpec(name or f"sm_{capability[0]}{capability[1]}", tuple(capability), sm_count,
-                   shared_memory_per_block)
-
-
 @functools.lru_cache(maxsize=None)
 def _spec_of_index(index: int) -> GpuSpec:
     props = torch.cuda.get_device_properties(index)
@@ -77,7 +65,7 @@ def _spec_of_index(index: int) -> GpuSpec:
     known = _GENERATIONS.get(capability)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or (
         known.shared_memory_per_block if known else props.shared_memory_per_block)
-    return spec_of_capability(capability, props.multi_processor_count, shared, props.name)
+    return GpuSpec(props.name, capability, props.multi_processor_count, shared)
 
 
 def gpu_spec(device: torch.device) -> GpuSpec:

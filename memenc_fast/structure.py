@@ -241,8 +241,6 @@ class Structure:
         self.out_projection = out_projection
         self.downsampler = downsampler
         self.position_encoding = position_encoding
-        self.exact_gelu = all(is_exact_gelu(s.activation) for s in stages) and all(
-            is_exact_gelu(b.activation) for b in blocks)
         self.selections: Dict[Any, Any] = {}
         self.objects_per_launch: Dict[Any, int] = {}
         # Sizes the input checks and batch splitting use, from the weights' shapes as read now:

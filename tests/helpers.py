@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
 import os
 import types
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ requires_sam2 = pytest.mark.skipif(
 
 CUDA_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 """A GPU test's marks: ``-m gpu`` selects it (the GPU campaign runs those); skipped without a CUDA device."""
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool) -> Iterator[None]:
+    """``torch.backends.cuda.matmul.allow_tf32`` set to ``allowed`` inside, as a user may set it."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def requires_cuda(test):

@@ -50,9 +50,10 @@ from memenc_fast.backends.cuda import library
 from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import OPS, BackendUnavailableError
 from memenc_fast.structure import Structure, read_structure
+from memenc_fast.tools import kernel_report
 from memenc_fast.tools.numerics import judge, relative_error
 
-from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_matmuls
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -379,23 +380,13 @@ _DTYPE_OF_TYPE = {name: dtype for dtype, name in _TYPE_NAMES.items()}
 
 
 def _sidecar() -> Dict[str, Dict[str, object]]:
-    return json.loads((CSRC / "kernels.json").read_text())
-
-
-def _cuobjdump() -> Optional[str]:
-    """cuobjdump: the toolkit's, else the one the triton wheel ships."""
-    found = shutil.which("cuobjdump") or (NVCC and shutil.which("cuobjdump", path=str(Path(NVCC).parent)))
-    if found:
-        return found
-    spec = importlib.util.find_spec("triton")
-    bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump" if spec and spec.origin else None
-    return str(bundled) if bundled is not None and bundled.is_file() else None
+    return kernel_report.load_sidecar(CSRC / "kernels.json")
 
 
 @pytest.fixture(scope="module")
 def sass(target_build: TargetBuild) -> Dict[str, Dict[str, List[str]]]:
     """target -> kernel name (as c++filt prints it) -> its SASS opcodes, from the built library."""
-    tool = _cuobjdump()
+    tool = kernel_report.find_cuobjdump(prefer_triton=False, nvcc=NVCC)
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit, triton wheel)")
 
@@ -941,13 +932,8 @@ def test_emulated_pipeline_matches_float64_reference(emulated: ModuleType, dtype
 def _run_ops_with_tf32_allowed(encoder: torch.nn.Module, pix_feat: torch.Tensor,
                                masks: torch.Tensor) -> torch.Tensor:
     """The cuda backend's op chain with ``torch.backends.cuda.matmul.allow_tf32`` on, as a user may set it."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with torch.no_grad():
-            return pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    with tf32_matmuls(True), torch.no_grad():
+        return pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
 
 
 def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType) -> None:
@@ -1152,7 +1138,7 @@ def _gpu_module_case(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: to
     with torch.no_grad(), mf.use_backend("cuda"), poison_outputs(), torch.autocast(
             "cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = encoder(pix_feat, masks)["vision_features"]
-    assert encoder.last_backend == "cuda" and encoder.last_backend.reason is None and out.dtype == dtype
+    assert encoder.last_backend == "cuda" and encoder.last_backend_reason is None and out.dtype == dtype
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     same = reference_outputs(encoder, pix_feat, masks, dtype)["vision_features"] if dtype != torch.float32 else None
     verdict = judge(out, oracle, dtype, "cuda", same_dtype_ref=same)

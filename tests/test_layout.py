@@ -38,6 +38,14 @@ def _package_of(path: Path) -> str:
     return ".".join(parts[:-1])
 
 
+def test_import_walk_sees_relative_and_absolute_imports(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text("from ..backends import torch_ops\nfrom ._common import Launch\nimport memenc_fast.dispatch\n")
+    assert _imported_modules(module, "memenc_fast.kernels") == {
+        "memenc_fast.backends", "memenc_fast.backends.torch_ops", "memenc_fast.kernels._common",
+        "memenc_fast.kernels._common.Launch", "memenc_fast.dispatch"}
+
+
 def test_import_memenc_fast_loads_no_tool_and_no_backend_ops():
     code = ("import sys, memenc_fast; print(sorted(m for m in sys.modules if m.startswith("
             "('memenc_fast.tools', 'memenc_fast.kernels', 'memenc_fast.backends.triton', 'memenc_fast.backends.cuda'))))")

@@ -8,9 +8,9 @@ above all); the launch configurations GPUs get (``for_interpreter=False``, A100 
 the MLP's hidden split across programs); that every chooser fills a wave of each report GPU's SMs
 at B=1 within its shared memory; the whole module against the float64 reference; the custom ops'
 fakes and one traced call per kernel op under torch.compile; which ops the backend refuses and
-why, per GPU generation; the torch op where a GPU refuses a launch; input errors; that
-``kernels/`` imports nothing of the rest of the package and that every launch the kernel report
-compiles binds its kernel's arguments. Outputs are poisoned (NaN) before every run.
+why, per GPU generation; the torch op where a GPU refuses a launch; input errors; that every
+launch the kernel report compiles binds its kernel's arguments (``kernels/`` importing nothing
+of the rest of the package is ``test_layout``'s). Outputs are poisoned (NaN) before every run.
 
 GPU part (``requires_cuda``): full SAM 2 size, B in {1, 8}, fp32/bf16/fp16 and fp32 parameters
 under bf16 autocast, each op and the module, TF32, a side stream.
@@ -18,14 +18,12 @@ under bf16 autocast, each op and the module, TF32, a side stream.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import importlib
 import inspect
 import logging
 import warnings
-from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import pytest
@@ -38,7 +36,7 @@ from memenc_fast.structure import Structure, read_structure
 from memenc_fast.tools import kernel_report
 from memenc_fast.tools.numerics import judge
 
-from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_matmuls
 
 triton = pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
@@ -67,7 +65,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                           (torch.float32, torch.bfloat16)]
 A100, H100 = gpus.TARGETS["sm_80"], gpus.TARGETS["sm_90a"]
-KERNELS_DIR = Path(md.__file__).resolve().parent
 
 
 def _ids(value: object) -> str:
@@ -745,37 +742,7 @@ def test_bad_inputs_raise_errors_naming_expected_and_given() -> None:
                             _randn(2, 32, 5, 7, dtype=torch.float32, seed=69), elsewhere)
 
 
-# ------------------------------------------------------------------------------ layout, report
-
-
-def _imported_modules(tree: ast.AST, package: str) -> Iterator[Tuple[int, str]]:
-    """(line, absolute module name) of every import in a module of ``package``."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from ((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                yield node.lineno, f"{base}.{node.module}" if node.module else base
-            else:
-                yield node.lineno, node.module
-
-
-@pytest.mark.parametrize("path", sorted(KERNELS_DIR.glob("*.py")), ids=lambda p: p.name)
-def test_kernels_import_nothing_of_the_rest_of_the_package(path: Path) -> None:
-    """``kernels/`` is the Triton kernels and their launch planning only: the backend and the
-    kernel report depend on it, never the other way round."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    outside = [f"line {line}: {name}" for line, name in _imported_modules(tree, "memenc_fast.kernels")
-               if (name == "memenc_fast" or name.startswith("memenc_fast."))
-               and not (name == "memenc_fast.kernels" or name.startswith("memenc_fast.kernels."))]
-    assert outside == [], f"{path.name} imports from memenc_fast outside memenc_fast.kernels: {outside}"
-
-
-def test_import_walk_sees_relative_and_absolute_imports() -> None:
-    source = "from ..backends import torch_ops\nfrom ._common import Launch\nimport memenc_fast.dispatch\n"
-    names = [name for _, name in _imported_modules(ast.parse(source), "memenc_fast.kernels")]
-    assert names == ["memenc_fast.backends", "memenc_fast.kernels._common", "memenc_fast.dispatch"]
+# ------------------------------------------------------------------------------ report
 
 
 @pytest.mark.parametrize("module", ["mask_downsample", "proj_add", "cxblock", "out_proj"])
@@ -807,23 +774,13 @@ def test_report_launches_bind_every_kernel_argument(module: str, dtype: torch.dt
 # ------------------------------------------------------------------------------ GPU
 
 
-@contextlib.contextmanager
-def _tf32(allowed: bool) -> Iterator[None]:
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 def test_fp32_dots_follow_torch_tf32_setting() -> None:
     """IEEE fp32 dots unless torch allows TF32 matmuls, as torch itself decides."""
     x = torch.empty((1, 4, 4, 32), device="meta")
     weight, bias = torch.empty((16, 32, 1, 1), device="meta"), torch.empty((16,), device="meta")
     out = torch.empty((1, 16, 4, 4), device="meta")
     for allowed, expected in ((False, "ieee"), (True, "tf32")):
-        with _tf32(allowed):
+        with tf32_matmuls(allowed):
             assert op.plan_out_proj(x, weight, bias, out, H100).constexprs["PREC"] == expected
 
 
@@ -881,7 +838,7 @@ def test_gpu_sam2_size_tf32_when_torch_allows_it() -> None:
     preset = PRESETS["sam2"]
     encoder = build_encoder(preset, seed=76, device="cuda")
     pix_feat, masks = make_inputs(preset, 2, seed=77, device="cuda")
-    with _tf32(True):
+    with tf32_matmuls(True):
         out = _run(encoder, pix_feat, masks, "triton")["vision_features"]
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     verdict = judge(out, oracle, torch.float32, "cuda", allow_tf32=True)

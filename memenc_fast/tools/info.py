@@ -222,8 +222,9 @@ def fatbin_targets(path: Path) -> List[str]:
     """The GPU code in the library at ``path``, as nvcc names it: ``sm_90``/``sm_90a`` for machine
     code (cubins), ``compute_90`` for PTX; empty for a library with no GPU code (a host build).
 
-    The library has no entry point that says this, so it is read from the fat binaries nvcc puts
-    in its ``.nv_fatbin`` section: a 16-byte header (magic 0xBA55ED50, version, header size,
+    Read from the file, not asked of the library (its ``memenc_fast_cuda_archs`` entry point), so
+    that it answers for a library that does not load too: from the fat binaries nvcc puts in its
+    ``.nv_fatbin`` section: a 16-byte header (magic 0xBA55ED50, version, header size,
     payload size), then entries whose own header holds their kind (1 PTX, 2 cubin) at byte 0, their
     header and padded payload sizes at bytes 4 and 8, the SM version at byte 28 and flags at byte 40.
     """

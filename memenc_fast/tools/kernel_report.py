@@ -1486,8 +1486,7 @@ def run(args: argparse.Namespace, extra_modules: Sequence[Path] = (),
         print("error: compiled nothing (the lines above say what was missing and where it was "
               "looked for)", file=sys.stderr)
         return 1
-    if rows:
-        print(format_table(rows))
+    print(format_table(rows))
     for line in report.notes:
         print(line)
     found = violations(rows)

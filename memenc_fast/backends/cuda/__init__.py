@@ -68,10 +68,6 @@ def auto_skip_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def _conv_out(size: int) -> int:
-    return (size - 1) // 2 + 1
-
-
 def report_launches(batch: int, dtype: torch.dtype, weight_dtype: torch.dtype, spec: GpuSpec, *,
                     mask_size: int = 1024, feature_size: int = 64) -> List[Dict[str, object]]:
     """The kernel launches of one SAM 2 forward (masks ``mask_size``², features ``feature_size``²,
@@ -89,10 +85,12 @@ def report_launches(batch: int, dtype: torch.dtype, weight_dtype: torch.dtype, s
     major, minor = spec.capability
     if 10 * major + minor < loaded.min_arch(dtype):
         return []
-    stage1 = _conv_out(mask_size)
-    stage2, stage3 = _conv_out(stage1), _conv_out(_conv_out(stage1))
-    if _conv_out(stage3) != feature_size:
-        raise ValueError(f"report_launches: masks of {mask_size}² make {_conv_out(stage3)}² features, "
+    conv_out = _mask_downsample.conv_out
+    stage1 = conv_out(mask_size)
+    stage2 = conv_out(stage1)
+    stage3 = conv_out(stage2)
+    if conv_out(stage3) != feature_size:
+        raise ValueError(f"report_launches: masks of {mask_size}² make {conv_out(stage3)}² features, "
                          f"not {feature_size}²")
     dtypes = dict(dtype=library.dtype_code(dtype), weight_dtype=library.dtype_code(weight_dtype))
     pixels, dim = feature_size * feature_size, 256

@@ -20,7 +20,7 @@ from .library import parameter, parameter_dtype, precise_fp32
 __all__ = ["mask_stem", "conv3x3s2_ln_gelu", "unsupported_reason", "mask_downsample"]
 
 
-def _conv_out(size: int) -> int:
+def conv_out(size: int) -> int:
     """The output size of a 3x3, stride 2, padding 1 convolution."""
     return (size - 1) // 2 + 1
 
@@ -69,7 +69,7 @@ def mask_stem(masks: torch.Tensor, conv1_weight: torch.Tensor, conv1_bias: torch
     batch, _, height, width = masks.shape
 
     def launch() -> torch.Tensor:
-        out = new_output((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), channels2), masks.dtype,
+        out = new_output((batch, conv_out(conv_out(height)), conv_out(conv_out(width)), channels2), masks.dtype,
                          masks.device)
         stride_b, _, stride_h, stride_w = masks.stride()
         library.launch(op, device, dtype=library.dtype_code(masks.dtype),
@@ -105,7 +105,7 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = x.contiguous()
 
     def launch() -> torch.Tensor:
-        out = new_output((batch, _conv_out(height), _conv_out(width), out_channels), x.dtype, x.device)
+        out = new_output((batch, conv_out(height), conv_out(width), out_channels), x.dtype, x.device)
         library.launch(op, device, dtype=library.dtype_code(x.dtype), weight_dtype=library.dtype_code(weight_dtype),
                        x=x.data_ptr(), batch=batch, height=height, width=width, in_channels=in_channels,
                        out_channels=out_channels, weight=weight.data_ptr(), bias=bias.data_ptr(),
@@ -136,7 +136,7 @@ def _mask_stem_op(masks: torch.Tensor, conv1_weight: torch.Tensor, conv1_bias: t
 def _(masks, conv1_weight, conv1_bias, norm1_weight, norm1_bias, eps1, conv2_weight, conv2_bias, norm2_weight,
       norm2_bias, eps2, apply_sigmoid, scale, bias):
     batch, _, height, width = masks.shape
-    return masks.new_empty((batch, _conv_out(_conv_out(height)), _conv_out(_conv_out(width)), conv2_weight.shape[0]))
+    return masks.new_empty((batch, conv_out(conv_out(height)), conv_out(conv_out(width)), conv2_weight.shape[0]))
 
 
 @torch.library.custom_op("memenc_fast::cuda_conv3x3s2_ln_gelu", mutates_args=())
@@ -148,7 +148,7 @@ def _conv3x3s2_ln_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @_conv3x3s2_ln_gelu_op.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, eps):
     batch, height, width, _ = x.shape
-    return x.new_empty((batch, _conv_out(height), _conv_out(width), weight.shape[0]))
+    return x.new_empty((batch, conv_out(height), conv_out(width), weight.shape[0]))
 
 
 # ---- the op --------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _run_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
             return torch_ops.out_proj(tokens, Pointwise(out_weight, out_bias))
         return tokens.contiguous()
 
-    signature = (x.shape, x.dtype, dw_weight.shape, w1.dtype, w2.dtype, gamma is None,
+    signature = (x.shape, x.dtype, dw_weight.shape, w1.shape[0], w1.dtype, w2.dtype, gamma is None,
                  None if out_weight is None else (out_weight.shape, out_weight.dtype))
     return run_or_fall_back("cxblock_out_proj" if fused else "cxblock", device, signature, plan, torch_op)
 

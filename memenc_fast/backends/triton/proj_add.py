@@ -57,7 +57,8 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
         projection = Projection(mask_weight, mask_bias, pix_weight, pix_bias)
         return torch_ops.proj_add(mask_features, pix_feat, projection).contiguous()
 
-    signature = (mask_features.shape, pix_feat.shape, pix_feat.dtype, mask_weight.dtype, pix_weight.dtype)
+    signature = (mask_features.shape, pix_feat.shape, mask_weight.shape[0], pix_feat.dtype, mask_weight.dtype,
+                 pix_weight.dtype)
     return run_or_fall_back(_OP, device, signature, plan, torch_op)
 
 
