@@ -8,17 +8,33 @@ build_tools/cuda_build.py for the knobs: MEMENC_FAST_CUDA_ARCHS, MEMENC_FAST_SKI
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Distribution, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-# build_tools/ is a helper of this script, importable from the source tree only; it is not
-# installed.
-sys.path.insert(0, str(ROOT))
-from build_tools.cuda_build import build_cuda_library  # noqa: E402
+
+
+def _load_cuda_build() -> ModuleType:
+    """build_tools/cuda_build.py, a helper of this script that is not installed, loaded by path.
+
+    The repository root stays off ``sys.path``: there its ``kernels/`` folder would shadow an
+    installed top-level ``kernels`` package, such as Hugging Face's, whose ``egg_info.writers``
+    plugin setuptools imports during the build.
+    """
+    spec = importlib.util.spec_from_file_location("_memenc_fast_cuda_build", ROOT / "build_tools" / "cuda_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look up their defining module there
+    spec.loader.exec_module(module)
+    return module
+
+
+build_cuda_library = _load_cuda_build().build_cuda_library
 
 PACKAGE = "memenc_fast"
 LIB_SUBDIR = "_lib"  # not a Python package: the shared library, its launch-args header, ptxas report
