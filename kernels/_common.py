@@ -1,6 +1,7 @@
 """What every kernel module shares: the interpreter switch, exact GELU and dot operands in Triton,
-the precision of fp32 dots, the device properties the configuration choosers size against (shared
-memory, SMs to fill, whether dots run on tensor cores), the shared-memory estimate of a
+the precision of fp32 dots (IEEE or TF32, as the caller says torch allows for the op), the
+device properties the configuration choosers size against (shared memory, SMs to fill, whether
+dots run on tensor cores), the shared-memory estimate of a
 software-pipelined loop, and ``Launch``: one kernel launch (grid, arguments, configuration) that
 the backend runs and the kernel report compiles, so both always see the same configuration.
 
@@ -32,6 +33,10 @@ __all__ = [
     "operand",
     "fp32_dot_operands",
     "dot_precision",
+    "report_tf32_settings",
+    "INT32_REACH",
+    "needs_int64_offsets",
+    "widened",
     "type_name",
     "widest_dtype",
     "ceil_div",
@@ -60,8 +65,8 @@ _C = TypeVar("_C")
 class DeviceLimits(Protocol):
     """What the configuration choosers need to know of a GPU (``memenc_fast.gpus.GpuSpec`` is one;
     hashable, as plans are cached per device): its compute capability (tensor cores, bf16), its
-    streaming multiprocessors (a grid should fill at least a wave of them) and the shared memory
-    one block may use (bytes, with opt-in)."""
+    streaming multiprocessors (a grid should fill at least a wave of them), the shared memory
+    one block may use (bytes, with opt-in) and its L2 cache (bytes)."""
 
     @property
     def capability(self) -> Tuple[int, int]: ...
@@ -72,13 +77,17 @@ class DeviceLimits(Protocol):
     @property
     def shared_memory_per_block(self) -> int: ...
 
+    @property
+    def l2_bytes(self) -> int: ...
 
-def tensor_core_dots(compute: torch.dtype, device: DeviceLimits) -> bool:
+
+def tensor_core_dots(compute: torch.dtype, device: DeviceLimits, tf32: bool = False) -> bool:
     """Whether Triton runs ``tl.dot`` on tensor cores for operands in ``compute`` on ``device``:
-    bf16/fp16 from sm_80 on. IEEE fp32 dots, and every dot on sm_75 (Triton has no mma there),
-    run as FMAs on CUDA cores with whole K rows of both operands in registers: those take the
-    small tiles of the CUDA-core configurations."""
-    return compute != torch.float32 and tuple(device.capability) >= (8, 0)
+    bf16/fp16 from sm_80 on, and fp32 there too where torch allows the op TF32 (``tf32``). IEEE
+    fp32 dots, and every dot on sm_75 (Triton has no mma there, nor the GPU TF32), run as FMAs on
+    CUDA cores with whole K rows of both operands in registers: those take the small tiles of the
+    CUDA-core configurations."""
+    return (compute != torch.float32 or tf32) and tuple(device.capability) >= (8, 0)
 
 
 def fills_wave(programs: int, device: DeviceLimits) -> bool:
@@ -119,6 +128,29 @@ def next_power_of_2(n: int) -> int:
 def padded(size: int) -> int:
     """``size`` rounded up to a power of two of at least 16, the smallest ``tl.dot`` dimension."""
     return max(16, next_power_of_2(size))
+
+
+INT32_REACH = 2**31
+"""Offsets from 0 up to this (excluded) fit int32 index arithmetic."""
+
+
+def needs_int64_offsets(view: torch.Tensor) -> bool:
+    """Whether addressing one image of a (B, C, H, W) ``view`` (the batch offset is int64 already)
+    through its strides reaches ``INT32_REACH``: a caller's view may (strides, not element counts,
+    set how far), and int32 offsets would wrap. Kernels take int64 offsets into such a view only
+    (``widened``), for the registers they cost elsewhere."""
+    _, channels, height, width = view.shape
+    _, s_c, s_h, s_w = view.stride()
+    return (channels - 1) * s_c + (height - 1) * s_h + (width - 1) * s_w >= INT32_REACH
+
+
+@triton.jit
+def widened(x, WIDE: tl.constexpr):
+    """Index ``x`` (a tensor or a constant) in int64 with WIDE, as it is without; multiplied by a
+    stride, it makes int64 offsets (``needs_int64_offsets``)."""
+    if WIDE:
+        x = tl.cast(x, tl.int64)
+    return x
 
 
 @triton.jit
@@ -173,11 +205,19 @@ def fp32_dot_operands(compute: torch.dtype, device: DeviceLimits) -> bool:
     return INTERPRETED or (compute != torch.float32 and not tensor_core_dots(compute, device))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of fp32 dots: IEEE unless torch allows TF32 matmuls (as torch does)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def report_tf32_settings(dtype: torch.dtype) -> Tuple[bool, ...]:
+    """The TF32 permissions the kernel report plans each launch with for activations in ``dtype``:
+    fp32 both IEEE and TF32 (torch's defaults give the convolutions TF32 and the MLP IEEE), 16-bit
+    dtypes one (precision does not change their dots)."""
+    return (False, True) if dtype == torch.float32 else (False,)
+
+
+def dot_precision(compute: torch.dtype, device: DeviceLimits, tf32: bool) -> str:
+    """``input_precision`` of the dots of a kernel computing in ``compute`` on ``device``, where
+    ``tf32`` says whether torch allows TF32 for the layer the kernel replaces (its flag, read by
+    the caller at launch: ``memenc_fast.precision``): TF32 for fp32 on TF32 tensor cores, else
+    IEEE (16-bit operands, and fp32 operands rounded from them, are exact in either)."""
+    return "tf32" if compute == torch.float32 and tensor_core_dots(compute, device, tf32) else "ieee"
 
 
 SYSTEM_SHARED_BYTES = 1024
@@ -221,8 +261,9 @@ class Launch:
     traffic. ``small_grid_reason`` says why the chooser accepts a grid under one wave of the
     device's SMs (the kernel report flags such a grid at B=1 without one). ``max_registers``
     (ptxas' ``.maxnreg``) lets a kernel whose programs never share an SM use every register:
-    without it ptxas may cap them to fit more programs per SM, and spill. Built from meta
-    tensors, a Launch only describes.
+    without it ptxas may cap them to fit more programs per SM, and spill. ``tf32``: its fp32
+    dots run as TF32 on tensor cores (the kernel report's rows say ``tf32`` and expect
+    tensor-core instructions). Built from meta tensors, a Launch only describes.
     """
 
     kernel: str
@@ -238,6 +279,7 @@ class Launch:
     min_bytes: int
     small_grid_reason: Optional[str] = None
     max_registers: Optional[int] = None
+    tf32: bool = False
 
     @property
     def programs(self) -> int:

@@ -10,20 +10,26 @@
    compute dtype as it would be stored, times ``W_out^T`` on tensor cores, stored NCHW).
 
 At small batches (SAM 2's per-object call: 64 token tiles of 4096 tokens) the token tiles alone
-leave most SMs idle, so the hidden dimension is split across SPLIT programs per tile: each stores
+leave SMs idle, so the hidden dimension may be split across SPLIT programs per tile: each stores
 its share of the second GEMM in fp32, and the last of them to arrive (an atomic count per tile)
 adds all shares in split order, the same sum whatever the arrival order, and runs the epilogue.
-The counts start at zero because the dwconv kernel, which always runs just before on the same
-stream, zeroes them: no memset launch, which at B=1 costs as much as a kernel.
+The shares cost traffic (at B=1, split 4: 16 MiB written and read back against 6 MiB of real
+input and output), so the split is chosen by a cost model of waves and shares' traffic
+(``choose_mlp_config``), and ``forced_mlp_split`` overrides it for benchmarks. The counts start
+at zero because the dwconv kernel, which always runs just before on the same stream, zeroes them
+(no memset launch, which at B=1 costs as much as a kernel), and the last program of a tile resets
+its count after the epilogue: a launch leaves them at zero, so rerunning the MLP launch alone
+(a benchmark of one op, a reused plan) is correct too.
 
 Every weight is read as stored, in its own dtype; the compute dtype is the tokens'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
@@ -43,6 +49,7 @@ from ._common import (
     operand,
     padded,
     pipelined_shared_bytes,
+    report_tf32_settings,
     rounded,
     tensor_core_dots,
     type_name,
@@ -50,7 +57,8 @@ from ._common import (
 )
 
 __all__ = ["DwconvConfig", "MlpConfig", "choose_dwconv_config", "choose_mlp_config", "fuses_out_proj",
-           "mlp_shared_bytes", "plan_block", "report_launches", "MAX_CHANNELS", "EPILOGUE_CHANNELS"]
+           "mlp_shared_bytes", "share_traffic_bytes", "forced_mlp_split", "plan_block", "report_launches",
+           "MAX_CHANNELS", "EPILOGUE_CHANNELS", "SHARE_BYTE_MACS"]
 
 MAX_CHANNELS = 256
 """Widest block (and fused out_proj): the MLP's accumulator holds a whole BM x C row block in
@@ -136,15 +144,16 @@ def _out_proj_operand(wo_ptr, k, C: tl.constexpr, NO: tl.constexpr, NOP: tl.cons
 @triton.jit
 def _mlp_epilogue(acc, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw,
                   C: tl.constexpr, CP: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                  FUSE_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  FUSE_OUT: tl.constexpr, UPCAST: tl.constexpr, OUT_PREC: tl.constexpr):
     """The block's output from ``acc``, the second GEMM's BM x CP sum: stored as tokens, or with
-    FUSE_OUT (rounded to the compute dtype, as stored) times ``wo^T`` plus ``bo``, stored NCHW."""
+    FUSE_OUT (rounded to the compute dtype, as stored) times ``wo^T`` plus ``bo`` (dots in
+    OUT_PREC, out_proj's precision), stored NCHW."""
     rows = m.to(tl.int64) * C
     c = tl.arange(0, CP)
     y = _block_output(acc, m_ok, rows, c, x_ptr, b2_ptr, gamma_ptr, C, HAS_GAMMA)
     if FUSE_OUT:
         out = tl.dot(operand(y, x_ptr, UPCAST), operand(_out_proj_operand(wo_ptr, c, C, NO, NOP), x_ptr, UPCAST),
-                     input_precision=PREC)
+                     input_precision=OUT_PREC)
         _store_out(out, m, m_ok, o_ptr, bo_ptr, hw, NO, NOP, UPCAST)
     else:
         tl.store(o_ptr + rows[:, None] + c[None, :], rounded(y, o_ptr, UPCAST), mask=m_ok[:, None] & (c < C)[None, :])
@@ -154,7 +163,7 @@ def _mlp_epilogue(acc, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr,
 def _split_epilogue(shares, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw,
                     C: tl.constexpr, CP: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr, BM: tl.constexpr,
                     EC: tl.constexpr, SPLIT: tl.constexpr, HAS_GAMMA: tl.constexpr, FUSE_OUT: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    UPCAST: tl.constexpr, OUT_PREC: tl.constexpr):
     """``_mlp_epilogue`` of the sum of the SPLIT (BM, CP) fp32 shares at ``shares``, added in
     split order, EC channels at a time: a whole BM x CP sum beside a loaded share and out_proj's
     operands spilled."""
@@ -171,7 +180,7 @@ def _split_epilogue(shares, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo
         y = _block_output(total, m_ok, rows, c, x_ptr, b2_ptr, gamma_ptr, C, HAS_GAMMA)
         if FUSE_OUT:
             out = tl.dot(operand(y, x_ptr, UPCAST), operand(_out_proj_operand(wo_ptr, c, C, NO, NOP), x_ptr, UPCAST),
-                         out, input_precision=PREC)
+                         out, input_precision=OUT_PREC)
         else:
             tl.store(o_ptr + rows[:, None] + c[None, :], rounded(y, o_ptr, UPCAST),
                      mask=m_ok[:, None] & (c < C)[None, :])
@@ -186,6 +195,7 @@ def _mlp_kernel(
     C: tl.constexpr, CP: tl.constexpr, HID: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SPAN: tl.constexpr,
     EC: tl.constexpr, HAS_GAMMA: tl.constexpr, FUSE_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    OUT_PREC: tl.constexpr,
 ):
     """BM tokens of ``x + gamma * (GELU(n @ w1^T + b1) @ w2^T + b2)`` (then ``@ wo^T + bo`` with
     FUSE_OUT; without HAS_GAMMA, gamma is 1 and ``gamma_ptr`` is never read).
@@ -197,8 +207,8 @@ def _mlp_kernel(
 
     Program (t, s) runs hidden columns [s * SPAN, (s + 1) * SPAN) of token tile t. With SPLIT > 1,
     ``partial_ptr`` holds (tiles, SPLIT, BM, CP) fp32 shares and ``count_ptr`` one zeroed int32
-    arrival count per tile, and the last program of a tile sums the shares EC channels at a time;
-    with SPLIT == 1 neither is used.
+    arrival count per tile, and the last program of a tile sums the shares EC channels at a time,
+    then sets the count back to zero; with SPLIT == 1 neither is used.
     """
     tile = tl.program_id(0)
     m = tile * BM + tl.arange(0, BM)
@@ -231,7 +241,7 @@ def _mlp_kernel(
         acc = tl.dot(operand(hidden, x_ptr, UPCAST), operand(w2, x_ptr, UPCAST), acc, input_precision=PREC)
     if SPLIT == 1:
         _mlp_epilogue(acc, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw, C, CP, NO, NOP, HAS_GAMMA,
-                      FUSE_OUT, UPCAST, PREC)
+                      FUSE_OUT, UPCAST, OUT_PREC)
     else:
         shares = partial_ptr + tile.to(tl.int64) * (SPLIT * BM * CP)
         tl.store(shares + tl.program_id(1) * (BM * CP) + tl.arange(0, BM)[:, None] * CP + c[None, :], acc)
@@ -241,7 +251,10 @@ def _mlp_kernel(
         arrived = tl.atomic_add(count_ptr + tile, 1)
         if arrived == SPLIT - 1:
             _split_epilogue(shares, m, m_ok, x_ptr, b2_ptr, gamma_ptr, o_ptr, wo_ptr, bo_ptr, hw, C, CP, NO, NOP, BM,
-                            EC, SPLIT, HAS_GAMMA, FUSE_OUT, UPCAST, PREC)
+                            EC, SPLIT, HAS_GAMMA, FUSE_OUT, UPCAST, OUT_PREC)
+            # Every other program of the tile has counted: the count is free to start over, and
+            # the next launch with these counts needs no zeroing before it.
+            tl.store(count_ptr + tile, 0)
 
 
 @dataclass(frozen=True)
@@ -277,11 +290,12 @@ class MlpConfig:
 
 def fuses_out_proj(compute: torch.dtype, weights: torch.dtype, device: DeviceLimits) -> bool:
     """Whether out_proj runs in the MLP's epilogue for activations in ``compute`` and the block's
-    and out_proj's weights at most as wide as ``weights`` on ``device``: only where the dots run
-    on tensor cores (``tensor_core_dots``; a CUDA-core dot there spilled), and not with weights
-    wider than the activations (autocast) on sm_100, where the epilogue's converted out_proj
-    tile spilled whatever the tiling."""
-    if not tensor_core_dots(compute, device):
+    and out_proj's weights at most as wide as ``weights`` on ``device``: only where 16-bit dots
+    run on tensor cores (``tensor_core_dots``; a CUDA-core dot there spilled), and not with
+    weights wider than the activations (autocast) on sm_100, where the epilogue's converted
+    out_proj tile spilled whatever the tiling. Never in fp32: its dots run on tensor cores only
+    where torch's TF32 flags, read at every call, allow it, and this choice is made per dtype."""
+    if compute == torch.float32 or not tensor_core_dots(compute, device):
         return False
     return not (device.capability[0] == 10 and weights.itemsize > compute.itemsize)
 
@@ -309,9 +323,68 @@ def mlp_shared_bytes(cfg: MlpConfig, channels: int, compute: torch.dtype, weight
     return inputs + pipelined_shared_bytes(cfg.num_stages, compute, [(cp * cfg.bh, weights)] * 2)
 
 
+SHARE_BYTE_MACS = 0.5
+"""What one byte of the split MLP's fp32 shares costs, in one SM's 16-bit tensor-core
+multiply-adds. Every program's share crosses the L2 twice (stored, then read back by the tile's
+last program), so a byte costs an SM's rate over the bandwidth of the whole L2: H100 3.7e12
+multiply-adds/s per SM over ~5.5 TB/s, A100 1.4e12 over ~4.5 TB/s, L4 1.0e12 over ~2 TB/s
+(0.3-0.7)."""
+
+
+def _mac_cost(compute: torch.dtype, device: DeviceLimits, tf32: bool) -> int:
+    """One of the MLP's multiply-adds in 16-bit tensor-core multiply-adds: TF32 runs at half their
+    rate, FMAs on CUDA cores at about a sixteenth (H100: 989 dense bf16, 495 TF32, 67 fp32 TFLOP/s)."""
+    if not tensor_core_dots(compute, device, tf32):
+        return 16
+    return 2 if compute == torch.float32 else 1
+
+
+def share_traffic_bytes(cfg: MlpConfig, tokens: int, channels: int) -> int:
+    """Bytes of fp32 shares a launch of ``cfg`` over ``tokens`` stores and reads back (0 unsplit)."""
+    if cfg.split == 1:
+        return 0
+    return 2 * ceil_div(tokens, cfg.bm) * cfg.split * cfg.bm * padded(channels) * 4
+
+
+def _shares_fit(cfg: MlpConfig, tokens: int, channels: int, device: DeviceLimits) -> bool:
+    """Whether a launch's shares (one copy) fit the device's L2, where the cost model prices them:
+    beyond it their write-backs and read-backs go to DRAM, which it does not (a T4's 4 MiB L2
+    against the 8 MiB of a 2-way split at B=1)."""
+    return share_traffic_bytes(cfg, tokens, channels) // 2 <= device.l2_bytes
+
+
+def _split_cost(cfg: MlpConfig, tokens: int, channels: int, hidden: int, mac_cost: int,
+                device: DeviceLimits) -> float:
+    """The MLP launch's time in one SM's 16-bit tensor-core multiply-adds: its rounds of programs
+    (one per SM at a time: each takes most of an SM's registers and shared memory, so a round
+    lasts as long as its slowest program) times one program's work, plus the shares' traffic."""
+    rounds = ceil_div(ceil_div(tokens, cfg.bm) * cfg.split, device.sm_count)
+    program_macs = 2 * cfg.bm * channels * ceil_div(ceil_div(hidden, cfg.bh), cfg.split) * cfg.bh
+    return rounds * program_macs * mac_cost + SHARE_BYTE_MACS * share_traffic_bytes(cfg, tokens, channels)
+
+
+_forced_split: Optional[int] = None
+
+
+@contextlib.contextmanager
+def forced_mlp_split(split: int) -> Iterator[None]:
+    """Inside, every MLP launch a GPU runs is planned with ``split`` programs per token tile (at
+    most one per hidden chunk) instead of the cost model's choice: what ``python -m memenc_fast
+    bench --ops`` times to compare splits on a GPU. One setting per process, for benchmarks."""
+    global _forced_split
+    if split < 1:
+        raise ValueError(f"forced_mlp_split: split must be at least 1; got {split}")
+    previous, _forced_split = _forced_split, split
+    try:
+        yield
+    finally:
+        _forced_split = previous
+
+
 @functools.lru_cache(maxsize=64)  # planning costs microseconds per call, as much as a B=1 launch
 def choose_mlp_config(tokens: int, channels: int, hidden: int, compute: torch.dtype, weights: torch.dtype,
-                      device: DeviceLimits, for_interpreter: bool = False) -> MlpConfig:
+                      device: DeviceLimits, tf32: bool = False, for_interpreter: bool = False,
+                      split: Optional[int] = None) -> MlpConfig:
     """The one place the MLP launch is configured (the wrappers and the report use it).
 
     Read off the cubins (BM x 256 fp32 accumulator, hidden chunks of BH), with triton 3.6 and
@@ -319,38 +392,71 @@ def choose_mlp_config(tokens: int, channels: int, hidden: int, compute: torch.dt
     widest hidden chunk, double-buffered where it can be, whose weight tiles as loaded fit the
     device's shared memory: fp32 weights under bf16 autocast take 192 KiB at BH=64, beyond
     sm_80's 163 KiB, which then runs BH=32 (single-buffered BH=64 spilled with fp32 weights on
-    sm_90a; smaller devices go down to BH=16, single-buffered). CUDA-core dots (fp32; sm_75, see
-    ``tensor_core_dots``) hold a whole K row of both operands per thread: K chunks of 16 for the
-    first GEMM too. Where the token tiles do not fill a wave of the device's SMs, the hidden is
-    split across programs (the fewest splits of whole chunks that fill it).
+    sm_90a; smaller devices go down to BH=16, single-buffered). fp32 takes these tensor-core
+    tilings where TF32 is allowed (``tf32``: torch's flag for the Linear layers). CUDA-core dots
+    (IEEE fp32; sm_75, see ``tensor_core_dots``) hold a whole K row of both operands per thread:
+    K chunks of 16 for the first GEMM too.
+
+    The hidden is split across programs by a cost model (``_split_cost``): among the splits of
+    whole chunks whose shares fit the L2, the one with the least time in rounds of programs plus
+    fp32 shares' traffic (``SHARE_BYTE_MACS``), the fewest splits on a tie. At B=1 (64 tiles)
+    that is 2 on an H100 (128 programs for 132 SMs: 4 idle SMs cost less than a 4-way split's
+    16 MiB of shares, stored and read back), none on an A100 (64 programs: a 2-way split's 128 run
+    in two rounds) and 2 on an L4 (three rounds of half tiles against two of whole ones).
+    ``split`` replaces the model's choice (at most one program per chunk; ``forced_mlp_split``).
     """
     if for_interpreter:
         return MlpConfig(min(4096, padded(tokens)), 256, None, 4, 1)
-    if not tensor_core_dots(compute, device):
+    if not tensor_core_dots(compute, device, tf32):
         cfg = MlpConfig(64, 16, 16, 8, 1)
     else:
         candidates = [MlpConfig(64, bh, None, 8, stages) for bh, stages in ((64, 2), (32, 2), (32, 1), (16, 1))]
         cfg = next((c for c in candidates if fits_shared_memory(mlp_shared_bytes(c, channels, compute, weights),
                                                                 device)), candidates[-1])
+    mac_cost = _mac_cost(compute, device, tf32)
 
-    def split(cfg: MlpConfig) -> MlpConfig:
-        tiles, chunks = ceil_div(tokens, cfg.bm), ceil_div(hidden, cfg.bh)
-        splits = [s for s in range(1, chunks + 1) if chunks % s == 0]
-        return replace(cfg, split=first_filling_wave(splits, lambda split: tiles * split, device))
+    def with_split(cfg: MlpConfig) -> MlpConfig:
+        chunks = ceil_div(hidden, cfg.bh)
+        if split is not None:
+            return replace(cfg, split=min(split, chunks))
+        options = [c for c in (replace(cfg, split=s) for s in range(1, chunks + 1) if chunks % s == 0)
+                   if _shares_fit(c, tokens, channels, device)]
+        return min(options, key=lambda c: _split_cost(c, tokens, channels, hidden, mac_cost, device))
 
-    cfg = split(cfg)
-    if cfg.split > 1 and device.capability[0] == 10 and cfg.bh > 32:
-        # Split programs share SMs, and triton 3.6's ptxas holds them to 128 registers on sm_100a:
-        # BH=64 spilled there.
-        cfg = split(replace(cfg, bh=32))
+    cfg = with_split(cfg)
+    # Split programs share SMs, and ptxas holds them to 128 registers on sm_100a: BH=64 spilled
+    # there with 16-bit dots (triton 3.6), BH=32 with TF32 ones (triton 3.9).
+    narrowest = 64 // compute.itemsize
+    if cfg.split > 1 and device.capability[0] == 10 and cfg.bh > narrowest:
+        cfg = with_split(replace(cfg, bh=narrowest))
     return cfg
+
+
+def _small_grid_reason(cfg: MlpConfig, tokens: int, channels: int, hidden: int, device: DeviceLimits) -> Optional[str]:
+    """Why the MLP's grid may leave SMs idle (None where it fills a wave): the split that would fill
+    them costs more in shares' traffic, or there is none."""
+    tiles, chunks = ceil_div(tokens, cfg.bm), ceil_div(hidden, cfg.bh)
+    if tiles * cfg.split >= device.sm_count:
+        return None
+    filling = next((s for s in range(cfg.split + 1, chunks + 1)
+                    if chunks % s == 0 and tiles * s >= device.sm_count), None)
+    if filling is None:
+        return f"{tiles} token tiles x {chunks} hidden chunks of {cfg.bh}: no split fills {device.sm_count} SMs"
+    split = replace(cfg, split=filling)
+    traffic = share_traffic_bytes(split, tokens, channels) / 2**20
+    if not _shares_fit(split, tokens, channels, device):
+        return (f"filling {device.sm_count} SMs takes a {filling}-way split of the hidden, whose "
+                f"{traffic / 2:.1f} MiB of fp32 shares outgrow the {device.l2_bytes / 2**20:.0f} MiB L2")
+    return (f"filling {device.sm_count} SMs takes a {filling}-way split of the hidden, whose {traffic:.1f} MiB "
+            f"of fp32 shares cost more than the idle SMs")
 
 
 def plan_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, padding: Tuple[int, int],
                norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, w1: torch.Tensor, b1: torch.Tensor,
                w2: torch.Tensor, b2: torch.Tensor, gamma: Optional[torch.Tensor], out_weight: Optional[torch.Tensor],
                out_bias: Optional[torch.Tensor], normed: torch.Tensor, out: torch.Tensor, device: DeviceLimits,
-               for_interpreter: bool = INTERPRETED) -> Tuple[Launch, Launch]:
+               for_interpreter: bool = INTERPRETED, tf32: bool = False,
+               out_tf32: bool = False) -> Tuple[Launch, Launch]:
     """The two launches of a CXBlock on tokens ``x`` (B, H, W, C) contiguous: dwconv + LayerNorm
     into ``normed`` (same shape, contiguous), then the MLP into ``out``: tokens (B, H, W, C), or
     with ``out_weight`` (N, C, 1, 1) the NCHW (B, N, H, W) result of out_proj. Run them in order
@@ -358,12 +464,16 @@ def plan_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
 
     ``dw_weight`` (C, 1, KH, KW) with ``padding`` keeping the size, ``w1`` (HID, C), ``w2``
     (C, HID), the rest (C,), (HID,) or (N,), all contiguous, any float dtype; ``gamma`` or None.
+    ``tf32``, ``out_tf32``: whether torch allows TF32 to the MLP's Linear layers
+    (``torch.backends.cuda.matmul.allow_tf32``) and to out_proj, a Conv2d
+    (``torch.backends.cudnn.allow_tf32``), read by the caller.
     """
     batch, height, width, channels = x.shape
     tokens = batch * height * width
+    hidden = w1.shape[0]
     fused = out_weight is not None
     weights = widest_dtype([w1, w2, out_weight] if fused else [w1, w2])
-    cfg = choose_mlp_config(tokens, channels, w1.shape[0], x.dtype, weights, device, for_interpreter)
+    cfg = choose_mlp_config(tokens, channels, hidden, x.dtype, weights, device, tf32, for_interpreter, _forced_split)
     tiles = ceil_div(tokens, cfg.bm)
     if cfg.split > 1:
         shares = torch.empty((tiles, cfg.split, cfg.bm, padded(channels)), dtype=torch.float32, device=x.device)
@@ -373,7 +483,8 @@ def plan_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
     dwconv = _plan_dwconv_ln(x, dw_weight, dw_bias, padding, norm_weight, norm_bias, eps, normed, counts, device,
                              for_interpreter)
     mlp = _plan_mlp(normed, x, w1, b1, w2, b2, gamma, out_weight, out_bias, out, cfg, weights, shares, counts,
-                    fp32_dot_operands(x.dtype, device))
+                    fp32_dot_operands(x.dtype, device), dot_precision(x.dtype, device, tf32),
+                    dot_precision(x.dtype, device, out_tf32), _small_grid_reason(cfg, tokens, channels, hidden, device))
     return dwconv, mlp
 
 
@@ -406,7 +517,8 @@ def _plan_dwconv_ln(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Ten
 def _plan_mlp(normed: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
               b2: torch.Tensor, gamma: Optional[torch.Tensor], out_weight: Optional[torch.Tensor],
               out_bias: Optional[torch.Tensor], out: torch.Tensor, cfg: MlpConfig, weights: torch.dtype,
-              shares: Optional[torch.Tensor], counts: Optional[torch.Tensor], upcast: bool) -> Launch:
+              shares: Optional[torch.Tensor], counts: Optional[torch.Tensor], upcast: bool, precision: str,
+              out_precision: str, small_grid_reason: Optional[str]) -> Launch:
     batch, height, width, channels = x.shape
     hidden = w1.shape[0]
     tokens = batch * height * width
@@ -421,21 +533,27 @@ def _plan_mlp(normed: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch
     constexprs = dict(C=channels, CP=cp, HID=hidden, NO=n_out, NOP=padded(n_out), BM=cfg.bm, BH=cfg.bh,
                       BK=cfg.bk or cp, SPLIT=cfg.split, SPAN=ceil_div(hidden, cfg.bh * cfg.split) * cfg.bh,
                       EC=min(cp, EPILOGUE_CHANNELS),
-                      HAS_GAMMA=gamma is not None, FUSE_OUT=fused, UPCAST=upcast, PREC=dot_precision(x.dtype))
+                      HAS_GAMMA=gamma is not None, FUSE_OUT=fused, UPCAST=upcast, PREC=precision,
+                      OUT_PREC=out_precision)
     flops = 4 * tokens * channels * hidden + (2 * tokens * channels * n_out if fused else 0)
     parameters = 2 * channels * hidden + hidden + 2 * channels + ((channels + 1) * n_out if fused else 0)
+    traffic = share_traffic_bytes(cfg, tokens, channels)
+    shares = f" shares={traffic / 2**20:.1f}MiB" if traffic else ""
     return Launch(
         kernel="cxblock_mlp_out" if fused else "cxblock_mlp", fn=_mlp_kernel,
         grid=(ceil_div(tokens, cfg.bm), cfg.split), args=args, constexprs=constexprs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, config=f"{cfg.describe()} W={type_name(weights)}", matrix_work=True, flops=flops,
-        min_bytes=tokens * (2 * channels + n_out) * x.element_size() + parameters * weights.itemsize,
+        num_stages=cfg.num_stages, config=f"{cfg.describe()}{shares} W={type_name(weights)}", matrix_work=True,
+        flops=flops, min_bytes=tokens * (2 * channels + n_out) * x.element_size() + parameters * weights.itemsize,
+        small_grid_reason=small_grid_reason, tf32=precision == "tf32",
     )
 
 
 def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
     """The kernel report's launches of one SAM 2 CXBlock (64x64 tokens, dim 256, hidden 1024):
     dwconv + LayerNorm, the MLP, and where it fuses (``fuses_out_proj``) the MLP with out_proj
-    (256 -> 64), with weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    (256 -> 64), with weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast); the fp32
+    MLP with IEEE and with TF32 dots. The MLP's config names its split and its shares' traffic
+    (write and read back), its grid the waves."""
     def meta(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -448,7 +566,10 @@ def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> Lis
         block = (
             meta(256, 1, 7, 7, dtype=weights), vector(256), (3, 3), vector(256), vector(256), 1e-6,
             meta(1024, 256, dtype=weights), vector(1024), meta(256, 1024, dtype=weights), vector(256), vector(256))
-        launches += plan_block(x, *block, None, None, x, x, device, for_interpreter=False)
+        launches.append(plan_block(x, *block, None, None, x, x, device, for_interpreter=False)[0])
+        # The dwconv has no dot: one launch whatever the precision.
+        launches += [plan_block(x, *block, None, None, x, x, device, for_interpreter=False, tf32=tf32)[1]
+                     for tf32 in report_tf32_settings(dtype)]
         if fuses_out_proj(dtype, weights, device):
             launches.append(plan_block(x, *block, meta(64, 256, 1, 1, dtype=weights), vector(64), x,
                                        meta(batch, 64, 64, 64), device, for_interpreter=False)[1])

@@ -46,13 +46,16 @@ from ._common import (
     fits_shared_memory,
     fp32_dot_operands,
     gelu,
+    needs_int64_offsets,
     next_power_of_2,
     operand,
     padded,
     pipelined_shared_bytes,
+    report_tf32_settings,
     rounded,
     tensor_core_dots,
     type_name,
+    widened,
     widest_dtype,
 )
 
@@ -106,12 +109,13 @@ def _conv_ln_gelu_region(
     RH: tl.constexpr, RW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
     PW: tl.constexpr, FROM_MASK: tl.constexpr, TO_OUTPUT: tl.constexpr, APPLY_SIGMOID: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One stage over the RH x RW region at (oy0, ox0) of its output grid.
 
     A source pixel (y, x, c) is at ``src + (y - src_ry) * src_sy + (x - src_rx) * src_sx +
-    c * src_sc``; pixels outside ``src_h x src_w`` are the conv's zero padding. ``w_ptr`` is the
+    c * src_sc`` (int64 offsets with WIDE: a mask view reaching that far within one image);
+    pixels outside ``src_h x src_w`` are the conv's zero padding. ``w_ptr`` is the
     conv weight (C_OUT, C_IN, KH, KW), ``cb_ptr`` its bias, ``nw_ptr``/``nb_ptr`` the LayerNorm
     affine. ``dst`` (scratch or the output) holds the compute dtype. Without USE_DOT, K is
     walked one (input channel, tap) at a time as broadcast FMAs; with it, in chunks of BK
@@ -135,8 +139,8 @@ def _conv_ln_gelu_region(
                 gy = oy[:, None] * SH + (tap // KW - PH)[None, :]
                 gx = ox[:, None] * SW + (tap % KW - PW)[None, :]
                 ok = m_ok[:, None] & k_ok[None, :] & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w)
-                a = tl.load(src + (gy - src_ry) * src_sy + (gx - src_rx) * src_sx + (k // TAPS)[None, :] * src_sc,
-                            mask=ok, other=0.0)
+                a = tl.load(src + widened(gy - src_ry, WIDE) * src_sy + widened(gx - src_rx, WIDE) * src_sx
+                            + widened(k // TAPS, WIDE)[None, :] * src_sc, mask=ok, other=0.0)
                 a = _mask_operand(a, ok, scale, bias, FROM_MASK, APPLY_SIGMOID)
                 w = tl.load(w_ptr + n[None, :] * K_TOT + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(operand(a, dst, UPCAST), operand(w, dst, UPCAST), acc, input_precision=PREC)
@@ -145,9 +149,9 @@ def _conv_ln_gelu_region(
                 gy = oy * SH + (tap // KW - PH)
                 gx = ox * SW + (tap % KW - PW)
                 ok = m_ok & (gy >= 0) & (gy < src_h) & (gx >= 0) & (gx < src_w)
-                rows = (gy - src_ry) * src_sy + (gx - src_rx) * src_sx
+                rows = widened(gy - src_ry, WIDE) * src_sy + widened(gx - src_rx, WIDE) * src_sx
                 for ci in tl.static_range(C_IN):
-                    a = tl.load(src + rows + ci * src_sc, mask=ok, other=0.0)
+                    a = tl.load(src + rows + widened(ci, WIDE) * src_sc, mask=ok, other=0.0)
                     a = _mask_operand(a, ok, scale, bias, FROM_MASK, APPLY_SIGMOID)
                     w = tl.load(w_ptr + n * K_TOT + ci * TAPS + tap, mask=n_ok, other=0.0).to(tl.float32)
                     acc += a[:, None] * w[None, :]
@@ -180,7 +184,7 @@ def _mask_path_kernel(
     C_IN: tl.constexpr, C_OUT: tl.constexpr, CP_OUT: tl.constexpr, EPS: tl.constexpr,
     RH: tl.constexpr, RW: tl.constexpr, ORG_Y: tl.constexpr, ORG_X: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr, BUF: tl.constexpr,
-    APPLY_SIGMOID: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    APPLY_SIGMOID: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Persistent: program p runs tiles p, p + P, ... and owns scratch slot p.
 
@@ -239,7 +243,7 @@ def _mask_path_kernel(
                 _stage_pointer(j, nb0_ptr, nb1_ptr, nb2_ptr, nb3_ptr),
                 scale, bias,
                 EPS[j], C_IN[j], C_OUT[j], CP_OUT[j], RH[j], RW[j], BM[j], BK[j], USE_DOT[j],
-                KH, KW, SH, SW, PH, PW, j == 0, j == NUM_STAGES - 1, APPLY_SIGMOID, UPCAST, PREC,
+                KH, KW, SH, SW, PH, PW, j == 0, j == NUM_STAGES - 1, APPLY_SIGMOID, UPCAST, PREC, WIDE[j],
             )
             src_h = dst_h
             src_w = dst_w
@@ -344,7 +348,8 @@ def _uses_dot(c_out: int) -> bool:
 
 
 def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], compute: torch.dtype,
-                  weights: torch.dtype, device: DeviceLimits, for_interpreter: bool = False) -> MaskPathConfig:
+                  weights: torch.dtype, device: DeviceLimits, tf32: bool = False,
+                  for_interpreter: bool = False) -> MaskPathConfig:
     """The one place the launch configuration is chosen (the wrappers and the report use it).
 
     Larger tiles cut the halo recompute and the weight traffic per output pixel; small batches
@@ -352,8 +357,10 @@ def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], com
     features make 128 tiles of 4x8: under a wave of an H100's 132 SMs) and the last round of
     the persistent grid's tiles does not leave most SMs idle. Each dot stage takes
     the largest K chunk (64 at most, 16 at least) that gathers at most ``GATHERED_ELEMENTS``
-    inputs and whose double-buffered operand tiles, the weights as loaded in their own dtype, fit
-    the device's shared memory. ``for_interpreter`` picks the largest
+    inputs (a quarter as many in TF32, with pixel blocks to match) and whose double-buffered
+    operand tiles, the weights as loaded in their own dtype, fit
+    the device's shared memory. fp32 takes the tensor-core blocking where TF32 is allowed
+    (``tf32``, torch's flag for the convs the kernel replaces). ``for_interpreter`` picks the largest
     blocks instead: the interpreter spends ~0.1 ms of Python per tl op whatever its size, and has
     no registers to run out of.
     """
@@ -375,22 +382,27 @@ def choose_config(geom: MaskGeometry, batch: int, out_size: Tuple[int, int], com
     th, tw = min(filling, key=lambda tile: ceil_div(tiles(tile), device.sm_count) * _tile_cost(geom, *tile))
     # Accumulator budget per block, BM x channels fp32 values, read off the cubins: with 8 warps,
     # 64 x 256 leaves the LayerNorm/GELU epilogue room (128 x 256 spills on sm_80 and sm_90a).
-    # CUDA-core dots (fp32; every dot on sm_75) hold their operands in registers too: 16 x 256
+    # CUDA-core dots (IEEE fp32; every dot on sm_75) hold their operands in registers too: 16 x 256
     # and at most 128 pixels (32 x 256, or 256 pixels in the narrow stages, spilled on sm_80), K
     # in 16s.
-    cuda_cores = not tensor_core_dots(compute, device)
+    cuda_cores = not tensor_core_dots(compute, device, tf32)
     budget, max_bm = (16 * 256, 128) if cuda_cores else (64 * 256, 256)
     # About 240 registers x 8 warps: one program per SM, which the persistent grid matches.
     # CUDA-core dots gain nothing from cp.async double buffering, and with 8 warps ptxas squeezed
     # them into 128 registers and spilled: 4 warps, single-buffered.
     num_warps, num_stages = (4, 1) if cuda_cores else (8, 2)
+    # TF32 operands take twice the registers of 16-bit ones, beside their addresses: gathers of
+    # 64 x 64 (triton 3.9), 128 x 16 and 64 x 32 (triton 3.6) spilled on sm_80, sm_90a and
+    # sm_100a; a quarter as many (64 x 16) did not.
+    gathered = GATHERED_ELEMENTS // 4 if compute == torch.float32 and not cuda_cores else GATHERED_ELEMENTS
     bm, bk = [], []
     for (rh, rw), c_out, k_total, dot in zip(_region_sizes(geom, th, tw), geom.channels[1:], k_totals, use_dot):
         cp_out = next_power_of_2(c_out)
         m = max(16, min(budget // cp_out, max_bm, next_power_of_2(rh * rw)))
         chunk = 1
         if dot:
-            fitting = [c for c in (64, 32) if m * c <= GATHERED_ELEMENTS and fits_shared_memory(
+            m = max(16, min(m, gathered // 16))  # K chunks of 16 at least
+            fitting = [c for c in (64, 32) if m * c <= gathered and fits_shared_memory(
                 pipelined_shared_bytes(num_stages, compute, [(m * c, compute), (c * cp_out, weights)]), device)]
             chunk = min(16 if cuda_cores or not fitting else fitting[0], padded(k_total))
         bm.append(m)
@@ -420,9 +432,9 @@ class _Tiling:
 # values), so it is kept per argument tuple.
 @functools.lru_cache(maxsize=64)
 def _tiling(geom: MaskGeometry, batch: int, height: int, width: int, compute: torch.dtype, weights: torch.dtype,
-            device: DeviceLimits, max_programs: Optional[int], for_interpreter: bool) -> _Tiling:
+            device: DeviceLimits, tf32: bool, max_programs: Optional[int], for_interpreter: bool) -> _Tiling:
     out_h, out_w = geom.output_size(height, width)[-1]
-    cfg = choose_config(geom, batch, (out_h, out_w), compute, weights, device, for_interpreter)
+    cfg = choose_config(geom, batch, (out_h, out_w), compute, weights, device, tf32, for_interpreter)
     n = geom.num_stages
     regions = _region_sizes(geom, cfg.th, cfg.tw)
     c_out = geom.channels[1:]
@@ -477,13 +489,15 @@ def plan_mask_path(
     device: DeviceLimits,
     max_programs: Optional[int] = None,
     for_interpreter: bool = INTERPRETED,
+    tf32: bool = False,
 ) -> Launch:
     """The launch for ``masks`` (B, C_in, H, W), any strides, into ``out``: the last stage's
     features, (B, h, w, C) contiguous, in the masks' dtype (the compute dtype). Per stage:
     the conv weight (C_out, C_in, KH, KW), its bias, the LayerNorm weight and bias, contiguous,
-    any float dtype. ``max_programs`` caps the persistent grid (tests use it)."""
+    any float dtype. ``max_programs`` caps the persistent grid (tests use it). ``tf32``: whether
+    torch allows the convs TF32 (``torch.backends.cudnn.allow_tf32``, read by the caller)."""
     batch, _, height, width = masks.shape
-    tiling = _tiling(geom, batch, height, width, masks.dtype, widest_dtype(weights), device, max_programs,
+    tiling = _tiling(geom, batch, height, width, masks.dtype, widest_dtype(weights), device, tf32, max_programs,
                      for_interpreter)
     n = geom.num_stages
     scratch = torch.empty(tiling.programs * tiling.slot_elems if n > 1 else 1, dtype=masks.dtype, device=masks.device)
@@ -497,22 +511,26 @@ def plan_mask_path(
         mask_h=height, mask_w=width, scale=float(scale), bias=float(bias), tiles_w=tiling.tiles_w,
         tiles_per_image=tiling.tiles_per_image, num_tiles=tiling.num_tiles, slot_elems=tiling.slot_elems,
     )
-    constexprs = dict(tiling.constexprs, APPLY_SIGMOID=bool(apply_sigmoid),
+    precision = dot_precision(masks.dtype, device, tf32)
+    # Only the mask is a caller's view; the scratch slots are this kernel's own.
+    wide = (needs_int64_offsets(masks),) + (False,) * (n - 1)
+    constexprs = dict(tiling.constexprs, APPLY_SIGMOID=bool(apply_sigmoid), WIDE=wide,
                       UPCAST=fp32_dot_operands(masks.dtype, device),
-                      PREC=dot_precision(masks.dtype))
+                      PREC=precision)
     return Launch(
         kernel="mask_path", fn=_mask_path_kernel, grid=(tiling.programs,), args=args, constexprs=constexprs,
         num_warps=tiling.cfg.num_warps, num_stages=tiling.cfg.num_stages, config=tiling.config, matrix_work=True,
         flops=tiling.flops, min_bytes=tiling.min_bytes,
         # The persistent grid runs one program per SM: ptxas capping registers for more programs
         # per SM gains nothing (it capped fp32 4x4 tiles to 128 on sm_80, and spilled).
-        max_registers=MAX_REGISTERS,
+        max_registers=MAX_REGISTERS, tf32=precision == "tf32",
     )
 
 
 def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> List[Launch]:
     """The kernel report's launches of the SAM 2 mask path (1024x1024 masks) at ``batch``, with
-    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast)."""
+    weights in ``dtype`` and, for bf16/fp16, also in fp32 (autocast); fp32 with IEEE and with TF32
+    dots."""
     geom = SAM2_GEOMETRY
     masks = torch.empty((batch, 1, 1024, 1024), dtype=dtype, device="meta")
     out_h, out_w = geom.output_size(1024, 1024)[-1]
@@ -522,6 +540,6 @@ def report_launches(batch: int, dtype: torch.dtype, device: DeviceLimits) -> Lis
         convs = [torch.empty((c_out, c_in, *geom.kernel), dtype=weights, device="meta")
                  for c_in, c_out in zip(geom.channels[:-1], geom.channels[1:])]
         vectors = [torch.empty((c_out,), dtype=weights, device="meta") for c_out in geom.channels[1:]]
-        launches.append(plan_mask_path(masks, geom, convs, vectors, vectors, vectors, True, 1.0, 0.0, out, device,
-                                       for_interpreter=False))
+        launches += [plan_mask_path(masks, geom, convs, vectors, vectors, vectors, True, 1.0, 0.0, out, device,
+                                    for_interpreter=False, tf32=tf32) for tf32 in report_tf32_settings(dtype)]
     return launches

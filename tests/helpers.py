@@ -36,6 +36,19 @@ def tf32_matmuls(allowed: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@contextlib.contextmanager
+def tf32_settings(conv: bool, matmul: bool) -> Iterator[None]:
+    """torch's TF32 flags for fp32 convolutions (``torch.backends.cudnn.allow_tf32``, which the
+    reference's Conv2d layers obey) and matmuls (``torch.backends.cuda.matmul.allow_tf32``, its
+    Linear layers) set inside, as a user sets them."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def requires_cuda(test):
     """Marks ``test`` as a GPU test (``CUDA_MARKS``)."""
     for mark in CUDA_MARKS:

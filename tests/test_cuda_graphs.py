@@ -1,16 +1,19 @@
 """CUDA graphs: the module's opt-in graph cache (``cuda_graphs = True``) and a caller's own capture.
 
-CPU part: the cache's bookkeeping (one capture per signature, structure and set of parameter
-addresses; graphs of replaced parameters dropped; in-place updates replayed, not recaptured; fresh
-outputs) with the capture replaced by a stand-in that runs eagerly.
+CPU part: the cache's bookkeeping (one capture per signature, TF32 flags, structure and set of
+parameter addresses; graphs of replaced parameters dropped; in-place updates replayed, not
+recaptured; fresh outputs) with the capture replaced by a stand-in that runs eagerly, and the
+order of one graph's uses across streams, with streams and events that log what they are asked.
 GPU part (``requires_cuda``), on every backend that runs on the GPU: replays with new inputs match
 the reference; a change of shape or dtype captures anew; weight changes (load_state_dict, in-place
-updates) reach the replays; results are not aliased between calls; a side stream; and a forward
-captured by the caller with ``torch.cuda.graph`` replays correctly.
+updates) reach the replays; results are not aliased between calls; a side stream; one graph used
+from two streams and from two threads at once; a change of TF32 flags captures anew; and a
+forward captured by the caller with ``torch.cuda.graph`` replays correctly.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, List
 
 import pytest
@@ -18,16 +21,18 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast import graphs
-from memenc_fast.tools.numerics import judge
+from memenc_fast.tools.numerics import judge, relative_error
 from memenc_fast.structure import read_structure
 
-from helpers import CUDA_FUSED_BACKENDS, PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda
+from helpers import (CUDA_FUSED_BACKENDS, PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda,
+                     tf32_settings)
 
 SMALL = PRESETS["small"]
 
 
 class _EagerGraph:
-    """Stands in for a captured graph on the CPU: replay reruns the forward on the static inputs."""
+    """Stands in for a captured graph on the CPU: replay reruns the forward on the static inputs
+    (on the current stand-in stream, which logs it)."""
 
     def __init__(self, forward: Callable, inputs: tuple, output: torch.Tensor) -> None:
         self.forward, self.inputs, self.output, self.replays = forward, inputs, output, 0
@@ -35,6 +40,50 @@ class _EagerGraph:
     def replay(self) -> None:
         self.output.copy_(self.forward(*self.inputs))
         self.replays += 1
+        _FakeStream.current.log.append((_FakeStream.current.name, "replay"))
+
+
+class _FakeEvent:
+    """A CUDA event's stand-in: remembers the stream of its last record."""
+
+    def __init__(self) -> None:
+        self.recorded_on = None
+
+    def record(self, stream: "_FakeStream") -> None:
+        self.recorded_on = stream.name
+        stream.log.append((stream.name, "record"))
+
+    def synchronize(self) -> None:
+        _FakeStream.current.log.append(("host", f"synchronize after {self.recorded_on}"))
+
+
+class _FakeStream:
+    """A CUDA stream's stand-in, logging into a shared list what it is asked to do."""
+
+    current: "_FakeStream"
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        self.log.append((self.name, f"wait for {event.recorded_on}"))
+
+
+@pytest.fixture
+def fake_streams(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """CUDA streams and events stood in for on the CPU; returns a switch of the current stream
+    (``fake_streams.log`` holds what the streams were asked, in order)."""
+    log: list = []
+    streams = {}
+
+    def use(name: str) -> None:
+        _FakeStream.current = streams.setdefault(name, _FakeStream(name, log))
+
+    use("default")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream.current)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    use.log = log
+    return use
 
 
 def _eager_capture(captures: List[graphs._Captured]):
@@ -48,7 +97,7 @@ def _eager_capture(captures: List[graphs._Captured]):
     return capture
 
 
-def test_graph_cache_captures_once_per_signature_and_drops_replaced_weights(monkeypatch):
+def test_graph_cache_captures_once_per_signature_and_drops_replaced_weights(monkeypatch, fake_streams):
     captures: List[graphs._Captured] = []
     monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
     encoder = build_encoder(SMALL, seed=1)
@@ -83,7 +132,7 @@ def test_graph_cache_captures_once_per_signature_and_drops_replaced_weights(monk
     assert len(cache) == 0
 
 
-def test_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
+def test_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch, fake_streams):
     captures: List[graphs._Captured] = []
     monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
     monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
@@ -98,6 +147,50 @@ def test_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
     assert len(captures) == 3
     cache.run("b", structure, forward, *inputs)
     assert len(captures) == 4 and len(cache) == 2
+
+
+def test_graph_cache_captures_anew_when_torchs_tf32_flags_change(monkeypatch, fake_streams):
+    """The ops read the TF32 flags when they launch, so a captured graph holds one precision: a
+    change of either flag captures anew, and going back replays the first graph."""
+    captures: List[graphs._Captured] = []
+    monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
+    structure = read_structure(build_encoder(SMALL, seed=7))
+    forward = lambda pix, mask: pix * mask.mean()  # noqa: E731
+    cache = graphs.GraphCache()
+    inputs = make_inputs(SMALL, 1, seed=8)
+    for conv, matmul in ((False, False), (True, False), (False, True), (True, True)):
+        with tf32_settings(conv, matmul):
+            cache.run("sig", structure, forward, *inputs)
+    assert len(captures) == 4 and len(cache) == 4
+    with tf32_settings(False, False):
+        cache.run("sig", structure, forward, *inputs)
+    assert len(captures) == 4 and captures[0].graph.replays == 2
+
+
+def test_graph_uses_are_ordered_across_streams(monkeypatch, fake_streams):
+    """Each use of a graph (inputs copied in, replay, output cloned) ends with an event recorded
+    on its stream; a use on another stream first waits for that event, one on the same stream
+    does not need to; clearing the cache waits on the host for the last use. The results are each
+    call's own."""
+    captures: List[graphs._Captured] = []
+    monkeypatch.setattr(graphs.GraphCache, "_capture", staticmethod(_eager_capture(captures)))
+    structure = read_structure(build_encoder(SMALL, seed=9))
+    forward = lambda pix, mask: pix * mask.mean()  # noqa: E731
+    cache = graphs.GraphCache()
+    calls = [("a", make_inputs(SMALL, 1, seed=11)), ("a", make_inputs(SMALL, 1, seed=12)),
+             ("b", make_inputs(SMALL, 1, seed=13)), ("a", make_inputs(SMALL, 1, seed=14))]
+    for stream, inputs in calls:
+        fake_streams(stream)
+        torch.testing.assert_close(cache.run("sig", structure, forward, *inputs), forward(*inputs), rtol=0, atol=0)
+    assert len(captures) == 1
+    cache.clear()
+    assert fake_streams.log == [
+        ("a", "replay"), ("a", "record"),
+        ("a", "replay"), ("a", "record"),
+        ("b", "wait for a"), ("b", "replay"), ("b", "record"),
+        ("a", "wait for b"), ("a", "replay"), ("a", "record"),
+        ("host", "synchronize after a"),
+    ]
 
 
 def _gpu_case(backend: str, dtype: torch.dtype = torch.bfloat16, seed: int = 10):
@@ -181,6 +274,101 @@ def test_gpu_graphs_on_a_side_stream_and_with_grad_left_alone(backend):
     with mf.use_backend("auto"):
         encoder(pix_feat, inputs[1][1])["vision_features"].float().sum().backward()
     assert len(encoder._graphs) == graphs_before and pix_feat.grad is not None  # training never replays
+
+
+def _eager_features(encoder: torch.nn.Module, backend: str, inputs: list) -> List[torch.Tensor]:
+    """What the fused forward gives for each input pair without graphs."""
+    encoder.cuda_graphs = False
+    with torch.no_grad(), mf.use_backend(backend):
+        expected = [encoder(*pair)["vision_features"] for pair in inputs]
+    encoder.cuda_graphs = True
+    return expected
+
+
+def _check_same(outs: List[torch.Tensor], expected: List[torch.Tensor]) -> None:
+    """Each replay's output is its own inputs' (another call's inputs give an unrelated result)."""
+    for i, (out, want) in enumerate(zip(outs, expected)):
+        error = relative_error(out, want)
+        assert error < 1e-2, (i, error)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
+def test_gpu_one_graph_used_from_two_streams_back_to_back(backend):
+    """SAM 2 size at B=4, so that a replay runs long enough for the other stream's input copy
+    to land in the middle of it were the uses not ordered: the second stream's use waits."""
+    preset = PRESETS["sam2"]
+    device = torch.device("cuda")
+    encoder = build_encoder(preset, seed=60, dtype=torch.bfloat16, device=device)
+    inputs = [make_inputs(preset, 4, seed=s, dtype=torch.bfloat16, device=device) for s in (61, 62, 63, 64)]
+    expected = _eager_features(encoder, backend, inputs)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), mf.use_backend(backend):
+        encoder(*inputs[0])  # the capture
+        outs = []
+        for i, pair in enumerate(inputs):
+            with torch.cuda.stream(streams[i % 2]):
+                outs.append(encoder(*pair)["vision_features"])
+    torch.cuda.synchronize()
+    assert len(encoder._graphs) == 1
+    _check_same(outs, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
+def test_gpu_one_graph_hammered_from_two_threads(backend):
+    """Two threads, each on its own stream, replay one cached graph with their own inputs, many
+    times without synchronizing: every result is that call's own inputs'."""
+    preset = PRESETS["sam2"]
+    device = torch.device("cuda")
+    encoder = build_encoder(preset, seed=65, dtype=torch.bfloat16, device=device)
+    inputs = [make_inputs(preset, 2, seed=s, dtype=torch.bfloat16, device=device) for s in (66, 67, 68)]
+    expected = _eager_features(encoder, backend, inputs)
+    with torch.no_grad(), mf.use_backend(backend):
+        encoder(*inputs[0])  # the capture
+    torch.cuda.synchronize()
+    results: List[List[tuple]] = [[], []]
+    errors: List[BaseException] = []
+
+    def hammer(worker: int) -> None:
+        try:
+            stream = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(stream), torch.no_grad(), mf.use_backend(backend):
+                for step in range(12):
+                    which = (step + worker) % len(inputs)
+                    results[worker].append((which, encoder(*inputs[which])["vision_features"]))
+            stream.synchronize()
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=hammer, args=(worker,)) for worker in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(encoder._graphs) == 1
+    for worker_results in results:
+        assert len(worker_results) == 12
+        _check_same([out for _, out in worker_results], [expected[which] for which, _ in worker_results])
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", CUDA_FUSED_BACKENDS)
+def test_gpu_graphs_follow_torchs_tf32_flags(backend):
+    """fp32: a graph captured with TF32 allowed is not replayed once it is not: IEEE's 1e-5 holds."""
+    encoder, inputs = _gpu_case(backend, dtype=torch.float32, seed=70)
+    with torch.no_grad(), mf.use_backend(backend):
+        with tf32_settings(True, True):
+            encoder(*inputs[0])
+        with tf32_settings(False, False):
+            out = encoder(*inputs[0])
+    assert len(encoder._graphs) == 2
+    oracle = reference_outputs(encoder, *inputs[0], torch.float64)
+    verdict = judge(out["vision_features"], oracle["vision_features"], torch.float32, "cuda", allow_tf32=False)
+    assert verdict.passed, verdict.describe()
 
 
 @requires_cuda

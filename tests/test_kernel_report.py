@@ -87,9 +87,11 @@ def test_tensor_core_expectations_per_generation() -> None:
     for target in ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"):
         for backend in ("triton", "cuda"):
             assert kr.expects_tensor_cores(backend, target, "bf16") and kr.expects_tensor_cores(backend, target, "fp16")
+            assert kr.expects_tensor_cores(backend, target, "tf32")
             assert not kr.expects_tensor_cores(backend, target, "fp32")
     # Triton has no mma for sm_75; CUDA C++ has fp16 mma.sync there (and T4 has no bf16).
     assert not kr.expects_tensor_cores("triton", "sm_75", "fp16")
+    assert not any(kr.expects_tensor_cores(backend, "sm_75", "tf32") for backend in ("triton", "cuda"))
     assert kr.expects_tensor_cores("cuda", "sm_75", "fp16") and not kr.expects_tensor_cores("cuda", "sm_75", "bf16")
     assert [kr.is_tensor_core_op(op) for op in ("UTCHMMA", "UTCIMMA", "UTCOMMA", "UTCBAR", "UTCCP", "HFMA2")] == [
         True, True, True, False, False, False]
@@ -401,8 +403,9 @@ def test_a_second_run_takes_every_cubin_from_the_cache(tmp_path: Path,
 def test_every_chooser_compiles_within_each_targets_limits_and_fills_a_wave(tmp_path: Path) -> None:
     """The backend's kernels as each report GPU runs them at B=1 (SAM 2.1's per-object call), in
     fp16 and fp32, compiled for every target: no spill, shared memory and registers within the
-    target's limits, tensor-core code where Triton has it, at least a wave of programs; and every
-    row is what the GPU's choosers pick. bf16 configurations are fp16's, in the other dtype.
+    target's limits, tensor-core code where Triton has it (fp32 with TF32 dots included), at least
+    a wave of programs or a reason; and every row is what the GPU's choosers pick. bf16
+    configurations are fp16's, in the other dtype.
 
     Uses the user's cubin cache (``python -m memenc_fast kernels`` fills it): cold, this compiles
     about 140 kernels, a few minutes on two cores.
@@ -423,6 +426,11 @@ def test_every_chooser_compiles_within_each_targets_limits_and_fills_a_wave(tmp_
     assert code == 0, [line for line in out.getvalue().splitlines() if line.startswith("VIOLATION")]
     rows = json.loads((tmp_path / "report.json").read_text())
     configs = {(r["gpu"], r["kernel"], r["dtype"], r["config"]) for r in rows}
+
+    def reported(gpu: str, kernel: str, dtype: str, description: str, weights: str) -> bool:
+        # The MLP's config names its shares' traffic between its description and its weights.
+        return any(key[:3] == (gpu, kernel, dtype) and key[3].startswith(description + " ")
+                   and key[3].endswith(f"W={weights}") for key in configs)
     gpus = kr.report_gpus(tuple(kr.TARGET_LIMITS))
     assert {r["gpu"] for r in rows} == {gpu.name for gpu in gpus}
     for gpu in gpus:
@@ -432,7 +440,14 @@ def test_every_chooser_compiles_within_each_targets_limits_and_fills_a_wave(tmp_
                       ("proj_add", pa.choose_config(1, 4096, 256, dtype, dtype, gpu)),
                       ("mask_path", md.choose_config(md.SAM2_GEOMETRY, 1, (64, 64), dtype, dtype, gpu))]
             for kernel, cfg in chosen:
-                assert (gpu.name, kernel, name, f"{cfg.describe()} W={name}") in configs, (gpu.name, kernel, name)
+                assert reported(gpu.name, kernel, name, cfg.describe(), name), (gpu.name, kernel, name)
+        if gpu.capability >= (8, 0):
+            fp32 = torch.float32
+            tf32 = [("cxblock_mlp", cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, gpu, tf32=True)),
+                    ("proj_add", pa.choose_config(1, 4096, 256, fp32, fp32, gpu, tf32=True)),
+                    ("mask_path", md.choose_config(md.SAM2_GEOMETRY, 1, (64, 64), fp32, fp32, gpu, tf32=True))]
+            for kernel, cfg in tf32:
+                assert reported(gpu.name, kernel, "tf32", cfg.describe(), "fp32"), (gpu.name, kernel)
         if gpu.bf16:
             for module in (cx, md, pa):
                 fp16 = [launch.config for launch in module.report_launches(1, torch.float16, gpu)]
@@ -604,3 +619,167 @@ sys.exit(module.main(["--csrc", {str(tmp_path)!r}, "--strict"]))
     assert f"no CUDA kernels: no .cu files in {tmp_path}" in proc.stdout
     assert "error: compiled nothing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- one verdict
+
+CSRC = HERE.parent / "csrc"
+
+
+def test_sources_digest_is_the_one_the_build_records(tmp_path: Path) -> None:
+    """The report tells a library built from ``--csrc`` by the digest the build compiles into it;
+    an installed package has no build_tools, so the report computes it too: the two agree."""
+    from build_tools.cuda_build import sources_digest
+
+    assert kr.sources_digest(CSRC) == sources_digest(CSRC)
+    (tmp_path / "a.cu").write_text("// a\n")
+    (tmp_path / "kernels.json").write_text("{}")
+    (tmp_path / "common.cuh").write_text("// common\n")
+    digest = kr.sources_digest(tmp_path)
+    assert digest == sources_digest(tmp_path)
+    (tmp_path / "launch_args.h").write_text("#pragma once\n")
+    assert kr.sources_digest(tmp_path) == sources_digest(tmp_path) != digest
+
+
+def _function(kernel: str, template: str) -> kr._CudaFunction:
+    return kr._CudaFunction(kernel, template, kr.ResourceUsage(registers=64, stack=0, shared=0, local=0),
+                            kr.SassCounts(tensor_core={}, stl=0, ldl=0), "x.cubin", None)
+
+
+def test_without_plans_only_tiles_that_fit_are_judged() -> None:
+    """Without the plans, an instantiation whose dynamic shared memory exceeds a target's limit is
+    left out where another tile (last template argument) of that kernel fits: no plan picks it.
+    Where no tile fits, every launch is refused and the rows stay, to be flagged."""
+    sidecar = {"conv<float, 64, 256, 64>": {"dynamic_shared_bytes": 67584},
+               "conv<float, 64, 256, 32>": {"dynamic_shared_bytes": 46080},
+               "conv<float, 16, 64, 128>": {"dynamic_shared_bytes": 70000},
+               "other<float, 1>": {"dynamic_shared_bytes": 80000}}
+    functions = [_function("conv", "float, 64, 256, 64"), _function("conv", "float, 64, 256, 32"),
+                 _function("conv", "float, 16, 64, 128"), _function("other", "float, 1"), _function("probe", "")]
+    kept, left_out = kr._launchable_functions(functions, "sm_75", sidecar)
+    assert left_out == [functions[0]] and kept == functions[1:]
+    assert kr._launchable_functions(functions, "sm_86", sidecar) == (functions, [])
+
+
+needs_built_library = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or kr.find_nvcc() is None
+    or kr.find_cuobjdump(prefer_triton=False, nvcc=kr.find_nvcc()) is None,
+    reason="needs torch, nvcc and cuobjdump")
+
+
+def _library_of_these_sources() -> None:
+    """Skips unless the CUDA library is built from the repository's csrc/ (the plans to ask)."""
+    from memenc_fast.backends.cuda import library
+
+    try:
+        built_from = library.load().sources_digest
+    except library.CudaLibraryError as exc:
+        pytest.skip(f"no CUDA library: {exc}")
+    if built_from != kr.sources_digest(CSRC):
+        pytest.skip("the CUDA library is not built from these sources (pip install -e .)")
+
+
+@needs_built_library
+def test_a_library_of_other_sources_gives_no_plans(tmp_path: Path) -> None:
+    _library_of_these_sources()
+    (tmp_path / "tiny.cu").write_text(CUDA_SOURCE)
+    report = kr.Report()
+    options = kr.Options(targets=("sm_75",), batches=(1,), dtypes=("fp16",), cubin_dir=tmp_path, csrc_dir=tmp_path)
+    assert kr._cuda_report_launches(options, report) is None
+    (note,) = report.notes
+    assert "the built CUDA library was compiled from other sources" in note and str(tmp_path) in note
+
+
+@pytest.fixture(scope="module")
+def cuda_verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, list[dict], str]]:
+    """The CUDA rows of the real csrc/ for sm_75 (T4: 64 KiB of shared memory, less than the
+    largest stage-4 tile needs) and sm_86, B=1, as the report gives them from the repository, from
+    a copy of csrc/ elsewhere (an installed package's ``--csrc``), from that copy without a
+    library (the plans cannot be asked), and for sm_75 from an empty cache and then that cache
+    warm. ``(exit code, JSON records without compile times, stdout)`` per run.
+
+    Uses the user's cubin cache (``python -m memenc_fast kernels`` fills it) except for the cold
+    run: about 20 s of nvcc on two cores, more where the user's cache is cold.
+    """
+    from memenc_fast.backends.cuda import library
+
+    _library_of_these_sources()
+    tmp_path = tmp_path_factory.mktemp("verdicts")
+    copy = tmp_path / "installed-csrc"
+    copy.mkdir()
+    for source in CSRC.iterdir():
+        if source.suffix in (".cu", ".cuh", ".h", ".json"):
+            (copy / source.name).write_bytes(source.read_bytes())
+    parser = argparse.ArgumentParser()
+    kr.add_arguments(parser)
+
+    def report(name: str, *extra: str) -> tuple[int, list[dict], str]:
+        args = parser.parse_args(["--json", str(tmp_path / f"{name}.json"), "--batches", "1", "--strict", *extra])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = kr.run(args, discover=False)
+        records = json.loads((tmp_path / f"{name}.json").read_text())
+        return code, [{k: v for k, v in r.items() if k != "compile_seconds"} for r in records], out.getvalue()
+
+    def refuse(path: Path | None = None) -> library.CudaLibrary:
+        raise library.CudaLibraryError("the CUDA library was not built (pip install -e . with nvcc)")
+
+    both = ("--targets", "sm_75,sm_86")
+    verdicts = {"repository": report("repository", *both),
+                "copy": report("copy", *both, "--csrc", str(copy))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(library, "load", refuse)
+        verdicts["no library"] = report("no library", *both, "--csrc", str(copy))
+    cold = ("--targets", "sm_75", "--csrc", str(copy), "--cache-dir", str(tmp_path / "cache"))
+    verdicts["cold"] = report("cold", *cold)
+    verdicts["warm"] = report("warm", *cold)
+    return verdicts
+
+
+def _violations(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("VIOLATION")]
+
+
+@needs_built_library
+def test_one_verdict_from_the_repository_and_from_a_copy_of_csrc(
+        cuda_verdicts: dict[str, tuple[int, list[dict], str]]) -> None:
+    """``--csrc`` anywhere asks the plans of a library built from those sources: the same rows and
+    the same verdict as from the repository, where sm_75 never launches the 64-pixel stage-4 tile
+    (66 KiB of shared memory, the T4 gives 64 KiB)."""
+    code, rows, out = cuda_verdicts["repository"]
+    assert (code, _violations(out)) == (0, [])
+    assert cuda_verdicts["copy"][:2] == (0, rows) and _violations(cuda_verdicts["copy"][2]) == []
+    assert {r["target"] for r in rows} == {"sm_75", "sm_86"} and all(r["grid"] for r in rows)
+    stage4 = {(r["target"], r["dtype"], r["config"].split(">")[0]) for r in rows
+              if r["kernel"] == "mf::conv3x3s2_ln_gelu_kernel" and ", 64, 256, " in r["config"]}
+    assert {dtype for target, dtype, _ in stage4 if target == "sm_75"} == {"fp16", "fp32"}
+    assert not any(template.endswith(", 64") for target, _, template in stage4 if target == "sm_75")
+
+
+@needs_built_library
+def test_one_verdict_without_a_library_to_ask(cuda_verdicts: dict[str, tuple[int, list[dict], str]]) -> None:
+    """Without plans every instantiation that may launch is judged, and the tiles no plan of a
+    target picks (over its shared memory) are left out: the verdict stays the plans'."""
+    _, planned, _ = cuda_verdicts["repository"]
+    code, rows, out = cuda_verdicts["no library"]
+    assert (code, _violations(out)) == (0, [])
+    assert "report_launches is unusable here (CudaLibraryError: the CUDA library was not built" in out
+    judged = {(r["kernel"], r["config"], r["target"], r["dtype"]) for r in rows}
+    assert all(r["grid"] is None for r in rows)
+    assert {(r["kernel"], r["config"].split("> ")[0].lstrip("<"), r["target"], r["dtype"]) for r in planned} <= judged
+    (note,) = [line for line in out.splitlines() if line.startswith("sm_75: left out")]
+    assert "over the 65536 bytes" in note and "mf::conv3x3s2_ln_gelu_kernel<__half, __half, 64, 256, 64>" in note
+    too_big = [r for r in rows if r["kernel"] == "mf::conv3x3s2_ln_gelu_kernel" and r["config"].endswith("64, 256, 64")]
+    assert {r["target"] for r in too_big} == {"sm_86"}
+    assert not any(line.startswith("sm_86: left out") for line in out.splitlines())
+
+
+@needs_built_library
+def test_one_verdict_from_an_empty_and_a_warm_cache(cuda_verdicts: dict[str, tuple[int, list[dict], str]]) -> None:
+    files = len(list(CSRC.glob("*.cu")))
+    code, rows, out = cuda_verdicts["cold"]
+    assert f"{files} files x targets, {files} compiled" in out and "0 from the cache" in out
+    warm_code, warm_rows, warm_out = cuda_verdicts["warm"]
+    assert f"{files} files x targets, 0 compiled (0.0 s), {files} from the cache" in warm_out
+    assert (code, _violations(out)) == (warm_code, _violations(warm_out)) == (0, [])
+    assert rows == warm_rows == [r for r in cuda_verdicts["repository"][1] if r["target"] == "sm_75"]

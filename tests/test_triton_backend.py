@@ -10,20 +10,24 @@ at B=1 within its shared memory; the whole module against the float64 reference;
 fakes and one traced call per kernel op under torch.compile; which ops the backend refuses and
 why, per GPU generation; the torch op where a GPU refuses a launch; input errors; that every
 launch the kernel report compiles binds its kernel's arguments (``kernels/`` importing nothing
-of the rest of the package is ``test_layout``'s). Outputs are poisoned (NaN) before every run.
+of the rest of the package is ``test_layout``'s); each op's precision taken from the TF32 flag its
+reference layer obeys, and the fp32 tensor-core blockings TF32 runs; the MLP split's cost model,
+the split MLP rerun alone, views into larger tensors. Outputs are poisoned (NaN) before every
+run; fp32 runs with torch's TF32 flags off but where a test sets them.
 
 GPU part (``requires_cuda``): full SAM 2 size, B in {1, 8}, fp32/bf16/fp16 and fp32 parameters
-under bf16 autocast, each op and the module, TF32, a side stream.
+under bf16 autocast, each op and the module, each op under each combination of the TF32 flags, a
+side stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import inspect
 import logging
 import warnings
+from dataclasses import replace
 from typing import Iterator, Optional, Tuple
 
 import pytest
@@ -33,10 +37,10 @@ import memenc_fast as mf
 from memenc_fast import gpus
 from memenc_fast.backends import kernel_args, torch_ops, triton_interpreted
 from memenc_fast.structure import Structure, read_structure
-from memenc_fast.tools import kernel_report
-from memenc_fast.tools.numerics import judge
+from memenc_fast.tools import bench, kernel_report
+from memenc_fast.tools.numerics import judge, relative_error
 
-from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_matmuls
+from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_settings
 
 triton = pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
@@ -51,6 +55,7 @@ from memenc_fast.kernels import cxblock as cx  # noqa: E402
 from memenc_fast.kernels import mask_downsample as md  # noqa: E402
 from memenc_fast.kernels import out_proj as op  # noqa: E402
 from memenc_fast.kernels import proj_add as pa  # noqa: E402
+from memenc_fast.kernels import _common as kernel_common  # noqa: E402
 from memenc_fast.kernels._common import (  # noqa: E402
     SYSTEM_SHARED_BYTES,
     Launch,
@@ -65,6 +70,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                           (torch.float32, torch.bfloat16)]
 A100, H100 = gpus.TARGETS["sm_80"], gpus.TARGETS["sm_90a"]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32() -> Iterator[None]:
+    """fp32 is held to IEEE's 1e-5 here: torch's TF32 flags off (cuDNN's is on by default), but
+    in the tests that set them."""
+    with tf32_settings(conv=False, matmul=False):
+        yield
 
 
 def _ids(value: object) -> str:
@@ -200,6 +213,57 @@ def test_mask_downsample_reads_broadcast_and_strided_masks() -> None:
         out = triton_ops.mask_downsample(masks, structure.stages, None, True)
     torch.testing.assert_close(out, torch_ops.mask_downsample(masks.contiguous(), structure.stages, None, True),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("int64_offsets", [False, True], ids=["int32_offsets", "int64_offsets"])
+def test_kernels_read_views_into_larger_tensors_as_their_contiguous_copies(int64_offsets: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Views with storage offsets and strides that are not their own shape's (a window of a
+    larger mask, a channel slice of a wider pix_feat, every other channel of channels-last
+    features) give exactly what their contiguous copies give, with int32 offsets within an image
+    and with the int64 ones a view reaching past 2**31 elements gets (taken here by every view: a
+    view that far needs gigabytes, more than a CPU test may take)."""
+    if int64_offsets:
+        monkeypatch.setattr(kernel_common, "INT32_REACH", 1)
+    fp32 = torch.float32
+    structure = _structure(_encoder(dim=32, seed=100, downsampler=GEOMETRIES["k3s2x2"][0]), fp32)
+    masks = _masks(2, (26, 40), fp32, seed=101)[:, :, 3:23, 5:33]
+    assert masks.storage_offset() > 0 and not masks.is_contiguous()
+    with poison_outputs():
+        features = triton_ops.mask_downsample(masks, structure.stages, None, True)
+        assert torch.equal(features, triton_ops.mask_downsample(masks.contiguous(), structure.stages, None, True))
+    pix_feat = _randn(2, 40, 5, 7, dtype=fp32, seed=102)[:, 3:35]
+    channels = structure.projection.mask_weight.shape[1]
+    mask_features = _randn(2, 5, 7, 2 * channels, dtype=fp32, seed=103)[..., 1::2].permute(0, 3, 1, 2)
+    with poison_outputs():
+        out = triton_ops.proj_add(mask_features, pix_feat, structure.projection)
+        expected = triton_ops.proj_add(mask_features.contiguous(), pix_feat.contiguous(), structure.projection)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, torch_ops.proj_add(mask_features, pix_feat, structure.projection), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_views_reaching_past_int32_offsets_take_int64_ones() -> None:
+    """Only a view whose offsets within one image reach 2**31 gets int64 offsets (they cost
+    registers): the mask and proj_add's sources, planned from meta tensors."""
+    def meta(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> torch.Tensor:
+        return torch.empty_strided(shape, stride, device="meta")
+
+    geom = md.SAM2_GEOMETRY
+    convs = [torch.empty((c_out, c_in, 3, 3), device="meta") for c_in, c_out in zip(geom.channels[:-1],
+                                                                                      geom.channels[1:])]
+    vectors = [torch.empty((c_out,), device="meta") for c_out in geom.channels[1:]]
+    features = torch.empty((1, 64, 64, 256), device="meta")
+    for masks, wide in ((meta((1, 1, 1024, 1024), (2**40, 2**40, 1024, 1)), False),
+                        (meta((1, 1, 1024, 1024), (2**40, 2**40, 2**22, 1)), True)):
+        launch = md.plan_mask_path(masks, geom, convs, vectors, vectors, vectors, True, 1.0, 0.0, features, H100,
+                                   for_interpreter=False)
+        assert launch.constexprs["WIDE"] == (wide, False, False, False)
+    weight, bias = torch.empty((256, 256, 1, 1), device="meta"), torch.empty((256,), device="meta")
+    pix_feat = meta((1, 256, 64, 64), (2**40, 2**24, 64, 1))  # channel 255 at 255 * 2**24
+    launch = pa.plan_proj_add(features.permute(0, 3, 1, 2), pix_feat, weight, bias, weight, bias, features, H100,
+                              for_interpreter=False)
+    assert (launch.constexprs["WIDE_A"], launch.constexprs["WIDE_C"]) == (False, True)
 
 
 # ------------------------------------------------------------------------------ proj_add, out_proj
@@ -362,8 +426,9 @@ def test_choosers_size_pipelines_to_the_weights_dtype_and_the_device() -> None:
 SAM_SHAPES = {"sam2": (1024, 64), "sam3": (1152, 72)}  # (mask size, feature size) per object
 
 
-def _sam_launches(shape: str, batch: int, dtype: torch.dtype, device: gpus.GpuSpec) -> list:
-    """Every launch of one forward at SAM 2's or SAM 3's size, as planned for ``device``."""
+def _sam_launches(shape: str, batch: int, dtype: torch.dtype, device: gpus.GpuSpec, tf32: bool = False) -> list:
+    """Every launch of one forward at SAM 2's or SAM 3's size, as planned for ``device`` (with
+    TF32 allowed to every op by ``tf32``)."""
     def meta(*size: int, dtype: torch.dtype = dtype) -> torch.Tensor:
         return torch.empty(size, dtype=dtype, device="meta")
 
@@ -373,16 +438,17 @@ def _sam_launches(shape: str, batch: int, dtype: torch.dtype, device: gpus.GpuSp
     vectors = [meta(c_out) for c_out in geom.channels[1:]]
     tokens = meta(batch, side, side, 256)
     launches = [md.plan_mask_path(meta(batch, 1, mask, mask), geom, convs, vectors, vectors, vectors, True, 1.0, 0.0,
-                                  tokens, device, for_interpreter=False),
+                                  tokens, device, for_interpreter=False, tf32=tf32),
                 pa.plan_proj_add(tokens.permute(0, 3, 1, 2), meta(batch, 256, side, side), meta(256, 256, 1, 1),
-                                 meta(256), meta(256, 256, 1, 1), meta(256), tokens, device, for_interpreter=False)]
+                                 meta(256), meta(256, 256, 1, 1), meta(256), tokens, device, for_interpreter=False,
+                                 tf32=tf32)]
     block = (meta(256, 1, 7, 7), meta(256), (3, 3), meta(256), meta(256), 1e-6, meta(1024, 256), meta(1024),
              meta(256, 1024), meta(256), meta(256))
-    launches += cx.plan_block(tokens, *block, None, None, tokens, tokens, device, for_interpreter=False)
+    launches += cx.plan_block(tokens, *block, None, None, tokens, tokens, device, for_interpreter=False, tf32=tf32)
     launches += cx.plan_block(tokens, *block, meta(64, 256, 1, 1), meta(64), tokens, meta(batch, 64, side, side),
-                              device, for_interpreter=False)[1:]
+                              device, for_interpreter=False, tf32=tf32, out_tf32=tf32)[1:]
     launches.append(op.plan_out_proj(tokens, meta(64, 256, 1, 1), meta(64), meta(batch, 64, side, side), device,
-                                     for_interpreter=False))
+                                     for_interpreter=False, tf32=tf32))
     return launches
 
 
@@ -391,24 +457,106 @@ def test_every_kernel_fills_a_wave_at_b1_within_the_gpus_shared_memory(device: g
     """SAM 2.1 encodes one object per call (and SAM 3 few): at B=1 every launch of a forward, at
     SAM 2's 64x64 and SAM 3's 72x72 features, gives each SM of each GPU users run a program (or
     says why a smaller grid is faster), and the configurations' shared-memory estimates fit the
-    GPU (the kernel report checks the compiled kernels)."""
+    GPU (the kernel report checks the compiled kernels); fp32 with IEEE and with TF32 dots."""
+    cases = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
     for shape in SAM_SHAPES:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for launch in _sam_launches(shape, 1, dtype, device):
+        for dtype, tf32 in cases:
+            for launch in _sam_launches(shape, 1, dtype, device, tf32):
                 assert launch.programs >= device.sm_count or launch.small_grid_reason, (
-                    shape, dtype, launch.kernel, launch.config, launch.grid)
+                    shape, dtype, tf32, launch.kernel, launch.config, launch.grid)
     bf16, fp32 = torch.bfloat16, torch.float32
-    for weights in (bf16, fp32):
-        mlp = cx.choose_mlp_config(4096, 256, 1024, bf16, weights, device)
-        assert fits_shared_memory(cx.mlp_shared_bytes(mlp, 256, bf16, weights), device)
+    for compute, weights, tf32 in ((bf16, bf16, False), (bf16, fp32, False), (fp32, fp32, True)):
+        mlp = cx.choose_mlp_config(4096, 256, 1024, compute, weights, device, tf32)
+        # The estimate is of the tensor-core loop (whole channel rows staged); sm_75 has no TF32.
+        assert fits_shared_memory(cx.mlp_shared_bytes(mlp, 256, compute, weights), device) or (
+            tf32 and mlp.bk is not None and device.capability < (8, 0))
 
 
-def test_small_batches_split_the_mlp_hidden_and_large_ones_do_not() -> None:
-    bf16 = torch.bfloat16
-    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, H100).split == 4  # 64 tiles x 4 >= 132 SMs
-    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, A100).split == 2  # 64 tiles x 2 >= 108
-    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, gpus.TARGETS["sm_89"]).split == 1  # L4: 58 SMs
-    assert cx.choose_mlp_config(64 * 4096, 256, 1024, bf16, bf16, H100).split == 1
+def test_mlp_split_weighs_rounds_of_programs_against_the_shares_traffic() -> None:
+    """The hidden is split where the SMs' time saved outweighs the fp32 shares' traffic: on an
+    H100 at B=1 (64 tiles) 2 ways (128 programs, 16 MiB of shares) rather than the 4 that fill
+    its 132 SMs (256 programs in 2 rounds, 32 MiB); not on an A100 (108 SMs: a 2-way split runs
+    2 rounds of half tiles); on an L4 (58 SMs) 2 ways (3 rounds of half tiles beat 2 of whole
+    ones); not from B=2 on an H100; on a GPU with SMs to spare, fewer splits than fill it; none
+    whose shares outgrow the L2."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    h100 = cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, H100)
+    assert (h100.bh, h100.split) == (64, 2)
+    assert cx.share_traffic_bytes(h100, 4096, 256) == 2 * 8 * 2**20  # 8 MiB stored, then read back
+    assert cx.share_traffic_bytes(replace(h100, split=4), 4096, 256) == 2 * 16 * 2**20
+    assert cx.share_traffic_bytes(replace(h100, split=1), 4096, 256) == 0
+    assert cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, H100, tf32=True).split == 2
+    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, A100).split == 1
+    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, gpus.TARGETS["sm_89"]).split == 2  # L4
+    for batch in (2, 8, 64):
+        assert cx.choose_mlp_config(batch * 4096, 256, 1024, bf16, bf16, H100).split == 1, batch
+    wide = gpus.GpuSpec("512-SM", (9, 0), 512, H100.shared_memory_per_block, H100.l2_bytes)
+    assert cx.choose_mlp_config(4096, 256, 1024, bf16, bf16, wide).split == 2  # 8 would fill it
+    # Shares beyond the L2 are not priced, not chosen: a T4's 4 MiB against a 2-way split's 8 MiB.
+    t4 = gpus.TARGETS["sm_75"]
+    assert cx.choose_mlp_config(4096, 256, 1024, torch.float16, torch.float16, t4).split == 1
+    assert cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, replace(t4, l2_bytes=64 * 2**20)).split > 1
+
+
+def test_mlp_launch_says_its_split_its_traffic_and_why_its_grid_is_small() -> None:
+    """What the kernel report shows of the MLP (config: split and shares' traffic; grid: waves;
+    the reason for a grid under a wave), and ``forced_mlp_split``, which ``bench --ops`` uses to
+    time the MLP with other splits."""
+    def mlp(device: gpus.GpuSpec) -> Launch:
+        return _sam_launches("sam2", 1, torch.bfloat16, device)[3]
+
+    planned = mlp(H100)
+    assert planned.kernel == "cxblock_mlp" and planned.grid == (64, 2)
+    assert planned.config == "BM=64 BH=64 split=2 w8 s2 shares=16.0MiB W=bf16"
+    assert planned.small_grid_reason == ("filling 132 SMs takes a 4-way split of the hidden, whose 32.0 MiB of "
+                                         "fp32 shares cost more than the idle SMs")
+    assert mlp(A100).config == "BM=64 BH=64 w8 s2 W=bf16" and "2-way split" in mlp(A100).small_grid_reason
+    assert mlp(gpus.TARGETS["sm_86"]).small_grid_reason == (
+        "filling 72 SMs takes a 2-way split of the hidden, whose 8.0 MiB of fp32 shares outgrow the 6 MiB L2")
+    for split, config in ((1, "BM=64 BH=64 w8 s2 W=bf16"), (4, "BM=64 BH=64 split=4 w8 s2 shares=32.0MiB W=bf16"),
+                          (64, "BM=64 BH=64 split=16 w8 s2 shares=128.0MiB W=bf16")):
+        with cx.forced_mlp_split(split):
+            forced = mlp(H100)
+        assert forced.config == config and forced.grid == (64, min(split, 16)), split
+    assert mlp(H100).config == planned.config
+    with pytest.raises(ValueError, match="split must be at least 1; got 0"):
+        with cx.forced_mlp_split(0):
+            pass
+
+
+def test_bench_ops_times_the_triton_mlp_under_each_split() -> None:
+    """``bench --ops`` rows for the triton cxblock: the cost model's split, then each forced one."""
+    settings = bench._op_settings("triton", "cxblock")
+    assert list(settings) == ["cxblock"] + [f"cxblock split={split}" for split in bench.MLP_SPLITS]
+    for row, setting in settings.items():
+        with setting():
+            launch = _sam_launches("sam2", 1, torch.bfloat16, H100)[3]
+        assert launch.grid == (64, 2 if row == "cxblock" else int(row.rsplit("=", 1)[1])), row
+    assert list(bench._op_settings("torch", "cxblock")) == ["cxblock"]
+    assert list(bench._op_settings("triton", "proj_add")) == ["proj_add"]
+
+
+def test_split_mlp_launch_reruns_alone() -> None:
+    """The last program of each token tile sets the tile's arrival count back to zero after its
+    epilogue: the MLP launch rerun alone (a benchmark of one op, a reused plan), without the
+    dwconv kernel zeroing the counts first, writes its output again."""
+    structure, structure64 = _structures(_encoder(dim=64, out_dim=24, seed=98), torch.float32)
+    block, block64 = structure.blocks[0], structure64.blocks[0]
+    x = _randn(2, 5, 7, 64, dtype=torch.float32, seed=99)
+    normed, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    dwconv, mlp = cx.plan_block(x, block.dw_weight, block.dw_bias, block.padding, block.norm_weight,
+                                block.norm_bias, block.eps, block.w1, block.b1, block.w2, block.b2, block.gamma, None,
+                                None, normed, out, EIGHT_SM_H100, for_interpreter=False)
+    assert mlp.grid == (2, 4), mlp.config
+    counts = mlp.args["count_ptr"]
+    oracle, same = torch_ops.cxblock(x.double(), block64), torch_ops.cxblock(x, block)
+    dwconv.run()
+    mlp.run()
+    _check(out, oracle, torch.float32, same)
+    assert torch.equal(counts, torch.zeros_like(counts))
+    out.fill_(float("nan"))
+    mlp.run()
+    _check(out, oracle, torch.float32, same)
 
 
 def test_shared_memory_model_matches_the_compiled_pointwise_kernel() -> None:
@@ -774,14 +922,85 @@ def test_report_launches_bind_every_kernel_argument(module: str, dtype: torch.dt
 # ------------------------------------------------------------------------------ GPU
 
 
-def test_fp32_dots_follow_torch_tf32_setting() -> None:
-    """IEEE fp32 dots unless torch allows TF32 matmuls, as torch itself decides."""
-    x = torch.empty((1, 4, 4, 32), device="meta")
-    weight, bias = torch.empty((16, 32, 1, 1), device="meta"), torch.empty((16,), device="meta")
-    out = torch.empty((1, 16, 4, 4), device="meta")
-    for allowed, expected in ((False, "ieee"), (True, "tf32")):
-        with tf32_matmuls(allowed):
-            assert op.plan_out_proj(x, weight, bias, out, H100).constexprs["PREC"] == expected
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids)
+def test_each_op_takes_its_precision_from_its_reference_layers_flag(dtype: torch.dtype,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask path, proj_add and out_proj replace nn.Conv2d layers and follow cuDNN's TF32 flag,
+    the MLP replaces nn.Linear layers and follows cuBLAS's, each read when the op runs; 16-bit
+    dots are IEEE whatever the flags. The interpreter computes every dot in fp32 whatever its
+    input_precision (the GPU tests check the numbers), so this checks what each launch asks for."""
+    planned: list = []
+    monkeypatch.setattr(Launch, "run", lambda launch: planned.append(launch))
+    structure = _structure(_encoder(dim=32, out_dim=16, seed=90), dtype)
+    masks = _masks(1, (16, 16), dtype, seed=91)
+    mask_features = _randn(1, 256, 1, 1, dtype=dtype, seed=92)
+    pix_feat = _randn(1, 32, 1, 1, dtype=dtype, seed=93)
+    tokens = _randn(1, 1, 1, 32, dtype=dtype, seed=94)
+    fp32 = dtype == torch.float32
+    for conv, matmul in ((False, False), (True, False), (False, True), (True, True)):
+        planned.clear()
+        with tf32_settings(conv, matmul):
+            triton_ops.mask_downsample(masks, structure.stages, None, True)
+            triton_ops.proj_add(mask_features, pix_feat, structure.projection)
+            triton_ops.cxblock(tokens, structure.blocks[0])
+            triton_ops.out_proj(tokens, structure.out_projection)
+            triton_ops.cxblock_out_proj(tokens, structure.blocks[1], structure.out_projection)
+        precisions = {launch.kernel: (launch.constexprs.get("PREC"), launch.constexprs.get("OUT_PREC"), launch.tf32)
+                      for launch in planned}
+        conv_prec, mlp_prec = ("tf32" if fp32 and conv else "ieee"), ("tf32" if fp32 and matmul else "ieee")
+        assert precisions == {
+            "mask_path": (conv_prec, None, conv_prec == "tf32"), "proj_add": (conv_prec, None, conv_prec == "tf32"),
+            "dwconv_ln": (None, None, False), "cxblock_mlp": (mlp_prec, "ieee", mlp_prec == "tf32"),
+            "out_proj": (conv_prec, None, conv_prec == "tf32"),
+            "cxblock_mlp_out": (mlp_prec, conv_prec, mlp_prec == "tf32")}, (conv, matmul)
+
+
+def test_tf32_allows_fp32_the_tensor_core_configurations() -> None:
+    """Where torch allows an op TF32, its fp32 launch takes the tensor-core blocking a 16-bit one
+    takes (whole channel rows, no K chunks of 16), on TF32 GPUs only."""
+    fp32, t4 = torch.float32, gpus.TARGETS["sm_75"]
+    assert cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, H100).bk == 16
+    assert cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, H100, tf32=True).bk is None
+    assert cx.choose_mlp_config(4096, 256, 1024, fp32, fp32, t4, tf32=True).bk == 16
+    assert pa.choose_config(64, 4096, 256, fp32, fp32, H100).bk == 16
+    assert pa.choose_config(64, 4096, 256, fp32, fp32, H100, tf32=True).bk == 64
+    assert md.choose_config(md.SAM2_GEOMETRY, 64, (64, 64), fp32, fp32, H100).num_warps == 4
+    assert md.choose_config(md.SAM2_GEOMETRY, 64, (64, 64), fp32, fp32, H100, tf32=True).num_warps == 8
+
+
+def test_tf32_configurations_run_under_the_interpreter() -> None:
+    """The fp32 tensor-core blockings (what TF32 runs on a GPU; the interpreter's dots are exact
+    fp32, so IEEE's bound applies) of every kernel, split MLP included, match the float64 ops."""
+    fp32 = torch.float32
+    structure, structure64 = _structures(_encoder(dim=64, out_dim=24, seed=95), fp32)
+    stages = structure.stages
+    masks = _masks(2, (32, 48), fp32, seed=96)
+    geom = md.MaskGeometry.of([s.weight for s in stages], stages[0].stride, stages[0].padding,
+                              [s.eps for s in stages])
+    features = torch.full((2, 2, 3, 256), float("nan"), dtype=fp32, device=DEVICE)
+    md.plan_mask_path(masks, geom, [s.weight for s in stages], [s.bias for s in stages],
+                      [s.norm_weight for s in stages], [s.norm_bias for s in stages], True, 1.0, 0.0, features, H100,
+                      max_programs=2, for_interpreter=False, tf32=True).run()
+    _check(features.permute(0, 3, 1, 2), torch_ops.mask_downsample(masks.double(), structure64.stages, None, True),
+           fp32, None)
+    pix_feat = _randn(2, 64, 2, 3, dtype=fp32, seed=97)
+    tokens = torch.full((2, 2, 3, 64), float("nan"), dtype=fp32, device=DEVICE)
+    pa.plan_proj_add(features.permute(0, 3, 1, 2), pix_feat, *structure.projection, tokens, H100,
+                     for_interpreter=False, tf32=True).run()
+    _check(tokens, torch_ops.proj_add(features.permute(0, 3, 1, 2).double(), pix_feat.double(),
+                                      structure64.projection), fp32, None)
+    block, block64 = structure.blocks[0], structure64.blocks[0]
+    normed, out = torch.full_like(tokens, float("nan")), torch.full_like(tokens, float("nan"))
+    launches = cx.plan_block(tokens, block.dw_weight, block.dw_bias, block.padding, block.norm_weight,
+                             block.norm_bias, block.eps, block.w1, block.b1, block.w2, block.b2, block.gamma, None,
+                             None, normed, out, EIGHT_SM_H100, for_interpreter=False, tf32=True)
+    assert launches[1].grid[1] > 1 and launches[1].tf32, launches[1].config
+    for launch in launches:
+        launch.run()
+    _check(out, torch_ops.cxblock(tokens.double(), block64), fp32, None)
+    projected = torch.full((2, 24, 2, 3), float("nan"), dtype=fp32, device=DEVICE)
+    op.plan_out_proj(out, *structure.out_projection, projected, H100, for_interpreter=False, tf32=True).run()
+    _check(projected, torch_ops.out_proj(out.double(), structure64.out_projection), fp32, None)
 
 
 @requires_cuda
@@ -834,11 +1053,37 @@ def test_gpu_sam2_size_each_op_matches_torch_op(dtypes: Tuple[torch.dtype, torch
 
 
 @requires_cuda
-def test_gpu_sam2_size_tf32_when_torch_allows_it() -> None:
+@pytest.mark.parametrize(("conv", "matmul"), [(False, False), (True, False), (False, True), (True, True)])
+def test_gpu_sam2_size_fp32_ops_follow_their_layers_tf32_flag(conv: bool, matmul: bool) -> None:
+    """Each fp32 op against its float64 oracle on the same inputs: within TF32's 1e-3 and above
+    IEEE's 1e-5 (TF32 ran) where torch allows its reference layer TF32 (cuDNN's flag for the
+    convs: mask path, proj_add, out_proj; cuBLAS's for the MLP's Linears), within 1e-5 where not."""
+    preset = PRESETS["sam2"]
+    structure, structure64 = _structures(build_encoder(preset, seed=104), torch.float32)
+    pix_feat, masks = make_inputs(preset, 1, seed=105, device="cuda")
+    with tf32_settings(conv, matmul), poison_outputs():
+        features = triton_ops.mask_downsample(masks, structure.stages, None, True)
+        x = triton_ops.proj_add(features, pix_feat, structure.projection)
+        block = triton_ops.cxblock(x, structure.blocks[0])
+        out = triton_ops.out_proj(block, structure.out_projection)
+    results = {
+        "mask_downsample": (features, torch_ops.mask_downsample(masks.double(), structure64.stages, None, True), conv),
+        "proj_add": (x, torch_ops.proj_add(features.double(), pix_feat.double(), structure64.projection), conv),
+        "cxblock": (block, torch_ops.cxblock(x.double(), structure64.blocks[0]), matmul),
+        "out_proj": (out, torch_ops.out_proj(block.double(), structure64.out_projection), conv),
+    }
+    for op_name, (result, oracle, tf32) in results.items():
+        error = relative_error(result, oracle)
+        assert (1e-5 < error < 1e-3) if tf32 else (error < 1e-5), (op_name, conv, matmul, error)
+
+
+@requires_cuda
+@pytest.mark.parametrize(("conv", "matmul"), [(True, False), (True, True)], ids=["torch_defaults", "all_tf32"])
+def test_gpu_sam2_size_module_under_tf32(conv: bool, matmul: bool) -> None:
     preset = PRESETS["sam2"]
     encoder = build_encoder(preset, seed=76, device="cuda")
     pix_feat, masks = make_inputs(preset, 2, seed=77, device="cuda")
-    with tf32_matmuls(True):
+    with tf32_settings(conv, matmul):
         out = _run(encoder, pix_feat, masks, "triton")["vision_features"]
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     verdict = judge(out, oracle, torch.float32, "cuda", allow_tf32=True)
@@ -852,6 +1097,7 @@ def test_gpu_device_spec_is_the_devices_own() -> None:
     assert spec.sm_count == properties.multi_processor_count
     assert spec.capability == (properties.major, properties.minor)
     assert spec.shared_memory_per_block == properties.shared_memory_per_block_optin >= 48 * 1024
+    assert spec.l2_bytes == properties.L2_cache_size > 0
     assert device_spec(torch.device("cpu")) == H100
 
 

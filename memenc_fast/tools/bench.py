@@ -3,17 +3,22 @@
 GPU timings use CUDA events around repeated calls after warm-up (``triton.testing.do_bench``
 when triton is installed) and report the median; CPU timings use ``time.perf_counter``.
 ``--ops`` times each op of each backend alone, beside its floor on this device: the larger of
-FLOPs / measured matmul rate and minimum bytes / measured copy bandwidth.
+FLOPs / measured matmul rate and minimum bytes / measured copy bandwidth. The triton ``cxblock``
+is timed again with its MLP's hidden split across each of ``MLP_SPLITS`` programs per token tile
+(rows ``cxblock split=N``, through ``memenc_fast.kernels.cxblock.forced_mlp_split``), beside the
+split the cost model chose (the ``cxblock`` row): what a GPU says of that choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional
 
 import torch
 
@@ -33,6 +38,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 EAGER, COMPILED = "reference", "reference+compile"
 """The rows of the reference model itself, eager and under torch.compile."""
+
+MLP_SPLITS = (1, 2, 4)
+"""The MLP splits ``--ops`` also times the triton ``cxblock`` with."""
 
 GPU_BATCHES = {"sam2": [1, 8, 32, 64], "sam3": [1, 16, 64]}
 OTHER_GPU_BATCHES, CPU_BATCHES = [1, 8], [1, 4]
@@ -56,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES,
                         help="torch.compile mode (default max-autotune)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time each backend with cuda_graphs = True (rows <backend>+graphs; CUDA only)")
     parser.add_argument("--json", dest="json_path", metavar="FILE", type=writable_file, default=None,
                         help="write the rows as JSON here")
     # The plot draws end-to-end speedups, which --ops does not measure.
@@ -155,9 +165,11 @@ def _reference_twin(preset: Preset, encoder: torch.nn.Module, dtype: torch.dtype
 
 
 def _end_to_end_rows(device: torch.device, preset: Preset, dtypes: List[torch.dtype], batches: List[int],
-                     backends: List[str], repeats: int, compile_mode: Optional[str]) -> List[Dict[str, object]]:
+                     backends: List[str], repeats: int, compile_mode: Optional[str],
+                     cuda_graphs: bool = False) -> List[Dict[str, object]]:
     """One row per (dtype, batch, implementation): the eager reference, the compiled one when
-    ``compile_mode`` is given, and each backend; speedups are against the first two."""
+    ``compile_mode`` is given, and each backend, also replaying CUDA graphs with ``cuda_graphs``
+    (``<backend>+graphs``); speedups are against the first two."""
     peak = measure_matmul_tflops(device, torch.bfloat16) if device.type == "cuda" else None
     rows: List[Dict[str, object]] = []
     plan = [(dtype, batch) for dtype in dtypes for batch in batches]
@@ -171,6 +183,11 @@ def _end_to_end_rows(device: torch.device, preset: Preset, dtypes: List[torch.dt
             impls[COMPILED] = lambda: compiled(pix_feat, masks)
         for name in backends:
             impls[name] = (lambda n: lambda: _with_backend(n, encoder, pix_feat, masks))(name)
+        if cuda_graphs:
+            graphed = build_encoder(preset, dtype=dtype, device=device)  # the same seeded weights
+            graphed.cuda_graphs = True
+            for name in backends:
+                impls[f"{name}+graphs"] = (lambda n: lambda: _with_backend(n, graphed, pix_feat, masks))(name)
         flops = encoder_flops(preset, batch)
         progress(f"[bench {index}/{len(plan)}] {', '.join(impls)} {dtype_name(dtype)} B={batch} {preset.name}")
         with torch.no_grad():
@@ -229,6 +246,16 @@ def op_calls(ops: Mapping[str, Callable], structure: Structure, pix_feat: torch.
     }
 
 
+def _op_settings(backend: str, op: str) -> Dict[str, Callable[[], ContextManager[object]]]:
+    """The rows of one op: its own, and for the triton ``cxblock`` one per forced MLP split."""
+    settings: Dict[str, Callable[[], ContextManager[object]]] = {op: contextlib.nullcontext}
+    if backend == "triton" and op == "cxblock":
+        from ..kernels.cxblock import forced_mlp_split
+
+        settings.update({f"cxblock split={split}": functools.partial(forced_mlp_split, split) for split in MLP_SPLITS})
+    return settings
+
+
 def _op_rows(device: torch.device, preset: Preset, dtypes: List[torch.dtype], batches: List[int],
              backends: List[str], repeats: int) -> List[Dict[str, object]]:
     bandwidth = measure_copy_bandwidth(device)
@@ -246,14 +273,16 @@ def _op_rows(device: torch.device, preset: Preset, dtypes: List[torch.dtype], ba
                     continue
                 with torch.no_grad():
                     for op, fn in op_calls(selection.ops, structure, pix_feat, masks).items():
-                        progress(f"[ops] {name} {op} {dtype_name(dtype)} B={batch}")
-                        seconds = time_callable(fn, device, repeats)
                         cost = costs[op]
                         floor = max(cost["flops"] / rate, cost["bytes"] / bandwidth)
-                        rows.append(dict(preset=preset.name, backend=name, op=op, dtype=dtype_name(dtype),
-                                         batch=batch,
-                                         us=seconds * 1e6, floor_us=floor * 1e6, pct_of_floor=100 * floor / seconds,
-                                         gflop=cost["flops"] / 1e9, mbytes=cost["bytes"] / 1e6, device=str(device)))
+                        for row_op, setting in _op_settings(name, op).items():
+                            progress(f"[ops] {name} {row_op} {dtype_name(dtype)} B={batch}")
+                            with setting():
+                                seconds = time_callable(fn, device, repeats)
+                            rows.append(dict(preset=preset.name, backend=name, op=row_op, dtype=dtype_name(dtype),
+                                             batch=batch, us=seconds * 1e6, floor_us=floor * 1e6,
+                                             pct_of_floor=100 * floor / seconds, gflop=cost["flops"] / 1e9,
+                                             mbytes=cost["bytes"] / 1e6, device=str(device)))
     return rows
 
 
@@ -340,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
         backends = [b for b in available_backends(device)
                     if b != REFERENCE and not (b == "triton" and not on_gpu and triton_interpreted())]
     repeats = args.repeats or (50 if on_gpu else 3)
+    if args.cuda_graphs and (args.ops or not on_gpu):
+        progress(f"bench: --cuda-graphs times whole forwards on a CUDA device; got {device}"
+                 f"{' and --ops' if args.ops else ''}")
+        return 2
     rows: List[Dict[str, object]] = []
     for name in args.preset:
         batches = args.batch or _default_batches(name, on_gpu)
@@ -347,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
             rows += _op_rows(device, PRESETS[name], dtypes, batches, backends, repeats)
         else:
             compile_mode = args.compile_mode if (on_gpu if args.compile is None else args.compile) else None
-            rows += _end_to_end_rows(device, PRESETS[name], dtypes, batches, backends, repeats, compile_mode)
+            rows += _end_to_end_rows(device, PRESETS[name], dtypes, batches, backends, repeats, compile_mode,
+                                     args.cuda_graphs)
     if args.ops:
         print_table(rows, OPS_COLUMNS, title=f"memenc_fast per-op timings on {device}")
     else:

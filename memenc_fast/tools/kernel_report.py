@@ -25,11 +25,18 @@ Where the kernels come from
 * **CUDA**: every ``csrc/*.cu`` is compiled with ``nvcc -cubin -O3 -std=c++17`` per target (``-I
   csrc`` and, when torch is installed, torch's include directories). Where
   ``memenc_fast.backends.cuda`` imports and defines ``report_launches(batch, dtype, weight_dtype,
-  spec)`` (torch dtypes, a ``GpuSpec``), each launch it returns is a row: a dict with ``kernel``
-  (the demangled name with its template arguments, as in the cubin), ``grid`` (blocks),
-  ``block`` (threads), ``dynamic_smem`` (bytes) and ``config`` (text), and optionally
-  ``small_grid_reason``. Otherwise each ``__global__`` function in the cubin is a row per
-  target, without a grid. Names are demangled (``c++filt``) into a kernel name and template
+  spec)`` (torch dtypes, a ``GpuSpec``) and its built library was compiled from these very
+  sources (the sources digest it records, ``sources_digest``, whether ``--csrc`` is the
+  repository's ``csrc/`` or a copy of it beside an installed package), each launch it returns is
+  a row: a dict with ``kernel`` (the demangled name with its template arguments, as in the
+  cubin), ``grid`` (blocks), ``block`` (threads), ``dynamic_smem`` (bytes) and ``config``
+  (text), and optionally ``small_grid_reason``. Otherwise (no torch, no library, or one built
+  from other sources; a note says which) each ``__global__`` function in the cubin is a row per
+  target, without a grid, except the instantiations no plan launches on that target, so that
+  the verdict is the plans': every plan skips a tile whose dynamic shared memory
+  (``kernels.json``) does not fit the GPU, so an instantiation over the target's limit is left
+  out, with a note, where another tile of it (the same template arguments but the last, which
+  is the tile) fits. Names are demangled (``c++filt``) into a kernel name and template
   arguments; a ``__nv_bfloat16``/``__half``/``float`` template argument gives the row's dtype.
 
   What the names mean comes from an optional sidecar ``csrc/kernels.json``::
@@ -54,14 +61,16 @@ Where the kernels come from
 Inspected cubins are kept in a cache (``--cache-dir``, default ``~/.cache/memenc_fast/
 kernel_report`` or ``$MEMENC_FAST_CACHE_DIR``) keyed by a hash of everything a compile depends
 on (the kernel's source and its callees', the configuration, the target, the compiler's version),
-so a rerun compiles only what changed; ``--no-cache`` compiles everything.
+not on where the files are (a copy of ``csrc/``, another checkout or environment finds the same
+entries), so a rerun compiles only what changed; ``--no-cache`` compiles everything.
 
 The checks (``--strict`` turns them into a non-zero exit)
 ---------------------------------------------------------
 * a kernel does not compile for a target;
-* a kernel that does matrix work in bf16/fp16 has no tensor-core instruction where the target
-  has them for its backend (``expects_tensor_cores``: every target from sm_80; on sm_75, fp16
-  in CUDA C++, as Triton emits no tensor-core code there);
+* a kernel that does matrix work in bf16/fp16, or in fp32 with TF32 dots (a Triton launch's
+  ``tf32``: its rows say ``tf32``), has no tensor-core instruction where the target has them for
+  its backend (``expects_tensor_cores``: every target from sm_80; on sm_75, fp16 in CUDA C++, as
+  Triton emits no tensor-core code there and the GPU has no TF32);
 * a hot kernel uses local memory (``STACK``/``LOCAL`` bytes or ``STL``/``LDL`` instructions);
 * static + dynamic shared memory exceeds the target's per-block limit (``TARGET_LIMITS``), or
   static shared memory exceeds the 48 KiB that needs no opt-in. Static is what the cubin
@@ -175,8 +184,9 @@ TARGET_LIMITS: dict[str, TargetLimits] = {
 """Every target the report compiles for (``--targets``), and its limits."""
 
 # H100 SXM rates the floors are computed with: bf16/fp16 measured on dense GEMMs (~80% of the
-# 989 TFLOP/s peak); fp32 with IEEE math runs on the CUDA cores (67 TFLOP/s peak, same ratio).
-H100_FLOPS: dict[str, float] = {"bf16": 790e12, "fp16": 790e12, "fp32": 54e12}
+# 989 TFLOP/s peak); TF32 at the same ratio of its 495; fp32 with IEEE math runs on the CUDA
+# cores (67 TFLOP/s peak, same ratio).
+H100_FLOPS: dict[str, float] = {"bf16": 790e12, "fp16": 790e12, "tf32": 395e12, "fp32": 54e12}
 H100_BYTES_PER_S: float = 3.0e12
 
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
@@ -206,10 +216,10 @@ def _arch_number(target: str) -> int:
 
 
 def expects_tensor_cores(backend: str, target: str, dtype: str) -> bool:
-    """Whether a bf16/fp16 matrix kernel of ``backend`` compiled for ``target`` must contain
-    tensor-core instructions: from sm_80 on; on sm_75 (fp16 mma.sync, no bf16) in CUDA C++ only,
-    as Triton has no mma for sm_75."""
-    if dtype not in ("bf16", "fp16"):
+    """Whether a bf16/fp16 (or TF32) matrix kernel of ``backend`` compiled for ``target`` must
+    contain tensor-core instructions: from sm_80 on; on sm_75 (fp16 mma.sync, no bf16, no TF32)
+    in CUDA C++ only, as Triton has no mma for sm_75."""
+    if dtype not in ("bf16", "fp16", "tf32"):
         return False
     if _arch_number(target) >= 80:
         return True
@@ -811,7 +821,7 @@ def _compile_modules(target: str, dtype: str, batches: Sequence[int], modules: S
                 for launch, spec in zip(launches, specs):
                     report.rows.append(dataclasses.replace(
                         compile_spec(spec), kernel=spec.kernel, config=spec.config, batch=batch,
-                        dtype=dtype, hot=spec.hot, matrix_work=spec.matrix_work, flops=spec.flops,
+                        dtype="tf32" if launch.tf32 else dtype, hot=spec.hot, matrix_work=spec.matrix_work, flops=spec.flops,
                         min_bytes=spec.min_bytes, gpu=gpu.name, sm_count=gpu.sm_count,
                         grid=launch.programs, small_grid_reason=launch.small_grid_reason))
 
@@ -871,10 +881,11 @@ def _kernels_package_missing(report: Report) -> bool:
 
 def _share_out(units: list[list[str]], workers: int) -> list[list[list[str]]]:
     """``units`` ([target, dtype]) among ``workers``, heaviest first to the least loaded: 16-bit
-    units compile about three times the kernels of fp32 ones (autocast weights, fused out_proj),
+    units compile about 1.5 times the kernels of fp32 ones (autocast weights and fused out_proj
+    against IEEE and TF32 dots),
     and sm_89 stands for two GPUs."""
     def weight(unit: list[str]) -> int:
-        return (1 if unit[1] == "fp32" else 3) * (2 if unit[0] == "sm_89" else 1)
+        return (2 if unit[1] == "fp32" else 3) * (2 if unit[0] == "sm_89" else 1)
 
     shares: list[list[list[str]]] = [[] for _ in range(workers)]
     loads = [0] * workers
@@ -1038,15 +1049,35 @@ def _nvcc_command(nvcc: str, source: Path, cubin: Path, target: str) -> list[str
             str(source), "-o", str(cubin)]
 
 
+def _files_digest(paths: Iterable[Path]) -> bytes:
+    """SHA-256 of files' names and bytes, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
+
+
+def sources_digest(csrc_dir: Path) -> int:
+    """The digest the built library records of the sources it was compiled from
+    (``memenc_fast_sources_digest``): the first 64 bits, big-endian, of the SHA-256 of every
+    ``.cu``, ``.cuh`` and ``.h`` file in ``csrc_dir`` (names and bytes, sorted by name). The build
+    (``build_tools/cuda_build.py``, which an installed package does not have) computes the same;
+    tests/test_kernel_report.py checks that they agree."""
+    sources = sorted(p for p in csrc_dir.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
+    return int.from_bytes(_files_digest(sources)[:8], "big")
+
+
 def _cuda_compile_key(nvcc: str, nvcc_version: str, source: Path, target: str) -> str:
     """What a csrc compile depends on: the compiler, torch (whose headers a binding includes),
-    the source, every header beside it, and the command."""
+    the source, every header beside it, and the command, but not where any of them is."""
     headers = sorted(p for p in source.parent.iterdir() if p.suffix in (".h", ".cuh", ".hpp", ".inc"))
-    digest = hashlib.sha256()
-    for path in [source, *headers]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    command = _nvcc_command(nvcc, source, Path("out.cubin"), target)
-    return CubinCache.key("nvcc", nvcc_version, _version("torch"), command, digest.hexdigest())
+    # The command for a stand-in csrc/, torch's include paths reduced to their last part: csrc/
+    # copied beside an installed package, another checkout or another environment compiles the
+    # same bytes the same way (nvcc_version names the compiler).
+    command = [Path(part).name if os.path.isabs(part) else part
+               for part in _nvcc_command("nvcc", Path("csrc", source.name), Path("out.cubin"), target)]
+    return CubinCache.key("nvcc", nvcc_version, _version("torch"), command,
+                          _files_digest([source, *headers]).hex())
 
 
 def _tool_version(tool: str) -> str:
@@ -1073,11 +1104,9 @@ def _normalized(name: str) -> str:
 
 
 def _cuda_report_launches(options: Options, report: Report) -> Callable[..., Any] | None:
-    """``memenc_fast.backends.cuda.report_launches`` for the repository's csrc/ where it answers
-    (it reads the built library), or None, with a note saying why, where rows come per compiled
-    function (without grids)."""
-    if options.csrc_dir.resolve() != (_REPO_ROOT / "csrc").resolve():
-        return None
+    """``memenc_fast.backends.cuda.report_launches`` where it answers and the library it reads was
+    built from the sources in ``options.csrc_dir`` (wherever they are), or None, with a note saying
+    why, where rows come per compiled function (without grids)."""
     why = None
     if _module_origin("torch") is None:
         why = "torch is not installed"
@@ -1087,8 +1116,13 @@ def _cuda_report_launches(options: Options, report: Report) -> Callable[..., Any
 
             module = importlib.import_module("memenc_fast.backends.cuda")
             launches = getattr(module, "report_launches", None)
+            built_from, these = module.library.load().sources_digest, sources_digest(options.csrc_dir)
             if not callable(launches):
                 why = "memenc_fast.backends.cuda has no report_launches"
+            elif built_from != these:
+                # Its plans pick among the tiles of other sources: they do not say what these launch.
+                why = (f"the built CUDA library was compiled from other sources (sources digest "
+                       f"{built_from:016x}; {options.csrc_dir} has {these:016x})")
             else:
                 for gpu in report_gpus(options.targets)[:1]:
                     launches(1, torch.float32, torch.float32, gpu)
@@ -1158,14 +1192,46 @@ def report_cuda(options: Options, report: Report) -> None:
     launches_of = _cuda_report_launches(options, report)
     if launches_of is None:
         for target, by_name in functions.items():
-            for function in by_name.values():
+            launched, left_out = _launchable_functions(list(by_name.values()), target, sidecar)
+            for function in launched:
                 report.rows.extend(_cuda_rows(function, target, sidecar, options))
+            if left_out:
+                report.notes.append(
+                    f"{target}: left out {len(left_out)} instantiations no plan launches there, their dynamic "
+                    f"shared memory over the {TARGET_LIMITS[target].per_block_max} bytes a block gets where a "
+                    "smaller tile fits: " + ", ".join(f"{f.kernel}<{f.template}>" for f in left_out))
     else:
         report.rows.extend(_cuda_launch_rows(launches_of, functions, sidecar, options))
     compiled = [seconds for _, _, seconds, _ in built if seconds is not None]
     report.notes.append(f"nvcc: {len(jobs)} files x targets, {len(compiled)} compiled "
                         f"({sum(compiled):.1f} s), {sum(1 for b in built if b[1] is not None) - len(compiled)} "
                         f"from the cache, {wall:.1f} s wall")
+
+
+def _launchable_functions(functions: Sequence[_CudaFunction], target: str,
+                         sidecar: dict[str, dict[str, Any]]) -> tuple[list[_CudaFunction], list[_CudaFunction]]:
+    """``(kept, left out)``: the compiled functions of ``target`` some plan may launch there, and
+    the instantiations none does, judged without the plans (the report's fallback).
+
+    Every plan chooses among a kernel's tiles (csrc/common.cuh: ``fill_a_wave``, ``most_blocks``;
+    mask_downsample.cu: ``stage4_tile``) only those whose dynamic shared memory fits the GPU's
+    per-block limit, and the tile is an instantiation's last template argument: an instantiation
+    over the limit (``dynamic_shared_bytes`` in kernels.json) is left out where another tile of
+    the same kernel and other template arguments fits. Where none fits, the plan refuses every
+    launch, so its rows stay, to be flagged.
+    """
+    limit = TARGET_LIMITS[target].per_block_max
+
+    def fits(function: _CudaFunction) -> bool:
+        entry = _sidecar_entry(sidecar, function.kernel, function.template)
+        return entry.get("dynamic_shared_bytes", 0) <= limit
+
+    def family(function: _CudaFunction) -> tuple[str, str]:
+        return function.kernel, function.template.rpartition(",")[0]
+
+    fitting = {family(f) for f in functions if fits(f)}
+    left_out = [f for f in functions if not fits(f) and family(f) in fitting]
+    return [f for f in functions if f not in left_out], left_out
 
 
 def _cuda_rows(function: _CudaFunction, target: str, sidecar: dict[str, dict[str, Any]],

@@ -79,8 +79,9 @@ def _fused_out_proj_reason(structure: Structure, device: torch.device, dtype: to
         return "the fuser has no block to fuse out_proj into"
     last = structure.blocks[-1]
     if not _fuses_out_proj(device, dtype, last.w1.dtype, last.w2.dtype, layer.weight.dtype):
-        return ("out_proj runs as a kernel of its own where the MLP's epilogue spilled with it: dots on CUDA "
-                "cores (fp32 on every GPU, every dtype on sm_75), or weights wider than the activations on sm_100")
+        return ("out_proj runs as a kernel of its own in fp32 (whose dots follow TF32 flags read at every call) "
+                "and where the MLP's epilogue spilled with it: 16-bit dots on CUDA cores (sm_75), or weights wider "
+                "than the activations on sm_100")
     if layer.weight.shape[0] > BLOCK_MAX_CHANNELS:
         return (f"out_proj has {layer.weight.shape[0]} output channels; the MLP's epilogue holds at most "
                 f"{BLOCK_MAX_CHANNELS}")

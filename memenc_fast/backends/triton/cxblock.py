@@ -11,6 +11,7 @@ import torch
 
 from ...kernels._common import Launch
 from ...kernels.cxblock import plan_block
+from ...precision import conv_tf32, matmul_tf32
 from ...structure import Block, Pointwise
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
@@ -41,6 +42,10 @@ def _run_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
         expected += [("out_proj weight", out_weight, (n_out, channels, 1, 1)), ("out_proj bias", out_bias, (n_out,))]
     check_parameters(_OP, device, expected)
     fused = out_weight is not None
+    # The reference's MLP layers are nn.Linear (cuBLAS's TF32 flag), out_proj an nn.Conv2d
+    # (cuDNN's): both read at every call.
+    tf32 = x.dtype == torch.float32 and matmul_tf32()
+    out_tf32 = fused and x.dtype == torch.float32 and conv_tf32()
 
     def plan() -> Tuple[List[Launch], torch.Tensor]:
         normed = new_output(x.shape, x.dtype, x.device)
@@ -51,7 +56,7 @@ def _run_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
                               norm_weight.contiguous(), norm_bias.contiguous(), eps, w1.contiguous(), b1.contiguous(),
                               w2.contiguous(), b2.contiguous(), None if gamma is None else gamma.contiguous(),
                               out_weight.contiguous() if fused else None, out_bias.contiguous() if fused else None,
-                              normed, out, device_spec(device))
+                              normed, out, device_spec(device), tf32=tf32, out_tf32=out_tf32)
         return list(launches), out
 
     def torch_op() -> torch.Tensor:
@@ -63,7 +68,7 @@ def _run_block(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, 
         return tokens.contiguous()
 
     signature = (x.shape, x.dtype, dw_weight.shape, w1.shape[0], w1.dtype, w2.dtype, gamma is None,
-                 None if out_weight is None else (out_weight.shape, out_weight.dtype))
+                 None if out_weight is None else (out_weight.shape, out_weight.dtype), tf32, out_tf32)
     return run_or_fall_back("cxblock_out_proj" if fused else "cxblock", device, signature, plan, torch_op)
 
 

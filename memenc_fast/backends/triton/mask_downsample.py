@@ -10,6 +10,7 @@ import torch
 
 from ...kernels._common import Launch
 from ...kernels.mask_downsample import MaskGeometry, plan_mask_path
+from ...precision import conv_tf32
 from ...structure import MaskStage
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
@@ -57,13 +58,15 @@ def mask_path(masks: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
         raise ValueError(f"{_OP}: masks of size {height}x{width} are too small for the downsampler: "
                          f"stage outputs would be {sizes}")
 
+    tf32 = masks.dtype == torch.float32 and conv_tf32()  # nn.Conv2d stages in the reference, read at every call
+
     def plan() -> Tuple[List[Launch], torch.Tensor]:
         out = new_output((masks.shape[0], *sizes[-1], geometry.channels[-1]), masks.dtype, masks.device)
         if not out.numel():
             return [], out
         return [plan_mask_path(masks, geometry, [w.contiguous() for w in weights], [b.contiguous() for b in biases],
                                [w.contiguous() for w in norm_weights], [b.contiguous() for b in norm_biases],
-                               apply_sigmoid, scale, bias, out, device_spec(masks.device))], out
+                               apply_sigmoid, scale, bias, out, device_spec(masks.device), tf32=tf32)], out
 
     def torch_op() -> torch.Tensor:
         stages = [MaskStage(w, b, nw, nb, e, geometry.stride, geometry.padding, EXACT_GELU)
@@ -71,7 +74,7 @@ def mask_path(masks: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
         features = torch_ops.mask_downsample(masks, stages, None, apply_sigmoid, scale, bias)
         return features.permute(0, 2, 3, 1).contiguous()
 
-    signature = (masks.shape, masks.dtype, geometry, tuple(w.dtype for w in weights))
+    signature = (masks.shape, masks.dtype, geometry, tuple(w.dtype for w in weights), tf32)
     return run_or_fall_back(_OP, masks.device, signature, plan, torch_op)
 
 

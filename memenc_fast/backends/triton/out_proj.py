@@ -10,6 +10,7 @@ import torch
 
 from ...kernels._common import Launch
 from ...kernels.out_proj import plan_out_proj
+from ...precision import conv_tf32
 from ...structure import Pointwise
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
@@ -28,14 +29,15 @@ def out_proj_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     batch, height, width, channels = x.shape
     n = weight.shape[0]
     check_parameters(_OP, device, [("weight", weight, (n, channels, 1, 1)), ("bias", bias, (n,))])
+    tf32 = x.dtype == torch.float32 and conv_tf32()  # an nn.Conv2d in the reference, read at every call
 
     def plan() -> Tuple[List[Launch], torch.Tensor]:
         out = new_output((batch, n, height, width), x.dtype, x.device)
         if not out.numel():
             return [], out
-        return [plan_out_proj(x, weight.contiguous(), bias.contiguous(), out, device_spec(device))], out
+        return [plan_out_proj(x, weight.contiguous(), bias.contiguous(), out, device_spec(device), tf32=tf32)], out
 
-    return run_or_fall_back(_OP, device, (x.shape, x.dtype, weight.shape, weight.dtype), plan,
+    return run_or_fall_back(_OP, device, (x.shape, x.dtype, weight.shape, weight.dtype, tf32), plan,
                             lambda: torch_ops.out_proj(x, Pointwise(weight, bias)))
 
 

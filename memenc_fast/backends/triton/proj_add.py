@@ -10,6 +10,7 @@ import torch
 
 from ...kernels._common import Launch
 from ...kernels.proj_add import plan_proj_add
+from ...precision import conv_tf32
 from ...structure import Projection
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, new_output
@@ -45,20 +46,23 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
                                    ("pix_weight", pix_weight, (channels, c_p, 1, 1)),
                                    ("pix_bias", pix_bias, (channels,))])
 
+    # Both layers are nn.Conv2d in the reference: cuDNN's TF32 flag, read at every call.
+    tf32 = pix_feat.dtype == torch.float32 and conv_tf32()
+
     def plan() -> Tuple[List[Launch], torch.Tensor]:
         out = new_output((batch, height, width, channels), pix_feat.dtype, pix_feat.device)
         if not out.numel():
             return [], out
         return [plan_proj_add(_pixel_indexable(mask_features), _pixel_indexable(pix_feat), mask_weight.contiguous(),
                               mask_bias.contiguous(), pix_weight.contiguous(), pix_bias.contiguous(), out,
-                              device_spec(device))], out
+                              device_spec(device), tf32=tf32)], out
 
     def torch_op() -> torch.Tensor:
         projection = Projection(mask_weight, mask_bias, pix_weight, pix_bias)
         return torch_ops.proj_add(mask_features, pix_feat, projection).contiguous()
 
     signature = (mask_features.shape, pix_feat.shape, mask_weight.shape[0], pix_feat.dtype, mask_weight.dtype,
-                 pix_weight.dtype)
+                 pix_weight.dtype, tf32)
     return run_or_fall_back(_OP, device, signature, plan, torch_op)
 
 
