@@ -53,6 +53,11 @@ NVCC_FLAGS: tuple[str, ...] = (
     "-std=c++17",
     "-Xcompiler",
     "-fPIC",
+    # Only the extern "C" entry points (MF_EXPORT) are exported: the internals' inline and template
+    # statics would otherwise be process-wide unique symbols, shared with any other copy or build
+    # of the library loaded in the process.
+    "-Xcompiler",
+    "-fvisibility=hidden",
     "-lineinfo",
     "-Xptxas",
     "-v",  # ptxas prints registers, spills and shared memory per kernel

@@ -1,7 +1,8 @@
 // What every kernel file shares: what each GPU generation runs, element types, exact GELU, warp
-// reductions, the tensor-core instructions per architecture, launch plans and the launch helper,
-// the launch-configuration choosers, and the argument checks, device guard and dtype dispatch of the
-// extern "C" launchers (whose arguments launch_args.h declares).
+// reductions, the tensor-core instructions per architecture, launch plans, the kernels' preparation
+// per device and the launch helper, the launch-configuration choosers, and the argument checks
+// (alignment included), device guard and dtype dispatch of the extern "C" launchers (whose arguments
+// launch_args.h declares).
 //
 // Compiles with plain nvcc (no torch headers). With -DMEMENC_EMULATE it compiles with a host C++
 // compiler against emulation.h instead, which is how the CPU tests run these kernels
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "launch_args.h"
 
@@ -33,6 +35,7 @@
 #ifdef MEMENC_EMULATE
 #include "emulation.h"
 #else
+#include <cuda.h>  // the driver's types (CUcontext) only: the library does not link the driver
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -132,6 +135,9 @@ struct alignas(2 * sizeof(T)) Pair {
 
 template <typename T>
 __device__ __forceinline__ void load_pair(const T* p, float& a, float& b) {
+#ifdef MEMENC_EMULATE
+  emu::check_aligned(p, sizeof(Pair<T>));
+#endif
   const Pair<T> pair = *reinterpret_cast<const Pair<T>*>(p);
   a = to_float(pair.x);
   b = to_float(pair.y);
@@ -139,6 +145,9 @@ __device__ __forceinline__ void load_pair(const T* p, float& a, float& b) {
 
 template <typename T>
 __device__ __forceinline__ void store_pair(T* p, float a, float b) {
+#ifdef MEMENC_EMULATE
+  emu::check_aligned(p, sizeof(Pair<T>));
+#endif
   Pair<T> pair;
   pair.x = from_float<T>(a);
   pair.y = from_float<T>(b);
@@ -292,63 +301,136 @@ struct Plan {
   cudaError_t (*run)(const KernelLaunch& launch, const Params& params, cudaStream_t stream, int device);
 };
 
-// Launches `Kernel` as `launch` says, on `stream`, and returns the launch's error. A kernel that asks
-// for more than 48 KiB of dynamic shared memory gets the opt-in attribute set first, once per device.
-template <auto Kernel, typename Params>
-cudaError_t run_kernel(const KernelLaunch& launch, const Params& params, cudaStream_t stream, int device) {
-  if (launch.dynamic_smem > kSmemWithoutOptIn) {
-    static std::atomic<uint64_t> configured{0};  // this kernel's: one bit per device index below 64
-    const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-    if (bit == 0 || !(configured.load() & bit)) {
-      const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   launch.dynamic_smem);
-      if (err != cudaSuccess) return err;
-      configured.fetch_or(bit);
-    }
+// Relaxed stream-capture mode on the calling thread for the object's lifetime. Loading a kernel's
+// module and setting its attributes are calls CUDA forbids during a global-mode capture (what
+// torch.cuda.graph begins, on any thread): they would fail and invalidate a user's capture; relaxed,
+// they are allowed and leave the capture intact.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+// Makes `Kernel` ready to launch on `device`: loads it there (lazy module loading, CUDA's default,
+// would load it at its first launch) and, where it takes more than 48 KiB of dynamic shared memory,
+// gives it that opt-in. Once per device (index below 64; above, every time), in relaxed capture mode.
+template <auto Kernel, int kDynamicSmem>
+cudaError_t prepare_kernel(int device) {
+  static std::atomic<uint64_t> prepared{0};  // this kernel's: one bit per device
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (prepared.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  RelaxedCapture relaxed;
+  cudaFuncAttributes attributes{};
+  cudaError_t err = cudaFuncGetAttributes(&attributes, Kernel);
+  if (err == cudaSuccess && kDynamicSmem > kSmemWithoutOptIn) {
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kDynamicSmem);
   }
-  const dim3 grid(static_cast<unsigned>(launch.grid_x), static_cast<unsigned>(launch.grid_y));
-#ifdef MEMENC_EMULATE
-  (void)stream;
-  return emu::launch(Kernel, grid, dim3(launch.block), launch.dynamic_smem, params);
-#else
-  Kernel<<<grid, launch.block, launch.dynamic_smem, stream>>>(params);
-  return cudaGetLastError();
-#endif
+  if (err == cudaSuccess) prepared.fetch_or(bit, std::memory_order_release);
+  return err;
 }
 
-// The plan that launches `Kernel` (described by `info`, which must outlive it) over `grid` blocks;
-// `small_grid_reason` as its chooser says.
-template <auto Kernel, typename Params>
-Plan<Params> plan_of(const KernelInfo& info, int64_t grid_x, int grid_y, int block, int dynamic_smem,
-                     const char* small_grid_reason) {
+// A kernel instantiation some plan can launch: its dynamic shared memory and its prepare_kernel.
+struct LaunchableKernel {
+  int dynamic_smem;
+  cudaError_t (*prepare)(int device);
+};
+
+// Every kernel instantiation a plan can launch, registered while the library loads (Launchable), so
+// that memenc_fast_prepare_device prepares them all before any launch.
+inline std::vector<LaunchableKernel>& launchable_kernels() {
+  static std::vector<LaunchableKernel> kernels;
+  return kernels;
+}
+
+// Registers `Kernel` in launchable_kernels(): plan_of names `registered`, which instantiates it for
+// every kernel a plan can choose, and its initialization runs when the library loads.
+template <auto Kernel, int kDynamicSmem>
+struct Launchable {
+  static const bool registered;
+};
+template <auto Kernel, int kDynamicSmem>
+const bool Launchable<Kernel, kDynamicSmem>::registered =
+    (launchable_kernels().push_back(LaunchableKernel{kDynamicSmem, &prepare_kernel<Kernel, kDynamicSmem>}), true);
+
+// Launches `Kernel` as `launch` says, with `kDynamicSmem` bytes of dynamic shared memory, on `stream`,
+// after preparing it on `device` (a no-op once done), and returns the launch's own error:
+// cudaGetLastError would also return an earlier failure of any runtime call on this thread.
+template <auto Kernel, typename Params, int kDynamicSmem>
+cudaError_t run_kernel(const KernelLaunch& launch, const Params& params, cudaStream_t stream, int device) {
+  const cudaError_t err = prepare_kernel<Kernel, kDynamicSmem>(device);
+  if (err != cudaSuccess) return err;
+  // Members in order, unnamed: the host emulation defines gridDim and blockDim as the kernels' built-ins.
+  const cudaLaunchConfig_t config{dim3(static_cast<unsigned>(launch.grid_x), static_cast<unsigned>(launch.grid_y)),
+                                  dim3(static_cast<unsigned>(launch.block)), kDynamicSmem, stream, nullptr, 0};
+  return cudaLaunchKernelEx(&config, Kernel, params);
+}
+
+// The plan that launches `Kernel` (described by `info`, which must outlive it) over `grid` blocks with
+// `kDynamicSmem` bytes of dynamic shared memory; `small_grid_reason` as its chooser says.
+template <auto Kernel, typename Params, int kDynamicSmem>
+Plan<Params> plan_of(const KernelInfo& info, int64_t grid_x, int grid_y, int block, const char* small_grid_reason) {
+  static_cast<void>(Launchable<Kernel, kDynamicSmem>::registered);
   Plan<Params> plan{};
   plan.launch.kernel = info.name.c_str();
   plan.launch.config = info.config.c_str();
   plan.launch.grid_x = static_cast<int32_t>(grid_x);
   plan.launch.grid_y = grid_y;
   plan.launch.block = block;
-  plan.launch.dynamic_smem = dynamic_smem;
+  plan.launch.dynamic_smem = kDynamicSmem;
   plan.launch.small_grid_reason = small_grid_reason;
-  plan.run = &run_kernel<Kernel, Params>;
+  plan.run = &run_kernel<Kernel, Params, kDynamicSmem>;
   return plan;
 }
 
-// Makes `device` current for the launcher's lifetime and restores the caller's device after: the
-// library has its own (static) CUDA runtime, whose current device is not torch's.
+// The driver's cuCtxGetCurrent and cuCtxSetCurrent, through the runtime's driver entry points (the
+// library does not link the driver); null where the driver does not give them. Looked up once.
+// (library.cu)
+struct DriverContextCalls {
+  CUresult (*get_current)(CUcontext* context);
+  CUresult (*set_current)(CUcontext context);
+};
+const DriverContextCalls& driver_context_calls();
+
+// Makes `device` current for the launcher's lifetime, then leaves the thread as it found it: the
+// library has its own (static) CUDA runtime, whose current device is not torch's. It restores the
+// driver's current context itself (none, where there was none), not the device cudaGetDevice named:
+// with no context current that is device 0 by default, and cudaSetDevice(0) would create GPU 0's
+// primary context (hundreds of MB) in a process that uses another GPU only. Only where the driver
+// does not give its context calls does it restore the device instead.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) : device_(device) {
+  explicit DeviceGuard(int device) {
+    const DriverContextCalls& driver = driver_context_calls();
+    known_context_ = driver.get_current != nullptr && driver.set_current != nullptr &&
+                     driver.get_current(&context_) == CUDA_SUCCESS;
     status_ = cudaGetDevice(&previous_);
-    if (status_ == cudaSuccess && previous_ != device_) status_ = cudaSetDevice(device_);
+    if (status_ != cudaSuccess) return;
+    if (previous_ == device && (!known_context_ || context_ != nullptr)) return;  // current already
+    status_ = cudaSetDevice(device);
+    switched_ = status_ == cudaSuccess;
   }
   ~DeviceGuard() {
-    if (status_ == cudaSuccess && previous_ != device_) cudaSetDevice(previous_);
+    if (!switched_) return;
+    if (known_context_) {
+      driver_context_calls().set_current(context_);
+    } else {
+      cudaSetDevice(previous_);
+    }
   }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
   cudaError_t status() const { return status_; }
 
  private:
-  int device_;
+  CUcontext context_ = nullptr;  // the driver's current context on entry
+  bool known_context_ = false;
   int previous_ = -1;
+  bool switched_ = false;
   cudaError_t status_;
 };
 
@@ -372,9 +454,21 @@ cudaError_t plan_and_run(const Params& params, int device, cudaStream_t stream, 
   return plan.run(plan.launch, params, stream, device);
 }
 
+// Bytes per element of a MEMENC_DTYPE_* dtype.
+inline int dtype_bytes(int dtype) { return dtype == MEMENC_DTYPE_FLOAT32 ? 4 : 2; }
+
+// Whether every pointer is a multiple of `bytes`, the widest access the kernels make through it (16
+// for a 16-byte vector, two elements for a pair): a misaligned vector access is a sticky error that
+// ends the CUDA context. Null pointers are (the plans read none).
+template <typename... Pointers>
+bool aligned_to(int bytes, Pointers... pointers) {
+  return ((reinterpret_cast<uintptr_t>(pointers) % static_cast<uintptr_t>(bytes) == 0) && ...);
+}
+
 // What a launcher and its plan entry point share: whether its pointer arguments are all set, its
 // kernels' parameters from its arguments (cudaErrorNotSupported for sizes without a kernel,
-// cudaErrorInvalidValue for sizes it cannot take), and its plan for a GPU.
+// cudaErrorInvalidValue for sizes it cannot take and pointers misaligned for its accesses), and its
+// plan for a GPU.
 template <typename Args, typename Params>
 struct Op {
   bool (*pointers_set)(const Args& args);

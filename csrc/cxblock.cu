@@ -150,6 +150,11 @@ bool dwconv_pointers_set(const DwconvLnArgs& a) {
 cudaError_t dwconv_params(const DwconvLnArgs& a, DwParams* p) {
   if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
   if (!has_dwconv_kernel(a.kernel_size, a.channels)) return cudaErrorNotSupported;
+  // Every tensor but the dwconv weight is read or written in channel pairs (channels are even).
+  if (!aligned_to(2 * dtype_bytes(a.dtype), a.x, a.normed, a.residual) ||
+      !aligned_to(2 * dtype_bytes(a.weight_dtype), a.dw_bias, a.norm_weight, a.norm_bias, a.b2, a.gamma)) {
+    return cudaErrorInvalidValue;
+  }
   p->args = a;
   p->pad = (a.kernel_size - 1) / 2;
   p->tiles_w = ceil_div(a.width, kDwTile);
@@ -164,8 +169,8 @@ struct DwPlanner {
     static const KernelInfo info =
         kernel_info<T, W, KS>("dwconv_ln_kernel", std::to_string(kDwTile) + " pixels of a row per block");
     const TileCandidate tiles[] = {{static_cast<int64_t>(p.args.batch) * p.args.height * p.tiles_w, 0, kDwTile}};
-    return plan_of<dwconv_ln_kernel<T, W, KS>, DwParams>(info, tiles[0].blocks, 1, p.args.channels / 2, 0,
-                                                         fill_a_wave(tiles, target).small_grid_reason);
+    return plan_of<dwconv_ln_kernel<T, W, KS>, DwParams, 0>(info, tiles[0].blocks, 1, p.args.channels / 2,
+                                                            fill_a_wave(tiles, target).small_grid_reason);
   }
 
   static cudaError_t run(const DwParams& p, const GpuTarget& target, Plan<DwParams>* plan) {

@@ -13,9 +13,19 @@
 // per block) that the device queries answer from and launches are checked against: more dynamic
 // shared memory than 48 KiB without the kernel's opt-in attribute, or than the GPU has, is refused
 // as the CUDA runtime refuses it. MEMENC_EMULATE_ARCH picks the generation whose code paths the
-// kernels compile (common.cuh).
+// kernels compile (common.cuh). A misaligned vector access (a 16-byte load, a pair of elements) makes
+// the launch fail with cudaErrorMisalignedAddress, as the GPU does, instead of reading happily on x86.
+//
+// The runtime around it is emulated too (emu::runtime()): its and the driver's versions, the error
+// its initialization gives (cudaErrorInsufficientDriver with a driver older than the runtime), the
+// devices, which of them have a primary context and which context is current (cudaSetDevice creates
+// and makes current one, as CUDA 12's runtime does; a launch or module load with none current creates
+// the selected device's), the calling thread's last error (cudaGetLastError), and a stream capture in
+// progress, during which module loads and kernel attributes fail unless the thread relaxed its
+// capture mode. The emulation has one host thread.
 #pragma once
 
+#include <cuda.h>  // the driver's types (CUcontext), for the emulated driver entry points
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <driver_types.h>
@@ -104,6 +114,7 @@ struct Block {
   std::vector<uint32_t> exchange;  // per warp: 32 lanes x kExchangeWords
   long progress = 0;               // bumped whenever a fiber gets past a barrier or finishes
   std::vector<unsigned char> dynamic_smem;
+  bool misaligned = false;  // a thread of this launch made a misaligned vector access
 };
 
 constexpr int kExchangeWords = 16;
@@ -111,6 +122,11 @@ constexpr int kExchangeWords = 16;
 inline Block& state() {
   static Block block;
   return block;
+}
+
+// Flags the launch in progress when `p` is not a multiple of `bytes`, the access's width.
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) state().misaligned = true;
 }
 
 inline void yield() {
@@ -208,6 +224,50 @@ inline void run_block() {
   b.current = nullptr;
 }
 
+// The emulated runtime and driver (see the top of this file).
+struct Runtime {
+  int runtime_version = 13000;  // CUDA 13.0, as 1000 * major + 10 * minor
+  int driver_version = 13000;   // the newest CUDA version the driver supports; 0: no driver
+  cudaError_t init_error = cudaSuccess;
+  int device_count = 1;
+  uint64_t contexts = 0;      // bit d: device d's primary context exists
+  int current_context = -1;   // the device whose primary context is current on the thread; -1: none
+  int selected_device = 0;    // the runtime's device for the thread, where no context is current
+  bool capturing = false;     // a stream capture (global mode) is in progress
+  int calls_during_capture = 0;  // module loads and kernel attribute calls made while capturing
+  cudaStreamCaptureMode capture_mode = cudaStreamCaptureModeGlobal;  // the thread's
+  cudaError_t last_error = cudaSuccess;
+};
+
+inline Runtime& runtime() {
+  static Runtime current;
+  return current;
+}
+
+// `error`, also recorded as the thread's last error where it is one (as every runtime call does).
+inline cudaError_t fail(cudaError_t error) {
+  if (error != cudaSuccess) runtime().last_error = error;
+  return error;
+}
+
+// What a call that needs a context does where none is current: creates (or retains) the selected
+// device's primary context and makes it current.
+inline void need_context() {
+  Runtime& r = runtime();
+  if (r.current_context >= 0) return;
+  r.contexts |= uint64_t{1} << r.selected_device;
+  r.current_context = r.selected_device;
+}
+
+// A module load or a kernel attribute call: counted while a capture is in progress, and refused then
+// unless the thread relaxed its capture mode.
+inline cudaError_t capture_check() {
+  Runtime& r = runtime();
+  if (!r.capturing) return cudaSuccess;
+  ++r.calls_during_capture;
+  return r.capture_mode == cudaStreamCaptureModeRelaxed ? cudaSuccess : cudaErrorStreamCaptureUnsupported;
+}
+
 // The emulated GPU: `arch` is what its kernels' ptxVersion reports (0: the library has no code for
 // it), then its SM count and its shared memory per block, opt-in included. An H100 by default.
 struct Gpu {
@@ -221,6 +281,13 @@ inline Gpu& gpu() {
   return current;
 }
 
+// Bumped whenever a test changes the emulated GPU or runtime: what the library reads once per device
+// on a GPU, it reads again then.
+inline long& generation() {
+  static long current = 1;
+  return current;
+}
+
 // Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, as cudaFuncSetAttribute set it.
 inline std::map<const void*, int>& dynamic_smem_limits() {
   static std::map<const void*, int> limits;
@@ -231,6 +298,8 @@ constexpr size_t kSmemWithoutOptIn = 48 * 1024;
 
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  if (runtime().init_error != cudaSuccess) return runtime().init_error;
+  need_context();
   if (gpu().arch == 0) return cudaErrorNoKernelImageForDevice;
   const auto limit = dynamic_smem_limits().find(reinterpret_cast<const void*>(kernel));
   const size_t allowed = limit == dynamic_smem_limits().end() ? kSmemWithoutOptIn : limit->second;
@@ -242,6 +311,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   b.grid_dim = grid;
   b.block_dim = block;
   b.dynamic_smem.assign(smem + 16, 0xff);  // garbage-filled like real shared memory
+  b.misaligned = false;
   b.body = [&]() { kernel(args...); };
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -249,7 +319,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
         b.block_idx = dim3(x, y, z);
         run_block();
       }
-  return cudaSuccess;
+  return b.misaligned ? cudaErrorMisalignedAddress : cudaSuccess;
 }
 
 inline void* dynamic_smem() {
@@ -379,6 +449,12 @@ inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2
 
 }  // namespace emu
 
+// (Before the kernel built-ins below: gridDim and blockDim are also the launch configuration's members.)
+template <typename... KArgs, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(KArgs...), Args&&... args) {
+  return emu::fail(emu::launch(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes, args...));
+}
+
 #define threadIdx (::emu::state().current->tid)
 #define blockIdx (::emu::state().block_idx)
 #define blockDim (::emu::state().block_dim)
@@ -388,6 +464,7 @@ inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2
 
 template <typename T>
 inline T __ldg(const T* p) {
+  emu::check_aligned(p, alignof(T));
   return *p;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
@@ -398,9 +475,44 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
   std::abort();
 }
 
-// The runtime calls the launchers make; the emulated "device" is the host, as emu::gpu() describes it.
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// The runtime calls the library makes; the emulated "device" is the host, as emu::gpu() describes it,
+// in the emulated runtime (emu::runtime()).
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t error = emu::runtime().last_error;
+  emu::runtime().last_error = cudaSuccess;
+  return error;
+}
+inline cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = emu::runtime().runtime_version;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDriverGetVersion(int* version) {
+  *version = emu::runtime().driver_version;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 0;
+  if (emu::runtime().init_error != cudaSuccess) return emu::fail(emu::runtime().init_error);
+  *count = emu::runtime().device_count;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  const emu::Runtime& r = emu::runtime();
+  if (r.init_error != cudaSuccess) return emu::fail(r.init_error);
+  *device = r.current_context >= 0 ? r.current_context : r.selected_device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) {
+  emu::Runtime& r = emu::runtime();
+  if (r.init_error != cudaSuccess) return emu::fail(r.init_error);
+  if (device < 0 || device >= r.device_count) return emu::fail(cudaErrorInvalidDevice);
+  r.selected_device = device;
+  r.contexts |= uint64_t{1} << device;
+  r.current_context = device;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  if (emu::runtime().init_error != cudaSuccess) return emu::fail(emu::runtime().init_error);
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount:
       *value = emu::gpu().sm_count;
@@ -409,12 +521,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
       *value = emu::gpu().shared_memory_per_block;
       return cudaSuccess;
     default:
-      return cudaErrorInvalidValue;
+      return emu::fail(cudaErrorInvalidValue);
   }
 }
 template <typename Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
-  if (emu::gpu().arch == 0) return cudaErrorNoKernelImageForDevice;
+  if (emu::runtime().init_error != cudaSuccess) return emu::fail(emu::runtime().init_error);
+  emu::need_context();
+  const cudaError_t capture = emu::capture_check();
+  if (capture != cudaSuccess) return emu::fail(capture);
+  if (emu::gpu().arch == 0) return emu::fail(cudaErrorNoKernelImageForDevice);
   *attributes = cudaFuncAttributes{};
   attributes->ptxVersion = emu::gpu().arch;
   attributes->binaryVersion = emu::gpu().arch;
@@ -422,19 +538,41 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
 }
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  emu::need_context();
+  const cudaError_t capture = emu::capture_check();
+  if (capture != cudaSuccess) return emu::fail(capture);
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value > emu::gpu().shared_memory_per_block) {
-    return cudaErrorInvalidValue;
+    return emu::fail(cudaErrorInvalidValue);
   }
   emu::dynamic_smem_limits()[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
 }
-inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+  std::swap(*mode, emu::runtime().capture_mode);
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-inline cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+
+namespace emu {
+
+// The driver's current-context calls, on the emulated contexts: a context is the address one past
+// its device's index (never dereferenced), null none.
+inline CUresult ctx_get_current(CUcontext* context) {
+  *context = reinterpret_cast<CUcontext>(static_cast<uintptr_t>(runtime().current_context + 1));
+  return CUDA_SUCCESS;
+}
+inline CUresult ctx_set_current(CUcontext context) {
+  runtime().current_context = static_cast<int>(reinterpret_cast<uintptr_t>(context)) - 1;
+  return CUDA_SUCCESS;
+}
+
+}  // namespace emu
+
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** function, unsigned int,
+                                                    unsigned long long, cudaDriverEntryPointQueryResult* status) {
+  *function = nullptr;
+  if (std::strcmp(symbol, "cuCtxGetCurrent") == 0) *function = reinterpret_cast<void*>(&emu::ctx_get_current);
+  if (std::strcmp(symbol, "cuCtxSetCurrent") == 0) *function = reinterpret_cast<void*>(&emu::ctx_set_current);
+  *status = *function != nullptr ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 // The runtime's texts for the errors the launchers return.
@@ -450,6 +588,14 @@ inline const char* cudaGetErrorString(cudaError_t error) {
       return "no kernel image is available for execution on the device";
     case cudaErrorNotSupported:
       return "operation not supported";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorMisalignedAddress:
+      return "misaligned address";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
     default:
       return "emulated CUDA error";
   }

@@ -1,7 +1,9 @@
 // Entry points of the library itself: what the Python binding checks when it loads the library
 // (the launch-args hash, the kernel configurations, the architectures it was built for, whether
 // kernels run on the host), what each architecture serves, the CUDA runtime queries it reports
-// errors with, and the GPU the launchers plan for (device_target).
+// errors with, whether its runtime can serve this machine and each device (memenc_fast_cuda_runtime,
+// memenc_fast_prepare_device, which also prepares every kernel there), the GPU the launchers plan for
+// (device_target) and the driver's context calls the device guard restores the thread with.
 #include <mutex>
 #include <string>
 
@@ -81,16 +83,101 @@ MF_EXPORT const char* memenc_fast_cuda_error_string(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));
 }
 
-// The number of CUDA devices this library's runtime sees (0 with an error code when none).
-MF_EXPORT int memenc_fast_cuda_device_count(int* count) {
-  *count = 0;
-  return cudaGetDeviceCount(count);
+namespace {
+
+struct RuntimeProbe {
+  int runtime_version = 0;
+  int driver_version = 0;
+  int device_count = 0;
+  cudaError_t error = cudaSuccess;
+};
+
+// None of these calls creates a context on any device.
+RuntimeProbe probe_runtime() {
+  RuntimeProbe probe;
+  cudaRuntimeGetVersion(&probe.runtime_version);
+  cudaDriverGetVersion(&probe.driver_version);
+  probe.error = cudaGetDeviceCount(&probe.device_count);
+  if (probe.error != cudaSuccess) probe.device_count = 0;
+  return probe;
+}
+
+}  // namespace
+
+// Whether this library's CUDA runtime can serve this machine, asked once per process: its version and
+// the newest CUDA version the driver supports (1000 * major + 10 * minor; the driver's is 0 without a
+// driver), the devices it sees, and the error of its initialization, which is what every call of
+// the library would meet (cudaErrorInsufficientDriver with a driver older than the runtime). Creates
+// no context.
+MF_EXPORT int memenc_fast_cuda_runtime(int* runtime_version, int* driver_version, int* device_count) {
+#ifdef MEMENC_EMULATE
+  const RuntimeProbe probe = probe_runtime();  // not cached: tests change the emulated runtime
+#else
+  static const RuntimeProbe probe = probe_runtime();
+#endif
+  *runtime_version = probe.runtime_version;
+  *driver_version = probe.driver_version;
+  *device_count = probe.device_count;
+  return probe.error;
+}
+
+// Makes the library ready to launch on `device`, outside the rules of any stream capture in progress
+// (relaxed capture mode): reads the GPU its plans are for (device_target), then loads every kernel a
+// plan can launch there and gives those that need it their shared-memory opt-in, each once per device.
+// Returns the first error, which says this library cannot serve the device (no code for it, PTX its
+// driver cannot compile, a device in another process's exclusive use). Uses `device`'s primary
+// context, created if it has none: call it for a device the caller's tensors are on.
+MF_EXPORT int memenc_fast_prepare_device(int device) {
+  mf::DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  GpuTarget target{};
+  const cudaError_t err = mf::device_target(device, &target);
+  if (err != cudaSuccess) return err;
+  for (const mf::LaunchableKernel& kernel : mf::launchable_kernels()) {
+    if (kernel.dynamic_smem > target.shared_memory_per_block) continue;  // no plan launches it there
+    const cudaError_t prepared = kernel.prepare(device);
+    if (prepared != cudaSuccess) return prepared;
+  }
+  return cudaSuccess;
 }
 
 #ifdef MEMENC_EMULATE
 // The GPU the emulated launchers plan for (arch 0: the library has no code for it).
 MF_EXPORT void memenc_fast_emulate_gpu(const GpuTarget* target) {
   emu::gpu() = emu::Gpu{target->arch, target->sm_count, target->shared_memory_per_block};
+  ++emu::generation();
+}
+
+// A fresh emulated runtime: its and the driver's CUDA versions, the error its initialization gives
+// (0: none), `device_count` devices, no context but `current_device`'s (-1: none), which is current
+// (as torch leaves the device it last used), no capture in progress, no last error.
+MF_EXPORT void memenc_fast_emulate_runtime(int runtime_version, int driver_version, int init_error, int device_count,
+                                           int current_device) {
+  emu::Runtime& r = emu::runtime();
+  r = emu::Runtime{};
+  ++emu::generation();
+  r.runtime_version = runtime_version;
+  r.driver_version = driver_version;
+  r.init_error = static_cast<cudaError_t>(init_error);
+  r.device_count = device_count;
+  if (current_device >= 0) {
+    r.contexts = uint64_t{1} << current_device;
+    r.current_context = r.selected_device = current_device;
+  }
+}
+
+// Begins (1) or ends (0) an emulated global-mode stream capture; returns how many module loads and
+// kernel attribute calls were made during captures since the runtime was made.
+MF_EXPORT int memenc_fast_emulate_capture(int capturing) {
+  emu::runtime().capturing = capturing != 0;
+  return emu::runtime().calls_during_capture;
+}
+
+// The emulated contexts: bit d set where device d has a primary context; `*current` the device whose
+// context is current on the thread, -1 for none.
+MF_EXPORT uint64_t memenc_fast_emulated_contexts(int* current) {
+  *current = emu::runtime().current_context;
+  return emu::runtime().contexts;
 }
 #endif
 
@@ -103,6 +190,7 @@ __global__ void arch_probe_kernel() {}
 namespace {
 
 cudaError_t query_target(int device, GpuTarget* target) {
+  RelaxedCapture relaxed;  // loads the probe kernel's module
   cudaFuncAttributes probe{};
   cudaError_t err = cudaFuncGetAttributes(&probe, arch_probe_kernel);
   if (err != cudaSuccess) return err;
@@ -115,19 +203,48 @@ cudaError_t query_target(int device, GpuTarget* target) {
 }  // namespace
 
 cudaError_t device_target(int device, GpuTarget* target) {
-#ifdef MEMENC_EMULATE
-  return query_target(device, target);  // not cached: tests change the emulated GPU
-#else
   constexpr int kCachedDevices = 64;
   if (device < 0) return cudaErrorInvalidDevice;
   if (device >= kCachedDevices) return query_target(device, target);
-  static std::once_flag once[kCachedDevices];
   static GpuTarget targets[kCachedDevices];
   static cudaError_t errors[kCachedDevices];
+#ifdef MEMENC_EMULATE
+  // Once per device as on a GPU, and again after a test changes the emulated GPU or runtime.
+  static long read_in[kCachedDevices];  // the emulation's generation each was read in; 0: never
+  if (read_in[device] != emu::generation()) {
+    errors[device] = query_target(device, &targets[device]);
+    read_in[device] = emu::generation();
+  }
+#else
+  static std::once_flag once[kCachedDevices];
   std::call_once(once[device], [device] { errors[device] = query_target(device, &targets[device]); });
+#endif
   *target = targets[device];
   return errors[device];
+}
+
+const DriverContextCalls& driver_context_calls() {
+  static const DriverContextCalls calls = [] {
+    DriverContextCalls found{};
+    void* get_current = nullptr;
+    void* set_current = nullptr;
+    cudaDriverEntryPointQueryResult get_status = cudaDriverEntryPointSymbolNotFound;
+    cudaDriverEntryPointQueryResult set_status = cudaDriverEntryPointSymbolNotFound;
+    // Both calls date from CUDA 4.0 and kept their signatures; 12000 asks for them as CUDA 12 has them.
+#if defined(MEMENC_EMULATE) || CUDART_VERSION >= 12050
+    cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &get_current, 12000, cudaEnableDefault, &get_status);
+    cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &set_current, 12000, cudaEnableDefault, &set_status);
+#else
+    cudaGetDriverEntryPoint("cuCtxGetCurrent", &get_current, cudaEnableDefault, &get_status);
+    cudaGetDriverEntryPoint("cuCtxSetCurrent", &set_current, cudaEnableDefault, &set_status);
 #endif
+    if (get_status == cudaDriverEntryPointSuccess && set_status == cudaDriverEntryPointSuccess) {
+      found.get_current = reinterpret_cast<CUresult (*)(CUcontext*)>(get_current);
+      found.set_current = reinterpret_cast<CUresult (*)(CUcontext)>(set_current);
+    }
+    return found;
+  }();
+  return calls;
 }
 
 }  // namespace mf

@@ -191,6 +191,7 @@ bool stem_pointers_set(const MaskStemArgs& a) {
 cudaError_t stem_params(const MaskStemArgs& a, StemParams* p) {
   if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
   if (a.channels1 != kStemC1 || a.channels2 != kStemC2) return cudaErrorNotSupported;
+  if (!aligned_to(16, a.out)) return cudaErrorInvalidValue;  // rows stored in 16-byte vectors; the rest read by element
   p->args = a;
   p->H1 = conv3x3s2_size(a.height);
   p->W1 = conv3x3s2_size(a.width);
@@ -209,8 +210,8 @@ struct StemPlanner {
         "mask_stem_kernel", std::to_string(kStemTile) + "x" + std::to_string(kStemTile) + " stage-2 pixels per block");
     const TileCandidate tiles[] = {{static_cast<int64_t>(p.args.batch) * p.tiles_per_image, 0, kStemTile}};
     const TileChoice choice = fill_a_wave(tiles, target);
-    *plan = plan_of<mask_stem_kernel<T, W>, StemParams>(info, tiles[0].blocks, 1, kStemThreads, 0,
-                                                        choice.small_grid_reason);
+    *plan = plan_of<mask_stem_kernel<T, W>, StemParams, 0>(info, tiles[0].blocks, 1, kStemThreads,
+                                                           choice.small_grid_reason);
     return cudaSuccess;
   }
 };
@@ -456,8 +457,8 @@ struct StageKernels {
   static Plan<StageParams> plan(const StageParams& p, const char* small_grid_reason) {
     using Tile = ConvTile<T, COUT, BM>;
     static const KernelInfo info = kernel_info<T, W, CIN, COUT, BM>("conv3x3s2_ln_gelu_kernel", Tile::Gemm::describe());
-    return plan_of<conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT, BM>, StageParams>(
-        info, ceil_div(p.M, BM), 1, Tile::Gemm::kThreads, Tile::Gemm::kSmemBytes, small_grid_reason);
+    return plan_of<conv3x3s2_ln_gelu_kernel<T, W, CIN, COUT, BM>, StageParams, Tile::Gemm::kSmemBytes>(
+        info, ceil_div(p.M, BM), 1, Tile::Gemm::kThreads, small_grid_reason);
   }
 
   template <int... BMs>
@@ -493,6 +494,12 @@ bool stage_pointers_set(const Conv3x3s2LnGeluArgs& a) {
 cudaError_t stage_params(const Conv3x3s2LnGeluArgs& a, StageParams* p) {
   if (a.batch < 1 || a.height < 1 || a.width < 1) return cudaErrorInvalidValue;
   if (!has_stage_kernel(a.in_channels, a.out_channels)) return cudaErrorNotSupported;
+  // x in 16-byte vectors (CIN keeps every pixel's channels on a vector boundary), the output and the
+  // epilogue's parameters in pairs; the conv weight by element.
+  if (!aligned_to(16, a.x) || !aligned_to(2 * dtype_bytes(a.dtype), a.out) ||
+      !aligned_to(2 * dtype_bytes(a.weight_dtype), a.bias, a.norm_weight, a.norm_bias)) {
+    return cudaErrorInvalidValue;
+  }
   p->args = a;
   p->Ho = conv3x3s2_size(a.height);
   p->Wo = conv3x3s2_size(a.width);

@@ -169,15 +169,17 @@ cudaError_t proj_params(const ProjAddArgs& a, ProjParams* p) {
                          a.mask_stride_c != 1, a.mask_weight, a.mask_bias};
   p->src[1] = ProjSource{a.pix_feat, a.pix_stride_b, a.pix_stride_c, a.pix_stride_p, a.pix_channels,
                          a.pix_stride_c != 1, a.pix_weight, a.pix_bias};
-  // Every 16-byte vector must be aligned and, channels-first, inside one image.
-  const int vec = a.dtype == MEMENC_DTYPE_FLOAT32 ? 4 : 8;
+  // Every 16-byte vector must be aligned and, channels-first, inside one image; the biases and the
+  // output go in pairs.
+  const int vec = 16 / dtype_bytes(a.dtype);
   for (const ProjSource& s : p->src) {
-    const bool aligned = reinterpret_cast<uintptr_t>(s.ptr) % 16 == 0 && s.stride_b % vec == 0 &&
+    const bool aligned = aligned_to(16, s.ptr, s.weight) && s.stride_b % vec == 0 &&
                          (s.kmajor ? (s.stride_p == 1 && s.stride_c % vec == 0 && a.pixels % vec == 0)
                                    : (s.stride_c == 1 && s.stride_p % vec == 0)) &&
-                         reinterpret_cast<uintptr_t>(s.weight) % 16 == 0;
+                         aligned_to(2 * dtype_bytes(a.weight_dtype), s.bias);
     if (!aligned) return cudaErrorInvalidValue;
   }
+  if (!aligned_to(2 * dtype_bytes(a.dtype), a.out)) return cudaErrorInvalidValue;
   p->dtype = a.dtype;
   p->weight_dtype = a.weight_dtype;
   p->HW = a.pixels;
@@ -193,9 +195,8 @@ struct ProjPlanner {
   template <int BN>
   static Plan<ProjParams> plan(const ProjParams& p, const char* small_grid_reason) {
     static const KernelInfo info = kernel_info<T, W, kProjBM, BN>("proj_add_kernel", ProjGemm<T, BN>::describe());
-    return plan_of<proj_add_kernel<T, W, kProjBM, BN>, ProjParams>(info, ceil_div(p.M, kProjBM), p.N / BN,
-                                                                    ProjGemm<T, BN>::kThreads,
-                                                                    ProjGemm<T, BN>::kSmemBytes, small_grid_reason);
+    return plan_of<proj_add_kernel<T, W, kProjBM, BN>, ProjParams, ProjGemm<T, BN>::kSmemBytes>(
+        info, ceil_div(p.M, kProjBM), p.N / BN, ProjGemm<T, BN>::kThreads, small_grid_reason);
   }
 
   static cudaError_t run(const ProjParams& p, const GpuTarget& target, Plan<ProjParams>* plan) {

@@ -50,7 +50,8 @@ __global__ void add_one(float* x, int n) {
     __syncthreads();
     if (i < n) x[i] = tile[threadIdx.x] + 1.f;
 }
-extern "C" int memenc_fast_test_probe() { return 42; }
+// The build exports only what asks to be (-fvisibility=hidden), as csrc/ does with MF_EXPORT.
+extern "C" __attribute__((visibility("default"))) int memenc_fast_test_probe() { return 42; }
 """
 
 SAMPLE_REPORT = """\
@@ -269,8 +270,9 @@ def test_parse_ptxas_report() -> None:
 ARCHS_PROBE = """
 #define TEXT(...) #__VA_ARGS__
 #define EXPANDED_TEXT(...) TEXT(__VA_ARGS__)
-extern "C" const char* memenc_fast_test_archs() { return EXPANDED_TEXT(MEMENC_CUDA_ARCHS); }
-extern "C" unsigned long long memenc_fast_test_digest() { return MEMENC_SOURCES_DIGEST; }
+#define EXPORT extern "C" __attribute__((visibility("default")))
+EXPORT const char* memenc_fast_test_archs() { return EXPANDED_TEXT(MEMENC_CUDA_ARCHS); }
+EXPORT unsigned long long memenc_fast_test_digest() { return MEMENC_SOURCES_DIGEST; }
 """
 
 
@@ -328,7 +330,9 @@ struct ProbeArgs {
 """
 
 PROBE_KERNEL = """#include "launch_args.h"
-extern "C" unsigned long long memenc_fast_test_hash() { return MEMENC_LAUNCH_ARGS_HASH; }
+extern "C" __attribute__((visibility("default"))) unsigned long long memenc_fast_test_hash() {
+  return MEMENC_LAUNCH_ARGS_HASH;
+}
 """
 
 

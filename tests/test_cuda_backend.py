@@ -14,12 +14,20 @@ compiler: warps as fibers, mma.sync rebuilt from the PTX fragment layouts, an em
 launchers plan for) and match the torch ops and the float64 reference, with parameters in the
 activations' dtype or in float32, with and without gamma, after in-place parameter updates, with
 every tile configuration, on sm_75's code paths (fp16 on mma.m16n8k8, fp32 on CUDA cores), under
-torch.compile and torch.export; a launch the GPU refuses runs the torch op, warned once.
+torch.compile and torch.export; a launch the GPU refuses runs the torch op, warned once. Through the
+emulated runtime: a runtime that cannot serve the driver (35, 999) makes the backend unavailable with
+its reason and ``auto`` picks torch, as on a ROCm build of torch; a device it cannot run on refuses
+every op; misaligned views are copied (the launchers refuse them, the emulation fails a misaligned
+access); a launch reports its own error, not an earlier one; the device guard creates no context on
+another GPU; readying a device loads every kernel before any capture; fp32 precision follows the
+flag of the layer each op replaces.
 
 GPU part (``requires_cuda``, skipped without a CUDA device): each op against the torch op and the
 whole module against the float64 reference, full SAM 2 size, B in {1, 8}, fp32/bf16/fp16 and
 autocast over fp32 parameters, outputs poisoned, odd sizes, B=3, a SAM 3 size, live parameter
-updates, torch.compile and opcheck.
+updates, torch.compile and opcheck; views with a storage offset, a good launch after an earlier
+runtime error, fp32 precision under both TF32 flags, a fresh process's first launch inside a graph
+capture, no context on GPU 0 from a process on cuda:1 (two GPUs), ``info`` per device.
 """
 
 import copy
@@ -44,13 +52,13 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast import gpus, pipeline
+from memenc_fast import dispatch, gpus, pipeline
 from memenc_fast.backends import kernel_args, torch_ops
 from memenc_fast.backends.cuda import library
 from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import OPS, BackendUnavailableError
 from memenc_fast.structure import Structure, read_structure
-from memenc_fast.tools import kernel_report
+from memenc_fast.tools import info, kernel_report
 from memenc_fast.tools.numerics import judge, relative_error
 
 from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_matmuls
@@ -235,12 +243,17 @@ def test_launchers_refuse_null_arguments_and_sizes_without_a_kernel(built_librar
         built_library.plan("dwconv_ln", h100, batch=0, height=4, width=4, channels=256, kernel_size=7)
 
 
-@pytest.mark.parametrize("code", sorted(library.REFUSED_CODES))
+REFUSING_CODES = {**library.REFUSED_CODES, **library.UNSERVED_CODES}
+
+
+@pytest.mark.parametrize("code", sorted(REFUSING_CODES))
 def test_refusal_codes_raise_launch_refused_and_others_errors(built_library: library.CudaLibrary,
                                                               monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """A launch the GPU refuses, or one whose runtime cannot serve the machine or device (a driver
+    older than the runtime, a device in another process's exclusive use), falls back; others stay errors."""
     monkeypatch.setitem(built_library._launchers, "proj_add", lambda *args: code)
     with pytest.raises(library.CudaLaunchRefused, match=rf"memenc_fast proj_add: CUDA error {code} "
-                                                        rf"\({library.REFUSED_CODES[code]}\)"):
+                                                        rf"\({REFUSING_CODES[code]}\)"):
         built_library.launch("proj_add", built_library.args["proj_add"](), 0, None)
     for error in (1, 700, 719):  # invalid argument, illegal address, launch failure: errors, not refusals
         monkeypatch.setitem(built_library._launchers, "proj_add", lambda *args, error=error: error)
@@ -349,8 +362,9 @@ def test_backend_reports_no_device_here() -> None:
     with mf.use_backend("cuda"), pytest.raises(BackendUnavailableError, match=reason):
         encoder(pix_feat, masks)
     if reason == "no CUDA device":
-        count, code = library.load().device_count()
-        assert count == 0 and code != 0
+        runtime = library.load().runtime()
+        assert runtime.device_count == 0 and runtime.error != 0
+        assert library.load().runtime_refusal() is not None
 
 
 def test_has_kernel_is_answered_while_tracing(built_library: library.CudaLibrary,
@@ -626,6 +640,8 @@ def test_unsupported_ops_refuses_every_op_where_the_gpu_cannot_serve_the_dtype(
         built_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = _cuda_backend()
     monkeypatch.setattr(library, "load", lambda path=None: _with_code(built_library, *DEFAULT_CODE))
+    prepared: List[int] = []  # a GPU's runtime serves it: the devices the backend readies
+    monkeypatch.setattr(library.CudaLibrary, "prepare_device", lambda self, index: prepared.append(index))
     structure = read_structure(_encoder(seed=1))
     device = torch.device("cuda", 0)
     for spec in (gpus.TARGETS["sm_75"], gpus.TARGETS["sm_90a"]):
@@ -633,11 +649,12 @@ def test_unsupported_ops_refuses_every_op_where_the_gpu_cannot_serve_the_dtype(
         for dtype in DTYPES:
             refused = cuda.unsupported_ops(structure, device, dtype)
             if spec.capability == (7, 5) and dtype == torch.bfloat16:
-                assert refused == dict.fromkeys(("mask_downsample", "proj_add", "cxblock"),
+                assert refused == dict.fromkeys(("mask_downsample", "proj_add", "cxblock", "out_proj"),
                                                 "bf16 needs sm_80; this is sm_75 (T4)")
             else:
                 assert refused == {}, (spec, dtype)
             assert cuda.auto_skip_reason(device, dtype) is None
+    assert prepared == [0] * 5  # every served (GPU, dtype): the kernels readied on cuda:0 first
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -790,8 +807,8 @@ def _build_emulated(directory: Path, arch: int) -> library.CudaLibrary:
         pytest.skip("the kernel emulation needs the CUDA headers (nvcc not found)")
     out = directory / f"libmemenc_fast_emulated_sm{arch}.so"
     command = [HOST_COMPILER, "-x", "c++", "-DMEMENC_EMULATE", f"-DMEMENC_EMULATE_ARCH={arch}",
-               launch_args_define(HEADER), "-std=c++17", "-O1", "-fPIC", "-shared", f"-I{CSRC}",
-               f"-I{_cuda_include_dir()}", *map(str, sorted(CSRC.glob("*.cu"))), "-o", str(out)]
+               launch_args_define(HEADER), "-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-shared",
+               f"-I{CSRC}", f"-I{_cuda_include_dir()}", *map(str, sorted(CSRC.glob("*.cu"))), "-o", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     emulated = library.CudaLibrary(out)
@@ -811,11 +828,19 @@ def emulated_sm75_library(tmp_path_factory: pytest.TempPathFactory) -> library.C
     return _build_emulated(tmp_path_factory.mktemp("emulated_sm75"), 75)
 
 
+def _ieee_convs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.backends.cudnn.allow_tf32`` off: the kernels' fp32 GEMMs (they replace nn.Conv2d layers)
+    at IEEE-level accuracy, as the CPU torch ops they are compared with always are. TF32 mode, torch's
+    default for convs, has its own tests."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @pytest.fixture
 def emulated(emulated_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The cuda backend with its launches going to the emulated library (on CPU tensors), every
-    kernel output starting as NaN."""
+    kernel output starting as NaN, fp32 GEMMs IEEE-level."""
     monkeypatch.setattr(library, "load", lambda path=None: emulated_library)
+    _ieee_convs(monkeypatch)
     with poison_outputs():
         yield _cuda_backend()
 
@@ -824,8 +849,9 @@ def emulated(emulated_library: library.CudaLibrary, monkeypatch: pytest.MonkeyPa
 def on_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[library.CudaLibrary, Tuple[int, int, int]], None]]:
     """``on_gpu(emulated library, (arch, SMs, shared memory))``: the cuda backend launches on that
     library, emulating that GPU, until the test ends (then emulation.h's default GPU again); no
-    launch refused before."""
+    launch refused before; fp32 GEMMs IEEE-level."""
     monkeypatch.setattr(kernel_args, "_refused", set())
+    _ieee_convs(monkeypatch)
     used: List[library.CudaLibrary] = []
 
     def use(emulated_library: library.CudaLibrary, gpu: Tuple[int, int, int]) -> None:
@@ -929,17 +955,19 @@ def test_emulated_pipeline_matches_float64_reference(emulated: ModuleType, dtype
     assert verdict.passed, verdict.describe()
 
 
-def _run_ops_with_tf32_allowed(encoder: torch.nn.Module, pix_feat: torch.Tensor,
-                               masks: torch.Tensor) -> torch.Tensor:
-    """The cuda backend's op chain with ``torch.backends.cuda.matmul.allow_tf32`` on, as a user may set it."""
+def _run_ops_with_tf32_allowed(encoder: torch.nn.Module, pix_feat: torch.Tensor, masks: torch.Tensor,
+                               monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The cuda backend's op chain with TF32 allowed for convs (``torch.backends.cudnn.allow_tf32``,
+    torch's default) and matmuls, as a user may set it."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     with tf32_matmuls(True), torch.no_grad():
         return pipeline.run_ops(_op_table(), read_structure(encoder), pix_feat, masks, True, 1.0, 0.0)
 
 
-def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType) -> None:
+def test_emulated_tf32_mode_when_torch_allows_it(emulated: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     encoder = _encoder(seed=12)
     pix_feat, masks = make_inputs(SMALL, 1, seed=13)
-    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks)
+    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks, monkeypatch)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     error = relative_error(out, oracle)
     assert 1e-6 < error < 1e-3, error  # visibly TF32, within the TF32 bound
@@ -1029,12 +1057,13 @@ def test_emulated_sm75_code_paths_match_torch_ops(emulated_sm75_library: library
         _compare_ops(_cuda_backend(), structure, pix_feat[..., :3].contiguous(), masks)
 
 
-def test_emulated_sm75_fp32_is_full_precision(emulated_sm75_library: library.CudaLibrary, on_gpu) -> None:
+def test_emulated_sm75_fp32_is_full_precision(emulated_sm75_library: library.CudaLibrary, on_gpu,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CUDA cores fp32 GEMMs are fp32 whether or not torch allows TF32."""
     on_gpu(emulated_sm75_library, EMULATED_T4)
     encoder = _encoder(seed=46)
     pix_feat, masks = make_inputs(SMALL, 1, seed=47)
-    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks)
+    out = _run_ops_with_tf32_allowed(encoder, pix_feat, masks, monkeypatch)
     oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
     assert relative_error(out, oracle) < 1e-5
 
@@ -1125,6 +1154,264 @@ def test_emulated_refused_launch_falls_back_inside_compiled_code(emulated_sm75_l
     assert {str(w.message).split(" was refused")[0] for w in caught if issubclass(w.category, RuntimeWarning)} == {
         "memenc_fast: mf::mask_stem_kernel", "memenc_fast: mf::conv3x3s2_ln_gelu_kernel",
         "memenc_fast: mf::proj_add_kernel", "memenc_fast: mf::dwconv_ln_kernel"}
+
+
+# ------------------------------------------------------------- the runtime, the device, first use
+
+
+def _emulation(lib: library.CudaLibrary) -> ctypes.CDLL:
+    """The emulation's own controls in host build ``lib`` (csrc/library.cu, MEMENC_EMULATE only)."""
+    controls = ctypes.CDLL(str(lib.path))
+    controls.memenc_fast_emulate_runtime.argtypes = [ctypes.c_int] * 5
+    controls.memenc_fast_emulate_runtime.restype = None
+    controls.memenc_fast_emulate_capture.argtypes = [ctypes.c_int]
+    controls.memenc_fast_emulate_capture.restype = ctypes.c_int
+    controls.memenc_fast_emulated_contexts.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    controls.memenc_fast_emulated_contexts.restype = ctypes.c_uint64
+    return controls
+
+
+def _contexts(controls: ctypes.CDLL) -> Tuple[int, int]:
+    """(bit d set where device d has a primary context, the device whose context is current or -1)."""
+    current = ctypes.c_int(0)
+    return controls.memenc_fast_emulated_contexts(ctypes.byref(current)), current.value
+
+
+CUDA_13 = 13000  # the emulated runtime's version: 1000 * major + 10 * minor
+
+
+@pytest.fixture
+def emulated_runtime(emulated_library: library.CudaLibrary,
+                     monkeypatch: pytest.MonkeyPatch) -> Iterator[ctypes.CDLL]:
+    """The controls of the emulated library's runtime, fresh (CUDA 13.0 on a 13.0 driver, one device,
+    no context) before and after the test; the cuda backend uses that library, fp32 GEMMs IEEE-level."""
+    controls = _emulation(emulated_library)
+    controls.memenc_fast_emulate_runtime(CUDA_13, CUDA_13, 0, 1, -1)
+    monkeypatch.setattr(library, "load", lambda path=None: emulated_library)
+    _ieee_convs(monkeypatch)
+    yield controls
+    controls.memenc_fast_emulate_runtime(CUDA_13, CUDA_13, 0, 1, -1)
+
+
+@pytest.mark.parametrize(("driver", "error", "reason"), [
+    pytest.param(12040, 35, r"the CUDA library was built with CUDA 13\.0, and this machine's NVIDIA driver supports "
+                            r"CUDA 12\.4 at most \(CUDA error 35 \(cudaErrorInsufficientDriver\): CUDA driver version "
+                            r"is insufficient for CUDA runtime version\): update the driver, or rebuild the library "
+                            r"with a CUDA 12\.4 toolkit \(pip install -e \.\)", id="older-driver"),
+    pytest.param(0, 35, r"no NVIDIA driver found \(the CUDA library was built with CUDA 13\.0; CUDA error 35 "
+                        r"\(cudaErrorInsufficientDriver\): .*\)", id="no-driver"),
+    pytest.param(CUDA_13, 999, r"the CUDA library was built with CUDA 13\.0, and its runtime cannot use this machine "
+                               r"\(CUDA 13\.0, the driver supports CUDA 13\.0, 0 device\(s\)\): CUDA error 999 "
+                               r"\(cudaErrorUnknown\): emulated CUDA error", id="unknown-error"),
+])
+def test_runtime_that_cannot_serve_the_machine_leaves_it_to_torch(emulated_runtime: ctypes.CDLL,
+                                                                  monkeypatch: pytest.MonkeyPatch, driver: int,
+                                                                  error: int, reason: str) -> None:
+    """The library's runtime is asked once per process whether it can serve the machine (a driver
+    older than the runtime fails its every call with 35): where not, the cuda backend is unavailable
+    with the reason (logged once), ``auto`` passes it over for the torch backend, and asking for it by
+    name raises that reason. The same machine with a serving runtime gets the cuda backend."""
+    structure = read_structure(_encoder(seed=60))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch's own runtime serves this driver
+    monkeypatch.delitem(dispatch._registry, "triton")  # auto's choice between cuda and torch alone
+    cuda_device = torch.device("cuda", 0)
+    assert dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "auto").name == "cuda"
+    emulated_runtime.memenc_fast_emulate_runtime(CUDA_13, driver, error, 1, -1)
+    said = library.unavailable_reason()
+    assert re.fullmatch(reason, said), said
+    assert f"memenc_fast: the cuda backend cannot run here: {said}" in dispatch._logged_reasons
+    assert "cuda" not in mf.available_backends()
+    assert dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "auto").name == "torch"
+    with pytest.raises(BackendUnavailableError, match=re.escape(said)):
+        dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "cuda")
+
+
+def test_info_reports_what_the_librarys_runtime_finds(emulated_runtime: ctypes.CDLL,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert info.collect()["cuda library"]["CUDA runtime"] == "CUDA 13.0, the driver supports CUDA 13.0, 1 device(s)"
+    emulated_runtime.memenc_fast_emulate_runtime(CUDA_13, 12080, 35, 1, -1)
+    reason = library.unavailable_reason()
+    written = info.collect()
+    assert written["backends"]["cuda"] == f"not available: {reason}"
+    assert written["cuda library"]["CUDA runtime"] == ("CUDA 13.0, the driver supports CUDA 12.8, 0 device(s); cannot "
+                                                       f"serve this machine: {reason}")
+
+
+def test_a_device_the_library_cannot_run_on_refuses_every_op(emulated_runtime: ctypes.CDLL, on_gpu,
+                                                             emulated_library: library.CudaLibrary) -> None:
+    """Readying a device (the backend's first choice for it) fails where the library cannot run its
+    kernels there: every op is refused with the runtime's reason, and the torch ops serve."""
+    structure = read_structure(_encoder(seed=61))
+    cuda = _cuda_backend()
+    assert cuda.unsupported_ops(structure, torch.device("cpu"), torch.float32) == {}
+    on_gpu(emulated_library, (0, 132, 232448))  # the library has no code for this GPU
+    reason = ("the CUDA library cannot run its kernels on cuda:0: CUDA error 209 (cudaErrorNoKernelImageForDevice): "
+              "no kernel image is available for execution on the device")
+    assert cuda.unsupported_ops(structure, torch.device("cpu"), torch.float32) == dict.fromkeys(
+        ("mask_downsample", "proj_add", "cxblock", "out_proj"), reason)
+
+
+def test_rocm_build_leaves_amd_gpus_to_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ROCm build of torch calls AMD GPUs ``cuda``: both kernel backends say they are not for them,
+    ``auto`` picks torch there, and ``info`` says what torch is."""
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    for name, kernels in (("triton", "its Triton kernels"), ("cuda", "its CUDA kernels")):
+        assert dispatch._registry[name].availability() == (
+            f"torch is a ROCm build (HIP 6.2.41133): {kernels} are written for NVIDIA GPUs (32-thread warps, their "
+            "cache hints and memory ordering), not AMD's; the torch backend serves AMD GPUs")
+        assert name not in mf.available_backends()
+    structure = read_structure(_encoder(seed=62, dtype=torch.bfloat16))
+    amd_gpu = torch.device("cuda", 0)
+    assert dispatch.select_backend(amd_gpu, torch.bfloat16, structure, None, False, "auto").name == "torch"
+    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' cannot run this forward: torch is a ROCm"):
+        dispatch.select_backend(amd_gpu, torch.bfloat16, structure, None, False, "triton")
+    written = info.collect()
+    assert written["versions"]["torch CUDA"] == "none (a ROCm build: HIP 6.2.41133)"
+    assert written["backends"]["cuda"].startswith("not available: torch is a ROCm build (HIP 6.2.41133)")
+
+
+def _offset_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` as a contiguous view one element into its storage: misaligned for 16-byte
+    vectors and for pairs of elements, which ``.contiguous()`` does not change."""
+    storage = torch.empty(t.numel() + 1, dtype=dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % (2 * view.element_size()) != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_views_with_a_storage_offset_are_never_read_misaligned(emulated: ModuleType,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        dtype: torch.dtype) -> None:
+    """The wrappers copy a misaligned activation (the result is the aligned input's); handed one
+    anyway, the launchers refuse it as an invalid argument instead of letting a kernel make a
+    misaligned vector access, which ends a GPU's context (and fails an emulated launch)."""
+    stages, blocks = _op_module("mask_downsample"), _op_module("cxblock")
+    stage, dwconv = _stage_args(), _dwconv_args()  # fp32 parameters: dtype's activations read them as they are
+    stage_x, dwconv_x = _offset_view(stage.pop("x"), dtype), _offset_view(dwconv.pop("x"), dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(stages.conv3x3s2_ln_gelu(stage_x, **stage),
+                                   stages.conv3x3s2_ln_gelu(stage_x.clone(), **stage), rtol=0, atol=0)
+        for out, expected in zip(blocks.dwconv_ln(dwconv_x, **dwconv), blocks.dwconv_ln(dwconv_x.clone(), **dwconv)):
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for module in (stages, blocks):
+            monkeypatch.setattr(module, "contiguous_aligned", lambda t: t.contiguous())
+        with pytest.raises(library.CudaLaunchError, match=r"conv3x3s2_ln_gelu: CUDA error 1: invalid argument"):
+            stages.conv3x3s2_ln_gelu(stage_x, **stage)
+        with pytest.raises(library.CudaLaunchError, match=r"dwconv_ln: CUDA error 1: invalid argument"):
+            blocks.dwconv_ln(dwconv_x, **dwconv)
+
+
+def test_emulated_launch_reports_its_own_error_not_an_earlier_one(emulated_runtime: ctypes.CDLL) -> None:
+    """An earlier runtime failure on the thread (readying a device that does not exist) stays its last
+    error; a good launch after it is still reported good: the launch helper returns the launch's own
+    error (cudaLaunchKernelEx's), never cudaGetLastError's, which the emulation keeps as CUDA does."""
+    assert library.load().prepare_device(3) == ("the CUDA library cannot run its kernels on cuda:3: CUDA error 101: "
+                                                "invalid device ordinal")
+    args = _dwconv_args()
+    with torch.no_grad():
+        for out, expected in zip(_op_module("cxblock").dwconv_ln(**args),
+                                 _op_module("cxblock")._dwconv_ln_in_torch(**args)):
+            _close(out, expected, torch.float32)
+
+
+def _dwconv_on(lib: library.CudaLibrary, device_index: int) -> None:
+    """dwconv_ln's launcher called for CUDA device ``device_index`` (the emulation runs it on the host),
+    checked against torch."""
+    args = _dwconv_args(gamma=None)
+    x = args["x"]
+    normed, residual = torch.empty_like(x), torch.empty_like(x)
+    pointers = {name: t.data_ptr() for name, t in args.items() if isinstance(t, torch.Tensor)}
+    lib.launch("dwconv_ln", lib.args["dwconv_ln"](
+        dtype=0, weight_dtype=0, batch=x.shape[0], height=x.shape[1], width=x.shape[2], channels=x.shape[3],
+        kernel_size=7, eps=args["eps"], normed=normed.data_ptr(), residual=residual.data_ptr(), **pointers),
+        device_index, None)
+    for out, expected in zip((normed, residual), _op_module("cxblock")._dwconv_ln_in_torch(**args)):
+        _close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("current", "after"), [
+    pytest.param(-1, (0b10, -1), id="no-context-current"),  # cudaGetDevice says 0: GPU 0 must not get a context
+    pytest.param(0, (0b11, 0), id="gpu0-current"),
+    pytest.param(1, (0b10, 1), id="gpu1-current"),
+])
+def test_emulated_launch_on_one_gpu_creates_no_context_on_another(emulated_runtime: ctypes.CDLL,
+                                                                  emulated_library: library.CudaLibrary,
+                                                                  current: int, after: Tuple[int, int]) -> None:
+    """On a two-GPU machine, readying and launching on cuda:1 creates GPU 1's primary context only and
+    leaves the thread's current context as it was: none stays none (restoring cudaGetDevice's 0 would
+    create GPU 0's context), GPU 0's stays current."""
+    emulated_runtime.memenc_fast_emulate_runtime(CUDA_13, CUDA_13, 0, 2, current)
+    assert emulated_library.prepare_device(1) is None
+    assert _contexts(emulated_runtime) == after
+    _dwconv_on(emulated_library, 1)
+    assert _contexts(emulated_runtime) == after
+
+
+def test_emulated_kernels_are_ready_before_a_capture_and_safe_inside_one(emulated_library: library.CudaLibrary,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's first launch on a device loads it and sets its shared-memory opt-in: calls that a
+    global-mode stream capture (a user's torch.cuda.graph around the first forward) forbids. The
+    backend's first choice of a device readies every kernel there, so a captured forward makes no such
+    call; where a first launch, or the readying, comes inside a capture anyway, those calls run in
+    relaxed capture mode and succeed."""
+    _ieee_convs(monkeypatch)
+    structure = read_structure(_encoder(seed=63))
+    pix_feat, masks = make_inputs(SMALL, 2, seed=64)
+    with torch.no_grad():
+        expected = pipeline.run_ops(_op_table(torch_ops), structure, pix_feat, masks, True, 1.0, 0.0)
+    for ready_first in (True, False):
+        # A copy loads as a library of its own: nothing prepared on any device yet.
+        path = tmp_path / f"fresh_{ready_first}_{library.LIBRARY_NAME}"
+        shutil.copyfile(emulated_library.path, path)
+        fresh = library.CudaLibrary(path)
+        controls = _emulation(fresh)
+        controls.memenc_fast_emulate_runtime(CUDA_13, CUDA_13, 0, 1, -1)
+        monkeypatch.setattr(library, "load", lambda path=None, fresh=fresh: fresh)
+        if ready_first:
+            assert _cuda_backend().unsupported_ops(structure, torch.device("cpu"), torch.float32) == {}
+        controls.memenc_fast_emulate_capture(1)
+        with torch.no_grad():
+            out = pipeline.run_ops(_op_table(), structure, pix_feat, masks, True, 1.0, 0.0)
+        calls_in_capture = controls.memenc_fast_emulate_capture(0)
+        assert (calls_in_capture == 0) if ready_first else (calls_in_capture > 0), calls_in_capture
+        _close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("conv_tf32", "matmul_tf32"), [(True, False), (False, True), (False, False)])
+def test_emulated_fp32_precision_follows_each_reference_layers_flag(emulated: ModuleType,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    conv_tf32: bool, matmul_tf32: bool) -> None:
+    """The kernels' fp32 GEMMs replace nn.Conv2d layers (the mask stages, proj_add's 1x1 convs): one
+    TF32 product exactly where torch.backends.cudnn.allow_tf32 gives such a conv TF32, whatever
+    nn.Linear's flag (torch.backends.cuda.matmul.allow_tf32, which the MLP's cuBLAS GEMMs obey
+    themselves) says; out_proj, an nn.Conv2d too, runs as a conv, reading the same flag."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", conv_tf32)
+    precise: Dict[str, List[int]] = {}
+    launch = library.launch
+
+    def recording(op: str, device: torch.device, **fields: object) -> None:
+        if "precise" in fields:
+            precise.setdefault(op, []).append(fields["precise"])
+        launch(op, device, **fields)
+
+    monkeypatch.setattr(library, "launch", recording)
+    structure = read_structure(_encoder(seed=65))
+    pix_feat, masks = make_inputs(SMALL, 1, seed=66)
+    convs: List[Tuple[int, ...]] = []
+    conv2d = torch.nn.functional.conv2d
+    with tf32_matmuls(matmul_tf32), torch.no_grad():
+        expected = pipeline.run_ops(_op_table(torch_ops), structure, pix_feat, masks, True, 1.0, 0.0)
+        monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *rest, **kw: convs.append(tuple(w.shape))
+                            or conv2d(x, w, *rest, **kw))
+        out = pipeline.run_ops(_op_table(), structure, pix_feat, masks, True, 1.0, 0.0)
+    assert precise == {"conv3x3s2_ln_gelu": [int(not conv_tf32)] * 2, "proj_add": [int(not conv_tf32)]}
+    assert convs == [(64, 256, 1, 1)]  # out_proj's weight
+    error = relative_error(out, expected)  # CPU torch computes fp32 without TF32
+    assert (1e-6 < error < 1e-3) if conv_tf32 else (error < 2e-5), error
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -1268,3 +1555,168 @@ def test_gpu_custom_ops_pass_opcheck() -> None:
     for gamma in (p(256), None):
         torch.library.opcheck(ops.cuda_dwconv_ln, (r(2, 4, 4, 256), p(256, 1, 7, 7), p(256), p(256), p(256), 1e-6,
                                                    p(256), gamma))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_views_with_a_storage_offset_give_the_aligned_result(dtype: torch.dtype) -> None:
+    """Misaligned activations (a view one element into its storage) are copied, never read in
+    misaligned vectors (a sticky error that would end the context): the same result as the aligned
+    input, and the whole module runs on such views too."""
+    device = torch.device("cuda")
+    stages, blocks = _op_module("mask_downsample"), _op_module("cxblock")
+    stage, dwconv = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                     for args in (_stage_args(), _dwconv_args()))
+    stage_x, dwconv_x = _offset_view(stage.pop("x"), dtype), _offset_view(dwconv.pop("x"), dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(stages.conv3x3s2_ln_gelu(stage_x, **stage),
+                                   stages.conv3x3s2_ln_gelu(stage_x.clone(), **stage), rtol=0, atol=0)
+        for out, expected in zip(blocks.dwconv_ln(dwconv_x, **dwconv), blocks.dwconv_ln(dwconv_x.clone(), **dwconv)):
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    encoder = build_encoder(SMALL, seed=67, dtype=dtype, device=device)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=68, dtype=dtype, device=device)
+    _gpu_module_case(encoder, _offset_view(pix_feat, dtype), _offset_view(masks, dtype))
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_gpu_an_earlier_runtime_error_does_not_fail_a_good_launch() -> None:
+    """A failed call of the library's runtime on this thread (readying a device that does not exist)
+    stays its last error; the forward after it launches and is reported good, not refused."""
+    missing = torch.cuda.device_count()
+    assert library.load().prepare_device(missing) is not None
+    device = torch.device("cuda")
+    encoder = build_encoder(SMALL, seed=69, dtype=torch.bfloat16, device=device)
+    pix_feat, masks = make_inputs(SMALL, 2, seed=70, dtype=torch.bfloat16, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a refused launch would warn
+        _gpu_module_case(encoder, pix_feat, masks)
+
+
+@requires_cuda
+def test_gpu_fp32_precision_follows_the_conv_and_linear_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 at SAM 2's size: with torch's defaults (TF32 for convs, not for matmuls) the kernels' conv
+    GEMMs and out_proj take TF32 like the module's nn.Conv2d layers, visibly less exact than with
+    convs at IEEE precision, and each is as close to the float64 reference as the module itself run
+    with the same flags."""
+    device = torch.device("cuda")
+    preset = PRESETS["sam2"]
+    encoder = build_encoder(preset, seed=71, device=device)
+    pix_feat, masks = make_inputs(preset, 1, seed=72, device=device)
+    oracle = reference_outputs(encoder, pix_feat, masks, torch.float64)["vision_features"]
+    errors = {}
+    for conv_tf32 in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", conv_tf32)
+        with tf32_matmuls(False), torch.no_grad(), mf.use_backend("cuda"):
+            out = encoder(pix_feat, masks)["vision_features"]
+        module_error = relative_error(reference_outputs(encoder, pix_feat, masks, torch.float32)["vision_features"],
+                                      oracle)
+        errors[conv_tf32] = relative_error(out, oracle)
+        assert encoder.last_backend == "cuda"
+        assert errors[conv_tf32] < max(4 * module_error, 1e-5), (conv_tf32, errors[conv_tf32], module_error)
+    assert errors[False] < 1e-5 and errors[False] < errors[True] < 1e-3, errors
+
+
+# The scripts below run in a fresh process: what they check happens once per process.
+_FRESH_PROCESS_PRELUDE = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import memenc_fast as mf
+from helpers import Preset, build_encoder, make_inputs
+SMALL = Preset("small256", mask_size=64, feature_size=4)
+"""
+
+
+def _run_fresh_process(script: str) -> str:
+    """``script`` (after the prelude) in a new Python process; its stdout. Fails with its output."""
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_PRELUDE + script, str(ROOT / "tests")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@requires_cuda
+def test_gpu_first_launch_inside_a_users_graph_capture() -> None:
+    """A fresh process whose first forward on the cuda backend (the backend's first choice of the
+    device, every kernel's first launch) comes inside torch.cuda.graph: the capture succeeds and its
+    replay gives the eager result. torch's own first use is warmed up before, as torch asks."""
+    out = _run_fresh_process("""
+device = torch.device("cuda")
+encoder = build_encoder(SMALL, seed=73, dtype=torch.bfloat16, device=device)
+pix_feat, masks = make_inputs(SMALL, 2, seed=74, dtype=torch.bfloat16, device=device)
+stream = torch.cuda.Stream()
+stream.wait_stream(torch.cuda.current_stream())
+with torch.no_grad(), torch.cuda.stream(stream), mf.use_backend("torch"):
+    encoder(pix_feat, masks)
+torch.cuda.current_stream().wait_stream(stream)
+graph = torch.cuda.CUDAGraph()
+with torch.no_grad(), mf.use_backend("cuda"), torch.cuda.graph(graph, stream=stream):
+    captured = encoder(pix_feat, masks)["vision_features"]
+assert encoder.last_backend == "cuda", encoder.last_backend
+graph.replay()
+with torch.no_grad(), mf.use_backend("cuda"):
+    expected = encoder(pix_feat, masks)["vision_features"]
+torch.cuda.synchronize()
+error = float((captured.float() - expected.float()).norm() / expected.float().norm())
+assert error < 1e-2, error  # the same kernels; cuBLAS may pick another algorithm on the capture stream
+print("captured and replayed")
+""")
+    assert "captured and replayed" in out
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_a_process_on_cuda1_creates_no_context_on_gpu0() -> None:
+    """A process that uses cuda:1 only: readying the device from a thread with no current context and
+    running forwards there leave GPU 0 without a primary context (asked of the driver, which creates
+    none by asking)."""
+    out = _run_fresh_process("""
+import ctypes
+import threading
+from memenc_fast.backends.cuda import library
+driver = ctypes.CDLL("libcuda.so.1")
+assert driver.cuInit(0) == 0
+
+def gpu0_has_a_context():
+    device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    assert driver.cuDeviceGet(ctypes.byref(device), 0) == 0
+    assert driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) == 0
+    return bool(active.value)
+
+device = torch.device("cuda", 1)
+encoder = build_encoder(SMALL, seed=75, dtype=torch.bfloat16, device=device)
+pix_feat, masks = make_inputs(SMALL, 2, seed=76, dtype=torch.bfloat16, device=device)
+with torch.no_grad(), mf.use_backend("torch"):
+    expected = encoder(pix_feat, masks)["vision_features"]
+torch.cuda.synchronize(device)
+if gpu0_has_a_context():
+    print("SKIP torch itself made GPU 0's context")
+    sys.exit(0)
+refusals = []
+thread = threading.Thread(target=lambda: refusals.append(library.load().prepare_device(1)))
+thread.start()
+thread.join()
+assert refusals == [None], refusals
+with torch.no_grad(), mf.use_backend("cuda"):
+    out = encoder(pix_feat, masks)["vision_features"]
+torch.cuda.synchronize(device)
+assert encoder.last_backend == "cuda", encoder.last_backend
+assert not gpu0_has_a_context(), "the cuda backend created GPU 0's primary context"
+error = float((out.float() - expected.float()).norm() / expected.float().norm())
+assert error < 2e-2, error
+print("no context on GPU 0")
+""")
+    if out.startswith("SKIP"):
+        pytest.skip(out.strip())
+    assert "no context on GPU 0" in out
+
+
+@requires_cuda
+def test_gpu_info_says_the_runtime_serves_each_device() -> None:
+    """On a machine it serves, ``info`` shows the library's runtime and, per device, that every kernel
+    loaded there (what the first forward would otherwise do)."""
+    entries = info.collect()["cuda library"]
+    assert entries["CUDA runtime"].startswith("CUDA ") and "cannot serve" not in entries["CUDA runtime"]
+    for index in range(torch.cuda.device_count()):
+        assert entries[f"on cuda:{index}"] == "kernels load and are ready", entries

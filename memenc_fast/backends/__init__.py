@@ -20,7 +20,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def rocm_reason(kernels: str) -> Optional[str]:
+    """Why a kernel backend's ``kernels`` do not run under this torch, or None: a ROCm build reports
+    AMD GPUs as device type ``cuda``, and the kernels were written and checked for NVIDIA GPUs only
+    (32-thread warps, their cache hints and memory ordering)."""
+    if torch.version.hip is None:
+        return None
+    return (f"torch is a ROCm build (HIP {torch.version.hip}): {kernels} are written for NVIDIA GPUs (32-thread "
+            "warps, their cache hints and memory ordering), not AMD's; the torch backend serves AMD GPUs")
+
+
 def _triton_unavailable_reason() -> Optional[str]:
+    amd = rocm_reason("its Triton kernels")
+    if amd is not None:
+        return amd
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     if importlib.util.find_spec("memenc_fast.kernels") is None:

@@ -6,7 +6,7 @@ the remaining GEMMs, and the ``torch`` op, per op, for configurations without a 
 - ``proj_add``: ``proj_add_kernel`` (concatenated-K GEMM on tensor cores, biases in the epilogue);
 - ``cxblock``: ``dwconv_ln_kernel`` (dwconv + LayerNorm with its affine, and the residual), then the
   MLP on cuBLAS through torch;
-- ``out_proj``: the torch op (cuBLAS).
+- ``out_proj``: no kernel of its own; torch runs it, in fp32 as the conv it is (:func:`out_proj`).
 
 The ops have the signatures of ``torch_ops`` (the op vocabulary) and read the module's live
 parameters; features between ops are channels-last tokens. Each kernel launch has a validated
@@ -16,7 +16,14 @@ Whether the kernels can run a structure on a device is answered in one place, :f
 a launch the GPU refuses anyway runs the torch op (``kernel_args.launch_or_fall_back``).
 
 The launch configurations are chosen per GPU by the library (each launcher's plan);
-:func:`report_launches` reads them for any GPU without one, for the kernel report.
+:func:`report_launches` reads them for any GPU without one, for the kernel report. Precision follows
+torch per layer: the kernels' fp32 GEMMs replace ``nn.Conv2d`` layers and take TF32 where
+``torch.backends.cudnn.allow_tf32`` allows it; the MLP's cuBLAS GEMMs obey
+``torch.backends.cuda.matmul.allow_tf32`` as ``nn.Linear`` does.
+
+Where the library's runtime cannot serve the machine (a driver older than it, no driver) the backend
+is unavailable (``library.unavailable_reason``); where it cannot serve a device, every op is refused
+there (:func:`unsupported_ops`), which is also where the kernels are first made ready on a device.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ...gpus import GpuSpec
-from ...structure import Structure
+from ...structure import Pointwise, Structure
+from .. import torch_ops
 from . import cxblock as _cxblock
 from . import library
 from . import mask_downsample as _mask_downsample
@@ -35,16 +44,33 @@ from .cxblock import cxblock
 from .mask_downsample import mask_downsample
 from .proj_add import proj_add
 
-__all__ = ["mask_downsample", "proj_add", "cxblock", "unsupported_ops", "auto_skip_reason", "report_launches"]
+__all__ = ["mask_downsample", "proj_add", "cxblock", "out_proj", "unsupported_ops", "auto_skip_reason",
+           "report_launches"]
 
-_OPS = ("mask_downsample", "proj_add", "cxblock")
+_OPS = ("mask_downsample", "proj_add", "cxblock", "out_proj")
+
+
+def out_proj(x: torch.Tensor, layer: Optional[Pointwise]) -> torch.Tensor:
+    """``torch_ops.out_proj``: tokens (B, H, W, C) -> NCHW output (B, N, H, W), contiguous; the 1x1
+    conv if any, at the precision the reference's ``nn.Conv2d`` gets.
+
+    torch's op is one cuBLAS GEMM, which obeys ``torch.backends.cuda.matmul.allow_tf32`` (default
+    False), while the layer it replaces obeys ``torch.backends.cudnn.allow_tf32`` (default True). In
+    fp32 it therefore runs as the conv it is, on cuDNN over the tokens' channels-last view, which reads
+    the conv's flag when it runs (eagerly, compiled or captured alike), then one pass to NCHW. 16-bit
+    dtypes have no TF32 question: torch's op writes NCHW directly.
+    """
+    if layer is None or x.dtype != torch.float32:
+        return torch_ops.out_proj(x, layer)
+    return F.conv2d(x.permute(0, 3, 1, 2), layer.weight.to(x.dtype), layer.bias.to(x.dtype)).contiguous()
 
 
 def unsupported_ops(structure: Structure, device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
     """The ops of this backend that cannot run ``structure`` on ``device`` in ``dtype`` (op name ->
     why); those run the torch op. Every op is refused, for one reason, where the library has no code
-    for the GPU or its code there does not serve ``dtype`` (bf16 before sm_80); otherwise the
-    structure decides (parameters may be in any dtype)."""
+    for the GPU, its code there does not serve ``dtype`` (bf16 before sm_80) or its runtime cannot use
+    the device; otherwise the structure decides (parameters may be in any dtype). Asking readies the
+    kernels on ``device`` (``library.device_refusal``), outside any capture's rules."""
     refusal = library.device_refusal(device, dtype)
     if refusal is not None:
         return dict.fromkeys(_OPS, refusal)
@@ -94,7 +120,7 @@ def report_launches(batch: int, dtype: torch.dtype, weight_dtype: torch.dtype, s
                          f"not {feature_size}²")
     dtypes = dict(dtype=library.dtype_code(dtype), weight_dtype=library.dtype_code(weight_dtype))
     pixels, dim = feature_size * feature_size, 256
-    precise = int(library.precise_fp32())
+    precise = int(library.precise_conv_fp32())
     plans = [
         loaded.plan("mask_stem", spec, **dtypes, batch=batch, height=mask_size, width=mask_size, channels1=4,
                     channels2=16),

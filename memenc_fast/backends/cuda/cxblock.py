@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ...structure import Block, is_exact_gelu
 from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
-from .library import optional_parameter, parameter, parameter_dtype
+from .library import contiguous_aligned, optional_parameter, parameter, parameter_dtype
 
 __all__ = ["MLP_CHUNK_TOKENS", "dwconv_ln", "unsupported_reason", "cxblock"]
 
@@ -44,7 +44,7 @@ def dwconv_ln(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, n
     gamma = optional_parameter(op, "gamma", gamma, weight_dtype, (channels,))
     params = dict(dw_weight=dw_weight, dw_bias=dw_bias, norm_weight=norm_weight, norm_bias=norm_bias, b2=b2)
     device = library.kernel_device(op, x=x, **params, **({} if gamma is None else {"gamma": gamma}))
-    x = x.contiguous()
+    x = contiguous_aligned(x)  # read in channel pairs
 
     def launch() -> Tuple[torch.Tensor, torch.Tensor]:
         normed, residual = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)

@@ -9,7 +9,15 @@ header into ``ctypes.Structure`` classes and refuses a library built from anothe
 configurations the library contains once, when it loads it (:func:`has_kernel` answers from them),
 and turns a launcher's non-zero return into :class:`CudaLaunchError` with the CUDA runtime's text
 for it, or into :class:`CudaLaunchRefused` (a ``kernel_args.LaunchRefused``) where the GPU cannot
-run the launch (:data:`REFUSED_CODES`), which the op modules answer with the torch op.
+run the launch (:data:`REFUSED_CODES`) or the runtime cannot serve the machine (:data:`UNSERVED_CODES`),
+which the op modules answer with the torch op.
+
+Whether the library's own CUDA runtime can serve this machine is asked of it, once per process and
+without creating a context (:meth:`CudaLibrary.runtime`: a driver older than the runtime it was built
+with fails its every call), and whether it can serve a device when the backend is first chosen for
+that device (:meth:`CudaLibrary.prepare_device`, which also loads and configures every kernel there,
+so that no first launch does it inside a user's CUDA-graph capture). A ROCm build of torch (device
+type ``cuda`` on AMD GPUs) gets neither: the kernels are written for NVIDIA GPUs.
 
 Each launcher has a plan (``memenc_fast_<op>_plan``): the kernel launch it makes for given sizes on
 a GPU like a given ``gpus.GpuSpec``, chosen by the same code the launcher runs on the device.
@@ -20,7 +28,13 @@ and which dtypes each architecture serves (:meth:`CudaLibrary.device_refusal`).
 The kernels read the module's parameters as it holds them, in PyTorch's layouts, in the
 activations' dtype or in float32 (autocast's usual case). :func:`parameter` copies, per call and
 never kept, only what they cannot read: a mix of the two within one launcher, other dtypes (fp16
-parameters with bf16 activations, float64), a non-contiguous or misaligned view; all rare.
+parameters with bf16 activations, float64), a non-contiguous or misaligned view; all rare. An
+activation read in vectors is copied where it is misaligned (:func:`contiguous_aligned`): a view with
+a storage offset passes ``.contiguous()`` unchanged.
+
+The fp32 GEMMs of the kernels (the mask stages and ``proj_add``) replace ``nn.Conv2d`` layers, so
+they take TF32 where torch gives such a conv TF32 (:func:`precise_conv_fp32`); the MLP runs on
+cuBLAS through torch, which applies ``nn.Linear``'s rule itself.
 
 Importing this module touches neither the library nor the GPU; :func:`load` opens the library on
 first use and :func:`unavailable_reason` says in one line why the ``cuda`` backend cannot run.
@@ -31,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +54,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 import torch
 
 from ... import gpus
-from ...dispatch import constant_while_tracing
+from ...dispatch import constant_while_tracing, log_once
+from ...precision import conv_tf32
+from .. import rocm_reason
 from ..kernel_args import LaunchRefused, check_same_device, check_tensor
 
 __all__ = [
     "LIBRARY_NAME",
+    "LIBRARY_ENV",
     "HEADER_NAME",
     "HASH_MACRO",
     "HeaderStruct",
@@ -57,6 +75,8 @@ __all__ = [
     "CudaLaunchError",
     "CudaLaunchRefused",
     "REFUSED_CODES",
+    "UNSERVED_CODES",
+    "CudaRuntime",
     "PlannedLaunch",
     "EmbeddedCode",
     "SizeCondition",
@@ -74,7 +94,8 @@ __all__ = [
     "parameter_dtype",
     "parameter",
     "optional_parameter",
-    "precise_fp32",
+    "contiguous_aligned",
+    "precise_conv_fp32",
 ]
 
 LIBRARY_NAME = "libmemenc_fast_cuda.so"
@@ -220,7 +241,8 @@ _ENTRY_POINTS = {
     "memenc_fast_matrix_math": (ctypes.c_char_p, [ctypes.c_int, ctypes.c_int]),
     "memenc_fast_runs_on_host": (ctypes.c_int, []),
     "memenc_fast_cuda_error_string": (ctypes.c_char_p, [ctypes.c_int]),
-    "memenc_fast_cuda_device_count": (ctypes.c_int, [ctypes.POINTER(ctypes.c_int)]),
+    "memenc_fast_cuda_runtime": (ctypes.c_int, [ctypes.POINTER(ctypes.c_int)] * 3),
+    "memenc_fast_prepare_device": (ctypes.c_int, [ctypes.c_int]),
 }
 
 REFUSED_CODES: Mapping[int, str] = {
@@ -236,6 +258,48 @@ REFUSED_CODES: Mapping[int, str] = {
 }
 """The CUDA errors by which a GPU refuses a launch (its configuration, its code), as opposed to
 errors of the arguments or of the device: those launches fall back to the torch op."""
+
+UNSERVED_CODES: Mapping[int, str] = {
+    3: "cudaErrorInitializationError",
+    34: "cudaErrorStubLibrary",  # a stub libcuda, no driver
+    35: "cudaErrorInsufficientDriver",  # the driver is older than the library's runtime
+    36: "cudaErrorCallRequiresNewerDriver",
+    46: "cudaErrorDevicesUnavailable",  # exclusive-process devices in use elsewhere
+    100: "cudaErrorNoDevice",
+    802: "cudaErrorSystemNotReady",
+    803: "cudaErrorSystemDriverMismatch",
+    804: "cudaErrorCompatNotSupportedOnDevice",
+    805: "cudaErrorMpsConnectionFailed",
+    806: "cudaErrorMpsRpcFailure",
+    807: "cudaErrorMpsServerNotReady",
+    808: "cudaErrorMpsMaxClientsReached",
+    809: "cudaErrorMpsMaxConnectionsReached",
+    999: "cudaErrorUnknown",
+}
+"""The CUDA errors by which the library's runtime says it cannot serve this machine or a device (the
+driver, the system, the device's state), not that one launch failed: met by its probes, they make the
+``cuda`` backend unavailable or refuse the device; met by a launch, it falls back to the torch op."""
+
+
+def _cuda_version(version: int) -> str:
+    """A CUDA version as the runtime encodes it (1000 * major + 10 * minor) in words: 12040 -> 12.4."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+@dataclass(frozen=True)
+class CudaRuntime:
+    """What the library's CUDA runtime finds on this machine (``memenc_fast_cuda_runtime``)."""
+
+    version: int  # the runtime's CUDA version, 1000 * major + 10 * minor (13000: CUDA 13.0)
+    driver_version: int  # the newest CUDA version the driver supports, same encoding; 0: no driver
+    device_count: int  # the devices it sees
+    error: int  # the CUDA error of its initialization (cudaGetDeviceCount); 0 where none
+
+    def describe(self) -> str:
+        """Its versions and devices in a few words."""
+        driver = (f"the driver supports CUDA {_cuda_version(self.driver_version)}" if self.driver_version
+                  else "no driver")
+        return f"CUDA {_cuda_version(self.version)}, {driver}, {self.device_count} device(s)"
 
 
 class CudaLibraryError(RuntimeError):
@@ -430,11 +494,44 @@ class CudaLibrary:
         """The CUDA runtime's text for an error code."""
         return self._dll.memenc_fast_cuda_error_string(code).decode(errors="replace")
 
-    def device_count(self) -> Tuple[int, int]:
-        """(CUDA devices the library's runtime sees, the CUDA error code of asking)."""
-        count = ctypes.c_int(0)
-        code = self._dll.memenc_fast_cuda_device_count(ctypes.byref(count))
-        return count.value, code
+    def describe_error(self, code: int) -> str:
+        """``CUDA error <code> (<its name>): <the runtime's text>``, the name where this module knows it."""
+        name = UNSERVED_CODES.get(code) or REFUSED_CODES.get(code)
+        return f"CUDA error {code}{f' ({name})' if name else ''}: {self.error_string(code)}"
+
+    # ---- whether its runtime serves this machine ------------------------------------------------
+
+    def runtime(self) -> CudaRuntime:
+        """What the library's CUDA runtime finds here; the library asks once per process (a host
+        build: every time, of its emulated runtime) and creates no context."""
+        version, driver, count = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+        error = self._dll.memenc_fast_cuda_runtime(ctypes.byref(version), ctypes.byref(driver), ctypes.byref(count))
+        return CudaRuntime(version.value, driver.value, count.value, error)
+
+    def runtime_refusal(self) -> Optional[str]:
+        """Why the library's CUDA runtime cannot serve this machine, in one line; None where it can."""
+        runtime = self.runtime()
+        if runtime.error == 0:
+            return None
+        built = f"the CUDA library was built with CUDA {_cuda_version(runtime.version)}"
+        error = self.describe_error(runtime.error)
+        if runtime.driver_version == 0:
+            return f"no NVIDIA driver found ({built}; {error})"
+        if runtime.driver_version < runtime.version:
+            supported = _cuda_version(runtime.driver_version)
+            return (f"{built}, and this machine's NVIDIA driver supports CUDA {supported} at most ({error}): update "
+                    f"the driver, or rebuild the library with a CUDA {supported} toolkit (pip install -e .)")
+        return f"{built}, and its runtime cannot use this machine ({runtime.describe()}): {error}"
+
+    def prepare_device(self, index: int) -> Optional[str]:
+        """Makes the library ready to launch on CUDA device ``index`` (a host build: its emulated GPU):
+        loads every kernel a plan can launch there and gives each its shared-memory opt-in, once per
+        device, allowed during a stream capture. Returns why the library cannot serve that device, in
+        one line, or None. Uses the device's primary context: ask only for a device that tensors are on."""
+        error = self._dll.memenc_fast_prepare_device(index)
+        if error == 0:
+            return None
+        return f"the CUDA library cannot run its kernels on cuda:{index}: {self.describe_error(error)}"
 
     def has_kernel(self, kernel: str, /, **sizes: int) -> bool:
         """Whether the library has ``kernel`` for these sizes, named as its configuration lines
@@ -451,11 +548,10 @@ class CudaLibrary:
         return False
 
     def _check(self, op: str, code: int) -> None:
-        if code in REFUSED_CODES:
-            raise CudaLaunchRefused(f"memenc_fast {op}: CUDA error {code} ({REFUSED_CODES[code]}): "
-                                    f"{self.error_string(code)}")
+        if code in REFUSED_CODES or code in UNSERVED_CODES:
+            raise CudaLaunchRefused(f"memenc_fast {op}: {self.describe_error(code)}")
         if code != 0:
-            raise CudaLaunchError(f"memenc_fast {op}: CUDA error {code}: {self.error_string(code)}")
+            raise CudaLaunchError(f"memenc_fast {op}: {self.describe_error(code)}")
 
     def launch(self, op: str, args: ctypes.Structure, device_index: int, stream: Optional[int]) -> None:
         """Runs launcher ``memenc_fast_<op>``; raises CudaLaunchRefused where the GPU refuses the
@@ -531,9 +627,15 @@ class CudaLibrary:
         return f"{_DTYPE_NAMES[dtype]} needs sm_{needed} code; the library runs {code.name} on this {this}: {rebuild}"
 
 
+LIBRARY_ENV = "MEMENC_FAST_CUDA_LIBRARY"
+"""Names a library built elsewhere (the GPU campaign's, prepared on another machine) to load instead."""
+
+
 def library_path() -> Path:
-    """Where the build puts the library: ``memenc_fast/_lib/libmemenc_fast_cuda.so``."""
-    return Path(__file__).resolve().parents[2] / "_lib" / LIBRARY_NAME
+    """Where the library is loaded from: ``$MEMENC_FAST_CUDA_LIBRARY`` when set, else where the
+    build puts it, ``memenc_fast/_lib/libmemenc_fast_cuda.so``."""
+    named = os.environ.get(LIBRARY_ENV, "").strip()
+    return Path(named) if named else Path(__file__).resolve().parents[2] / "_lib" / LIBRARY_NAME
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,29 +646,49 @@ def load(path: Optional[Path] = None) -> CudaLibrary:
     """
     path = library_path() if path is None else path
     if not path.is_file():
+        if os.environ.get(LIBRARY_ENV, "").strip():
+            raise CudaLibraryError(f"${LIBRARY_ENV} names {path}, which is not a file")
         raise CudaLibraryError("the CUDA library was not built (pip install -e . with nvcc)")
     return CudaLibrary(path)
 
 
 def unavailable_reason() -> Optional[str]:
-    """None when the ``cuda`` backend can run here, else why not, in one line."""
+    """None when the ``cuda`` backend can run here, else why not, in one line: a ROCm build of torch,
+    no library, no CUDA device, or a library whose CUDA runtime cannot serve this machine (logged
+    once)."""
+    amd = rocm_reason("its CUDA kernels")
+    if amd is not None:
+        return amd
     try:
-        load()
+        loaded = load()
     except CudaLibraryError as err:
         return str(err)
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return None
+    refusal = loaded.runtime_refusal()
+    if refusal is not None:
+        log_once(f"memenc_fast: the cuda backend cannot run here: {refusal}")
+    return refusal
 
 
 @constant_while_tracing
 def device_refusal(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """:meth:`CudaLibrary.device_refusal` for CUDA ``device`` (its ``gpus.gpu_spec``); None for a
-    host build, whose kernels run on the CPU. Under torch.compile, answered once while tracing."""
+    """Why the library cannot serve activations of ``dtype`` on ``device``, in one line, or None:
+    :meth:`CudaLibrary.device_refusal` for a CUDA device (its ``gpus.gpu_spec``), then
+    :meth:`CudaLibrary.prepare_device`, which readies the kernels there when the backend is first
+    chosen for it (a refusal is logged once). A host build prepares its emulated GPU; a GPU build has
+    nothing to say of another device type. Under torch.compile, answered once while tracing."""
     loaded = load()
-    if loaded.runs_on_host or device.type != "cuda":
+    if device.type == "cuda" and not loaded.runs_on_host:
+        refusal = loaded.device_refusal(gpus.gpu_spec(device), dtype)
+        if refusal is not None:
+            return refusal
+    elif not loaded.runs_on_host:
         return None
-    return loaded.device_refusal(gpus.gpu_spec(device), dtype)
+    refusal = loaded.prepare_device(device.index or 0)
+    if refusal is not None:
+        log_once(f"memenc_fast: the cuda backend refuses {device}: {refusal}")
+    return refusal
 
 
 @constant_while_tracing
@@ -622,9 +744,7 @@ def parameter(op: str, name: str, t: torch.Tensor, dtype: torch.dtype,
     if t.dtype != dtype:
         t = t.to(dtype)
     check_tensor(op, name, t, dtype, shape)
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
+    return contiguous_aligned(t)
 
 
 def optional_parameter(op: str, name: str, t: Optional[torch.Tensor], dtype: torch.dtype,
@@ -633,6 +753,19 @@ def optional_parameter(op: str, name: str, t: Optional[torch.Tensor], dtype: tor
     return None if t is None else parameter(op, name, t, dtype, shape)
 
 
-def precise_fp32() -> bool:
-    """fp32 GEMMs at IEEE-level accuracy (3xTF32) unless torch allows TF32 matmuls, as torch's own."""
-    return not torch.backends.cuda.matmul.allow_tf32
+def contiguous_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a 16-byte boundary (the widest vector a kernel reads): as it
+    is where it already is, else a contiguous copy. A view with a storage offset passes
+    ``.contiguous()`` unchanged, and a misaligned vector access is a sticky error that ends the CUDA
+    context; the launchers refuse one with cudaErrorInvalidValue."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def precise_conv_fp32() -> bool:
+    """Whether the kernels' fp32 GEMMs run at IEEE-level accuracy (3xTF32) rather than one TF32
+    product: they replace ``nn.Conv2d`` layers (the mask stages, the 1x1 convs of ``proj_add``), so
+    the answer is torch's for such a conv (``torch.backends.cudnn.allow_tf32``, default True), read at
+    every launch."""
+    return not conv_tf32()

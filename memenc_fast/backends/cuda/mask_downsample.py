@@ -15,7 +15,7 @@ from ...structure import MaskStage, is_exact_gelu
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
-from .library import parameter, parameter_dtype, precise_fp32
+from .library import contiguous_aligned, parameter, parameter_dtype, precise_conv_fp32
 
 __all__ = ["mask_stem", "conv3x3s2_ln_gelu", "unsupported_reason", "mask_downsample"]
 
@@ -92,7 +92,7 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       norm_bias: torch.Tensor, eps: float) -> torch.Tensor:
     """One mask stage on tensor cores: x (B, H, W, C_in) channels-last -> conv3x3 stride 2 padding 1
     (``weight`` (C_out, C_in, 3, 3)) -> LayerNorm over C_out -> exact GELU -> (B, Ho, Wo, C_out).
-    Parameters in x's dtype or float32."""
+    Parameters in x's dtype or float32; fp32 in TF32 where torch gives an ``nn.Conv2d`` TF32."""
     op = "conv3x3s2_ln_gelu"
     check_tensor(op, "x", x, shape=(None, None, None, None))
     batch, height, width, in_channels = x.shape
@@ -102,7 +102,7 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     bias, norm_weight, norm_bias = (parameter(op, name, t, weight_dtype, (out_channels,)) for name, t in (
         ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)))
     device = library.kernel_device(op, x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
-    x = x.contiguous()
+    x = contiguous_aligned(x)  # read in 16-byte vectors
 
     def launch() -> torch.Tensor:
         out = new_output((batch, conv_out(height), conv_out(width), out_channels), x.dtype, x.device)
@@ -110,7 +110,7 @@ def conv3x3s2_ln_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        x=x.data_ptr(), batch=batch, height=height, width=width, in_channels=in_channels,
                        out_channels=out_channels, weight=weight.data_ptr(), bias=bias.data_ptr(),
                        norm_weight=norm_weight.data_ptr(), norm_bias=norm_bias.data_ptr(), eps=eps,
-                       precise=int(precise_fp32()), out=out.data_ptr())
+                       precise=int(precise_conv_fp32()), out=out.data_ptr())
         return out
 
     def fall_back() -> torch.Tensor:

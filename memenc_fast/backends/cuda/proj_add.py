@@ -14,7 +14,7 @@ from ...structure import Projection
 from .. import torch_ops
 from ..kernel_args import check_tensor, eager_or_custom_op, launch_or_fall_back, new_output
 from . import library
-from .library import parameter, parameter_dtype, precise_fp32
+from .library import parameter, parameter_dtype, precise_conv_fp32
 
 __all__ = ["proj_add_tokens", "unsupported_reason", "proj_add"]
 
@@ -43,7 +43,8 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
 
     ``mask_features`` (B, C_m, H, W) and ``pix_feat`` (B, C_p, H, W), any memory layout (channels-last
     and NCHW are read in place); the weights are 1x1 conv weights (C_out, C_m, 1, 1) and
-    (C_out, C_p, 1, 1), in the features' dtype or float32.
+    (C_out, C_p, 1, 1), in the features' dtype or float32. fp32 in TF32 where torch gives an
+    ``nn.Conv2d`` TF32 (the layers it replaces are 1x1 convs).
     """
     op = "proj_add"
     check_tensor(op, "mask_features", mask_features, shape=(None, None, None, None))
@@ -67,7 +68,7 @@ def proj_add_tokens(mask_features: torch.Tensor, pix_feat: torch.Tensor, mask_we
                        mask_channels=mask_channels, pix_feat=p.data_ptr(), pix_stride_b=p_b, pix_stride_c=p_c,
                        pix_stride_p=p_p, pix_channels=pix_channels, batch=batch, pixels=height * width,
                        out_channels=out_channels, mask_weight=mask_weight.data_ptr(), mask_bias=mask_bias.data_ptr(),
-                       pix_weight=pix_weight.data_ptr(), pix_bias=pix_bias.data_ptr(), precise=int(precise_fp32()),
+                       pix_weight=pix_weight.data_ptr(), pix_bias=pix_bias.data_ptr(), precise=int(precise_conv_fp32()),
                        out=out.data_ptr())
         return out
 
