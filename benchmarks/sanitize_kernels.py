@@ -19,7 +19,7 @@ that read fp32 weights). Each backend also replays one CUDA graph of its forward
 ``PYTORCH_NO_CUDA_MEMORY_CACHING`` is set (memcheck's setting: graph capture needs torch's caching
 allocator).
 
-Every output is judged against the float64 reference (``memenc_fast.tools.numerics``), and the
+Every output is judged against the float64 reference (``memenc_fast.numerics``), and the
 kernels each forward launched are listed (name and configuration, as the launch planners describe
 them), so that a clean sanitizer report is known to cover them. Exit status 1 when a forward
 raised, failed its check or launched none of its backend's kernels (the torch ops ran instead).
@@ -42,7 +42,7 @@ import torch
 from memenc_fast import use_backend
 from memenc_fast.backends.cuda import library
 from memenc_fast.gpus import gpu_spec
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 from memenc_fast.tools.presets import PRESETS, Preset, build_encoder, make_inputs
 from memenc_fast.tools.reporting import Column, print_table, progress, torch_device, writable_file, write_json
 

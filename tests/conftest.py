@@ -1,8 +1,16 @@
-"""Test session setup: Triton's interpreter where there is no GPU, and a fixed seed per test."""
+"""Test session setup: Triton's interpreter where there is no GPU, a fixed seed per test, and one
+share of the cores per pytest-xdist worker."""
 
 import os
 
 import torch
+
+# Under pytest-xdist (`-n N`) each worker is a process of its own: N workers each running torch on
+# every core would oversubscribe the machine, so each gets its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
 
 # Triton reads TRITON_INTERPRET when it is imported: without a GPU, run its kernels on the CPU.
 if not torch.cuda.is_available():

@@ -220,7 +220,8 @@ def test_info_prints_every_section_and_writes_json(tmp_path, capsys):
     assert main(["info", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     written = json.loads(path.read_text())
-    assert list(written) == ["versions", "devices", "backends", "cuda library"]
+    assert list(written) == ["versions", "devices", "backends", "cpu fast paths", "cuda library"]
+    assert {"ATen CPU capability", "oneDNN fused MLP, float32"} <= set(written["cpu fast paths"])
     for section, entries in written.items():
         assert f"\n{section}\n" in f"\n{out}\n"
         assert all(re.search(rf"^ +{re.escape(key)}:", out, re.MULTILINE) for key in entries), (section, out)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import CUDA_FUSED_BACKENDS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda
 

@@ -59,7 +59,7 @@ from memenc_fast.backends.kernel_args import poison_outputs
 from memenc_fast.dispatch import OPS, BackendUnavailableError
 from memenc_fast.structure import Structure, read_structure
 from memenc_fast.tools import info, kernel_report
-from memenc_fast.tools.numerics import judge, relative_error
+from memenc_fast.numerics import judge, relative_error
 
 from helpers import PRESETS, Preset, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_matmuls
 

@@ -21,7 +21,7 @@ import torch
 
 import memenc_fast as mf
 from memenc_fast import graphs
-from memenc_fast.tools.numerics import judge, relative_error
+from memenc_fast.numerics import judge, relative_error
 from memenc_fast.structure import read_structure
 
 from helpers import (CUDA_FUSED_BACKENDS, PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda,

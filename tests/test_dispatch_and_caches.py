@@ -11,7 +11,7 @@ import torch
 import memenc_fast as mf
 from memenc_fast import dispatch
 from memenc_fast.backends import triton_interpreted
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import TINY, build_encoder, make_inputs, reference_outputs, stub_backend
 
@@ -264,7 +264,7 @@ def test_position_encoding_is_computed_once_and_returned_fresh(monkeypatch):
 
 
 def test_judge_applies_the_same_dtype_rule_only_to_large_outputs():
-    from memenc_fast.tools.numerics import SAME_DTYPE_MIN_ELEMENTS
+    from memenc_fast.numerics import SAME_DTYPE_MIN_ELEMENTS
 
     generator = torch.Generator().manual_seed(7)
     for numel, expect_pass in ((SAME_DTYPE_MIN_ELEMENTS, False), (8, True)):

@@ -7,7 +7,7 @@ import torch
 from torch.export import Dim
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import (CUDA_FUSED_BACKENDS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs, requires_cuda,
                      requires_sam2)

@@ -18,7 +18,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch.nn.utils import prune
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import TINY, backend_device_params, build_encoder, make_inputs, reference_outputs, requires_sam2
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import memenc_fast as mf
 from memenc_fast.structure import read_structure
-from memenc_fast.tools.numerics import judge, relative_error, tolerance
+from memenc_fast.numerics import judge, relative_error, tolerance
 
 from helpers import (CUDA_FUSED_BACKENDS, CUDA_MARKS, TINY, backend_device_params, build_encoder, make_inputs,
                      reference_outputs, requires_cuda)
@@ -52,7 +52,10 @@ def test_concurrent_forwards_and_weight_updates_stay_correct(backend, device):
     """Threads share one module (and its caches) while another thread reloads the weights."""
     encoders = [build_encoder(TINY, seed=s, device=device) for s in (51, 52)]
     shared = build_encoder(TINY, seed=51, device=device)
-    inputs = [make_inputs(TINY, 2, seed=s, device=device) for s in range(6)]
+    # Triton's interpreter runs a whole kernel under the GIL, so more rounds add time there, not
+    # interleavings.
+    rounds = 1 if device == "cpu" and backend == "triton" else 3
+    inputs = [make_inputs(TINY, 2, seed=s, device=device) for s in range(6 if rounds > 1 else 4)]
     with torch.no_grad(), mf.use_backend(backend):
         expected = {
             (w, i): encoders[w](*inputs[i])["vision_features"] for w in range(2) for i in range(len(inputs))
@@ -63,13 +66,13 @@ def test_concurrent_forwards_and_weight_updates_stay_correct(backend, device):
             return i, shared(*inputs[i])["vision_features"]
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(forward, list(range(len(inputs))) * 3))
+        results = list(pool.map(forward, list(range(len(inputs))) * rounds))
     for i, out in results:
         torch.testing.assert_close(out, expected[(0, i)], rtol=0, atol=0)
 
     shared.load_state_dict(encoders[1].state_dict())
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(forward, list(range(len(inputs))) * 3))
+        results = list(pool.map(forward, list(range(len(inputs))) * rounds))
     for i, out in results:
         torch.testing.assert_close(out, expected[(1, i)], rtol=0, atol=0)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import (PRESETS, make_inputs, memory_encoder_config, randomize_parameters, reference_outputs,
                      requires_sam2, retarget_to_memenc_fast, sam2_config_files)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 
 from helpers import CUDA_FUSED_BACKENDS, requires_cuda, requires_sam2
 

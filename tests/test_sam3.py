@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge
+from memenc_fast.numerics import judge
 from memenc_fast.tools.presets import Preset
 
 from helpers import load_sam3_modules, randomize_parameters, reference_outputs

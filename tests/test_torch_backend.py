@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge, relative_error
+from memenc_fast.numerics import judge, relative_error
 
 from helpers import CUDA_MARKS, PRESETS, TINY, build_encoder, make_inputs, reference_outputs
 

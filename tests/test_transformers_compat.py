@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memenc_fast as mf
-from memenc_fast.tools.numerics import judge, relative_error
+from memenc_fast.numerics import judge, relative_error
 from memenc_fast.transformers_compat import (
     TransformersMemoryEncoder,
     memory_encoder_from_transformers,

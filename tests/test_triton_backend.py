@@ -38,7 +38,7 @@ from memenc_fast import gpus
 from memenc_fast.backends import kernel_args, torch_ops, triton_interpreted
 from memenc_fast.structure import Structure, read_structure
 from memenc_fast.tools import bench, kernel_report
-from memenc_fast.tools.numerics import judge, relative_error
+from memenc_fast.numerics import judge, relative_error
 
 from helpers import PRESETS, build_encoder, make_inputs, reference_outputs, requires_cuda, tf32_settings
 

@@ -9,7 +9,7 @@ from typing import Dict, List
 import torch
 
 from ..dispatch import available_backends, use_backend
-from .numerics import judge
+from ..numerics import judge
 from .presets import PRESETS, build_encoder, make_inputs
 from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, writable_file, positive_int,
                         print_table, progress, torch_device, write_json)

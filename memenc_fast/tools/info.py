@@ -1,8 +1,9 @@
 """``python -m memenc_fast info``: what memenc_fast runs with on this machine, for bug reports.
 
 Versions, devices, which backend serves which device and dtype (or why not), and the CUDA library:
-where it is, whether it loads, which GPU architectures it holds. A machine without triton, the
-CUDA library or a GPU gets a line saying so, never a traceback.
+where it is, whether it loads, which GPU architectures it holds, whether its CUDA runtime serves this
+machine's driver and each device. A machine without triton, the CUDA library or a GPU, or with a ROCm
+build of torch, gets a line saying so, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 import torch
 
 from .. import __version__, dispatch
+from ..backends import torch_ops
 from ..backends.cuda import library
 from ..dispatch import ENV_VAR, Backend, available_backends, current_backend, registered_backends
 from ..gpus import gpu_spec
@@ -58,6 +60,7 @@ def collect() -> Dict[str, Entries]:
         "versions": _versions(),
         "devices": _devices(cuda_count),
         "backends": _backends(cuda_count),
+        "cpu fast paths": _cpu_fast_paths(),
         "cuda library": _cuda_library(),
     }
 
@@ -111,14 +114,20 @@ def _versions() -> Entries:
         "memenc_fast": f"{__version__} ({Path(__file__).resolve().parents[1]})",
         "python": f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})",
         "torch": torch.__version__,
-        "torch CUDA": torch.version.cuda or "none (a CPU-only torch build)",
+        "torch CUDA": torch.version.cuda or _no_torch_cuda(),
         "triton": _package_version("triton"),
         "matplotlib": matplotlib + (" (bench --plot needs it)" if matplotlib == "not installed" else ""),
         "platform": platform.platform(),
     }
 
 
+def _no_torch_cuda() -> str:
+    return f"none (a ROCm build: HIP {torch.version.hip})" if torch.version.hip else "none (a CPU-only torch build)"
+
+
 def _no_cuda_device() -> str:
+    if torch.version.hip:
+        return f"no CUDA device (torch is a ROCm build: HIP {torch.version.hip})"
     return "no CUDA device" + (" (torch is a CPU-only build)" if torch.version.cuda is None else "")
 
 
@@ -186,6 +195,14 @@ def _backends(cuda_count: int) -> Entries:
         device = torch.device("cuda", index)
         entries[f"on cuda:{index}"] = {name: _service_on(dispatch._registry[name], device)
                                        for name in registered_backends() if name in dispatch._registry}
+    return entries
+
+
+def _cpu_fast_paths() -> Entries:
+    """The torch backend's host-dependent CPU paths, each with this host's probe verdict."""
+    verdicts = _probe(torch_ops.cpu_fast_paths)
+    entries: Entries = {"ATen CPU capability": _probe(torch.backends.cpu.get_cpu_capability)}
+    entries.update(verdicts if isinstance(verdicts, dict) else {"probes": verdicts})
     return entries
 
 
@@ -259,9 +276,15 @@ def ptxas_report_targets(report: str) -> List[str]:
     return list(dict.fromkeys(codes))
 
 
-def _library_devices(loaded: library.CudaLibrary) -> str:
-    count, error = loaded.device_count()
-    return str(count) if error == 0 else f"{count} (CUDA error {error}: {loaded.error_string(error)})"
+def _library_runtime(loaded: library.CudaLibrary) -> str:
+    refusal = loaded.runtime_refusal()
+    return loaded.runtime().describe() + ("" if refusal is None else f"; cannot serve this machine: {refusal}")
+
+
+def _library_device(loaded: library.CudaLibrary, index: int) -> str:
+    # Readies the kernels there, in that device's primary context (as a forward's first use would).
+    refusal = loaded.prepare_device(index)
+    return "kernels load and are ready" if refusal is None else refusal
 
 
 def _cuda_library() -> Entries:
@@ -278,7 +301,10 @@ def _cuda_library() -> Entries:
             entries["status"] = "loads" + (" (a host build: its kernels run on the CPU)" if loaded.runs_on_host else "")
             entries["built from"] = str(loaded.header)
             entries["kernels"] = sorted(loaded.kernel_configs)
-            entries["CUDA devices its runtime sees"] = _probe(lambda: _library_devices(loaded))
+            entries["CUDA runtime"] = _probe(lambda: _library_runtime(loaded))
+            if not loaded.runs_on_host and torch.cuda.is_available() and loaded.runtime().error == 0:
+                for index in range(torch.cuda.device_count()):
+                    entries[f"on cuda:{index}"] = _probe(lambda: _library_device(loaded, index))
         entries["architectures"] = _probe(lambda: fatbin_targets(path) or "none (no GPU code in the library)")
     report = path.parent / PTXAS_REPORT
     if report.is_file():
