@@ -113,7 +113,7 @@ setup(
     install_requires=["torch>=2.7", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "numpy"],
         # sam2 itself installs separately: SAM2_BUILD_CUDA=0 pip install --no-deps sam2
         "sam2": ["hydra-core", "iopath", "pillow", "tqdm"],
         "plot": ["matplotlib"],
