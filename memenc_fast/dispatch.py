@@ -331,12 +331,22 @@ def select_backend(
     for candidate in registered_backends()[1:]:
         backend = _registry[candidate]
         auto_devices = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
-        if (auto_devices is None or device.type in auto_devices) and backend.serve_reason(
-                device, dtype, needs_grad) is None:
+        if auto_devices is not None and device.type not in auto_devices:
+            continue
+        unavailable = _availability(candidate)
+        if unavailable is not None:
+            # A backend meant for this device that this machine cannot run (a CUDA runtime newer
+            # than the driver, a ROCm build): said with whatever runs instead.
+            skipped.append(f"auto skips backend {candidate!r}: {unavailable}")
+            continue
+        if backend.serve_reason(device, dtype, needs_grad) is None:
             table, reason = backend.op_table(structure, device, dtype)
             skip = backend.auto_skip_reason(device, dtype) if table is not None else reason
             if skip is None:
-                return Selection(candidate, table, reason or None)
+                said = "; ".join(skipped + ([reason] if reason else []))
+                if skipped:
+                    log_once(f"memenc_fast: {said}")
+                return Selection(candidate, table, said or None)
             skipped.append(f"auto skips backend {candidate!r}: {skip}")
     reason = "; ".join(skipped) or f"no fused backend serves {device.type}/{str(dtype).replace('torch.', '')}"
     log_once(f"memenc_fast: running the reference forward: {reason}")

@@ -1221,7 +1221,8 @@ def test_runtime_that_cannot_serve_the_machine_leaves_it_to_torch(emulated_runti
     assert re.fullmatch(reason, said), said
     assert f"memenc_fast: the cuda backend cannot run here: {said}" in dispatch._logged_reasons
     assert "cuda" not in mf.available_backends()
-    assert dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "auto").name == "torch"
+    chosen = dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "auto")
+    assert chosen.name == "torch" and chosen.reason == f"auto skips backend 'cuda': {said}"
     with pytest.raises(BackendUnavailableError, match=re.escape(said)):
         dispatch.select_backend(cuda_device, torch.float32, structure, None, False, "cuda")
 
@@ -1263,7 +1264,10 @@ def test_rocm_build_leaves_amd_gpus_to_the_torch_backend(monkeypatch: pytest.Mon
         assert name not in mf.available_backends()
     structure = read_structure(_encoder(seed=62, dtype=torch.bfloat16))
     amd_gpu = torch.device("cuda", 0)
-    assert dispatch.select_backend(amd_gpu, torch.bfloat16, structure, None, False, "auto").name == "torch"
+    chosen = dispatch.select_backend(amd_gpu, torch.bfloat16, structure, None, False, "auto")
+    assert chosen.name == "torch"
+    assert chosen.reason.startswith("auto skips backend 'cuda': torch is a ROCm build")
+    assert "; auto skips backend 'triton': torch is a ROCm build" in chosen.reason
     with pytest.raises(BackendUnavailableError, match=r"backend 'triton' cannot run this forward: torch is a ROCm"):
         dispatch.select_backend(amd_gpu, torch.bfloat16, structure, None, False, "triton")
     written = info.collect()
