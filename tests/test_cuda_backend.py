@@ -1285,6 +1285,19 @@ def _offset_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return view
 
 
+def _offset_views_match_aligned_ones(stages: ModuleType, blocks: ModuleType, stage: Dict[str, object],
+                                     dwconv: Dict[str, object], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The stage and dwconv ops give misaligned views of their inputs (in ``dtype``, popped from
+    ``stage`` and ``dwconv``) exactly the results of aligned copies; returns the two views."""
+    stage_x, dwconv_x = _offset_view(stage.pop("x"), dtype), _offset_view(dwconv.pop("x"), dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(stages.conv3x3s2_ln_gelu(stage_x, **stage),
+                                   stages.conv3x3s2_ln_gelu(stage_x.clone(), **stage), rtol=0, atol=0)
+        for out, expected in zip(blocks.dwconv_ln(dwconv_x, **dwconv), blocks.dwconv_ln(dwconv_x.clone(), **dwconv)):
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    return stage_x, dwconv_x
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_emulated_views_with_a_storage_offset_are_never_read_misaligned(emulated: ModuleType,
                                                                         monkeypatch: pytest.MonkeyPatch,
@@ -1294,12 +1307,8 @@ def test_emulated_views_with_a_storage_offset_are_never_read_misaligned(emulated
     misaligned vector access, which ends a GPU's context (and fails an emulated launch)."""
     stages, blocks = _op_module("mask_downsample"), _op_module("cxblock")
     stage, dwconv = _stage_args(), _dwconv_args()  # fp32 parameters: dtype's activations read them as they are
-    stage_x, dwconv_x = _offset_view(stage.pop("x"), dtype), _offset_view(dwconv.pop("x"), dtype)
+    stage_x, dwconv_x = _offset_views_match_aligned_ones(stages, blocks, stage, dwconv, dtype)
     with torch.no_grad():
-        torch.testing.assert_close(stages.conv3x3s2_ln_gelu(stage_x, **stage),
-                                   stages.conv3x3s2_ln_gelu(stage_x.clone(), **stage), rtol=0, atol=0)
-        for out, expected in zip(blocks.dwconv_ln(dwconv_x, **dwconv), blocks.dwconv_ln(dwconv_x.clone(), **dwconv)):
-            torch.testing.assert_close(out, expected, rtol=0, atol=0)
         for module in (stages, blocks):
             monkeypatch.setattr(module, "contiguous_aligned", lambda t: t.contiguous())
         with pytest.raises(library.CudaLaunchError, match=r"conv3x3s2_ln_gelu: CUDA error 1: invalid argument"):
@@ -1571,12 +1580,7 @@ def test_gpu_views_with_a_storage_offset_give_the_aligned_result(dtype: torch.dt
     stages, blocks = _op_module("mask_downsample"), _op_module("cxblock")
     stage, dwconv = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
                      for args in (_stage_args(), _dwconv_args()))
-    stage_x, dwconv_x = _offset_view(stage.pop("x"), dtype), _offset_view(dwconv.pop("x"), dtype)
-    with torch.no_grad():
-        torch.testing.assert_close(stages.conv3x3s2_ln_gelu(stage_x, **stage),
-                                   stages.conv3x3s2_ln_gelu(stage_x.clone(), **stage), rtol=0, atol=0)
-        for out, expected in zip(blocks.dwconv_ln(dwconv_x, **dwconv), blocks.dwconv_ln(dwconv_x.clone(), **dwconv)):
-            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    _offset_views_match_aligned_ones(stages, blocks, stage, dwconv, dtype)
     encoder = build_encoder(SMALL, seed=67, dtype=dtype, device=device)
     pix_feat, masks = make_inputs(SMALL, 2, seed=68, dtype=dtype, device=device)
     _gpu_module_case(encoder, _offset_view(pix_feat, dtype), _offset_view(masks, dtype))
