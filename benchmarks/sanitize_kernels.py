@@ -44,7 +44,7 @@ from memenc_fast.backends.cuda import library
 from memenc_fast.gpus import gpu_spec
 from memenc_fast.numerics import judge
 from memenc_fast.tools.presets import PRESETS, Preset, build_encoder, make_inputs
-from memenc_fast.tools.reporting import Column, print_table, progress, torch_device, writable_file, write_json
+from memenc_fast.tools.reporting import Column, exit_status, print_table, progress, torch_device, writable_file, write_json
 
 GEOMETRIES: Dict[str, Tuple[Preset, int]] = {
     "small": (PRESETS["small"], 1),
@@ -233,12 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     write_json(args.json_path, {"device": str(device), "rows": rows,
                                 "configurations": [dict(backend=b, kernel=k, config=c, launches=n)
                                                    for (b, k, c), n in sorted(families.items())]})
-    failed = [row for row in rows if row["status"] != "PASS"]
-    if failed:
-        print(f"{len(failed)} of {len(rows)} cases failed", file=sys.stderr)
-        return 1
-    print(f"all {len(rows)} cases passed")
-    return 0
+    return exit_status(rows, "cases")
 
 
 if __name__ == "__main__":

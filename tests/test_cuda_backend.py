@@ -34,7 +34,6 @@ import copy
 import ctypes
 import importlib
 import itertools
-import json
 import os
 import platform
 import re

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Dict, List
 
 import torch
@@ -11,8 +10,8 @@ import torch
 from ..dispatch import available_backends, use_backend
 from ..numerics import judge
 from .presets import PRESETS, build_encoder, make_inputs
-from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, writable_file, positive_int,
-                        print_table, progress, torch_device, write_json)
+from .reporting import (Column, backend_list, default_device, dtype_list, dtype_name, exit_status, writable_file,
+                        positive_int, print_table, progress, torch_device, write_json)
 
 __all__ = ["add_arguments", "run", "check_backends", "CHECK_COLUMNS"]
 
@@ -84,9 +83,4 @@ def run(args: argparse.Namespace) -> int:
     rows = check_backends(device, dtypes, args.batch, args.preset, backends)
     print_table(rows, CHECK_COLUMNS, title=f"memenc_fast check on {device} ({args.preset}, vs float64 reference)")
     write_json(args.json_path, {"device": str(device), "rows": rows})
-    failed = [r for r in rows if r["status"] != "PASS"]
-    if failed:
-        print(f"{len(failed)} of {len(rows)} checks failed", file=sys.stderr)
-        return 1
-    print(f"all {len(rows)} checks passed")
-    return 0
+    return exit_status(rows, "checks")

@@ -39,6 +39,7 @@ __all__ = [
     "print_table",
     "write_json",
     "progress",
+    "exit_status",
 ]
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -218,3 +219,15 @@ def write_json(path: Optional[Path], payload: Mapping[str, object]) -> None:
 def progress(message: str) -> None:
     """One progress line on stderr, so tables on stdout stay clean."""
     print(message, file=sys.stderr, flush=True)
+
+
+def exit_status(rows: Sequence[Mapping[str, object]], what: str) -> int:
+    """Says how many of ``rows`` (each with a ``status``) did not pass, on stderr, or that all of
+    them passed, on stdout; the command's exit status: 1 when any failed, else 0. ``what`` names
+    a row in the plural ("checks", "cases")."""
+    failed = [row for row in rows if row["status"] != "PASS"]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} {what} failed", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} {what} passed")
+    return 0
