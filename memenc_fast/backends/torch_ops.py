@@ -323,9 +323,10 @@ def _probe_onednn_mlp(dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-_mlp_choices: Dict[Tuple[torch.dtype, int, int, int, bool], Tuple[bool, float, float]] = {}
-"""Per (dtype, channels, hidden width, token class, gamma folded or absent): (oneDNN chosen, its
-seconds, addmm's seconds) on one chunk, as ``_mlp_prefers_onednn`` measured them."""
+_mlp_choices: Dict[Tuple[torch.dtype, int, int, int, bool, int], Tuple[bool, float, float]] = {}
+"""Per (dtype, channels, hidden width, token class, gamma folded or absent, intra-op threads):
+(oneDNN chosen, its seconds, addmm's seconds) on one chunk, as ``_mlp_prefers_onednn`` measured
+them. The thread count is part of what is measured: the two libraries scale differently."""
 
 
 def _mlp_prefers_onednn(normed: torch.Tensor, residual: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
@@ -336,14 +337,14 @@ def _mlp_prefers_onednn(normed: torch.Tensor, residual: torch.Tensor, w1: torch.
     each take there, and on the token count: on an AVX-512 Xeon oneDNN's epilogues won by up to
     1.15x at SAM 2 sizes and tied at 64 tokens; with oneDNN capped at AVX2 (MKL not) it lost by
     1.5x; with both capped it tied at 1024-4096 tokens and lost by 1.2x at 64 (one thread each).
-    So it is measured: at the first MLP of each (dtype, widths, token class), both formulations
+    So it is measured: at the first MLP of each (dtype, widths, token class, thread count), both formulations
     run on the first chunk of its real tokens, ``MLP_PROBE_ROUNDS`` times each after a warm-up,
     and the choice is kept for the process. Token classes are powers of two up to
     ``MLP_CHUNK_TOKENS`` (both formulations run larger inputs chunk by chunk). The probe costs
     about eight chunk-sized MLPs, once per class.
     """
     rows = min(normed.shape[0], MLP_CHUNK_TOKENS)
-    key = (normed.dtype, normed.shape[1], w1.shape[0], rows.bit_length(), scale is None)
+    key = (normed.dtype, normed.shape[1], w1.shape[0], rows.bit_length(), scale is None, torch.get_num_threads())
     choice = _mlp_choices.get(key)
     if choice is None:
         choice = _mlp_choices[key] = _time_mlp_formulations(normed[:rows], residual[:rows], w1, b1, w2, b2, scale)
@@ -383,12 +384,14 @@ def cpu_fast_paths() -> Dict[str, str]:
                               (256, 1024), (256,)))
             with torch.no_grad():
                 _mlp_prefers_onednn(normed, residual, w1, b1, w2, b2, None)
-    for (dtype, channels, hidden, token_class, folded), (onednn, onednn_s, addmm_s) in sorted(
+    threads_now = torch.get_num_threads()
+    for (dtype, channels, hidden, token_class, folded, threads), (onednn, onednn_s, addmm_s) in sorted(
             _mlp_choices.items(), key=lambda item: (_dtype_name(item[0][0]),) + item[0][1:]):
         low = (1 << token_class) >> 1
         tokens = f"{low}+" if low >= MLP_CHUNK_TOKENS else f"{low}-{max(2 * low - 1, 0)}"
         gamma = "" if folded else ", gamma on the output"
-        verdicts[f"CXBlock MLP, {_dtype_name(dtype)}, {channels}->{hidden}, {tokens} tokens{gamma}"] = (
+        other_threads = "" if threads == threads_now else f", {threads} threads"
+        verdicts[f"CXBlock MLP, {_dtype_name(dtype)}, {channels}->{hidden}, {tokens} tokens{gamma}{other_threads}"] = (
             f"{'oneDNN' if onednn else 'addmm'} (measured: oneDNN {onednn_s * 1e3:.3g} ms, addmm "
             f"{addmm_s * 1e3:.3g} ms)")
     return verdicts
